@@ -1,0 +1,151 @@
+import type { OnnxAttributeValue, OnnxDataType, OnnxGraphDef, OnnxNode, OnnxTensor, OnnxTensorData } from './onnx.js';
+
+/**
+ * A small graph IR: typed values with (possibly symbolic) dims, lowered 1:1 to ONNX nodes.
+ * Ops in kernels/ops build on `Graph.op`; a model family describes one forward pass with those ops.
+ */
+export type Dim = number | string;
+
+export interface Value {
+  readonly name: string;
+  readonly dtype: OnnxDataType;
+  /** Informational shape: numbers for fixed dims, names for symbolic ones ('batch', 'seq', 'past'), '?' unknown. */
+  readonly shape: readonly Dim[];
+}
+
+export interface OpSpec {
+  domain?: string;
+  attrs?: Record<string, OnnxAttributeValue>;
+  /** One entry per output. */
+  outputs: { dtype: OnnxDataType; shape: readonly Dim[] }[];
+}
+
+export const OPSET = 21;
+
+export class Graph {
+  private readonly nodes: OnnxNode[] = [];
+  private readonly inputs: Value[] = [];
+  private readonly outputs: Value[] = [];
+  private readonly initializers: OnnxTensor[] = [];
+  private readonly used = new Set<string>();
+  private readonly scalars = new Map<string, Value>();
+  private counter = 0;
+  /** Name prefix for values made while building one module (e.g. 'l3.attn.'), for readable graphs. */
+  scope = '';
+
+  constructor(readonly name: string) {}
+
+  /** A fresh value name under the current scope. */
+  fresh(hint: string): string {
+    let n = `${this.scope}${hint}`;
+    while (this.used.has(n)) n = `${this.scope}${hint}_${++this.counter}`;
+    this.used.add(n);
+    return n;
+  }
+
+  input(name: string, dtype: OnnxDataType, shape: Dim[]): Value {
+    if (this.used.has(name)) throw new Error(`graph ${this.name}: duplicate value name ${name}`);
+    this.used.add(name);
+    const v: Value = { name, dtype, shape };
+    this.inputs.push(v);
+    return v;
+  }
+
+  /** A constant tensor (an ONNX initializer, so ORT can prepack it). */
+  constant(hint: string, dtype: OnnxDataType, dims: number[], data: OnnxTensorData): Value {
+    const name = this.fresh(hint);
+    this.initializers.push({ name, dataType: dtype, dims, data });
+    return { name, dtype, shape: dims };
+  }
+
+  /** Adds an initializer made elsewhere (e.g. a quantized weight) under its own name. */
+  addInitializer(t: OnnxTensor): Value {
+    if (this.used.has(t.name)) throw new Error(`graph ${this.name}: duplicate value name ${t.name}`);
+    this.used.add(t.name);
+    this.initializers.push(t);
+    return { name: t.name, dtype: t.dataType, shape: t.dims };
+  }
+
+  /** Shared int64 constants (shapes, axes, indices), deduplicated. */
+  ints(values: number[]): Value {
+    const key = `i64:${values.join(',')}`;
+    let v = this.scalars.get(key);
+    if (!v) {
+      const saved = this.scope;
+      this.scope = '';
+      v = this.constant(`const_i64_${values.join('_').replace(/-/g, 'm')}`, 'int64', [values.length], BigInt64Array.from(values.map(BigInt)));
+      this.scope = saved;
+      this.scalars.set(key, v);
+    }
+    return v;
+  }
+
+  /** A float32 scalar constant (rank 0), deduplicated. */
+  scalar(value: number): Value {
+    const key = `f32:${value}`;
+    let v = this.scalars.get(key);
+    if (!v) {
+      const saved = this.scope;
+      this.scope = '';
+      v = this.constant('const_f32', 'float32', [], new Float32Array([value]));
+      this.scope = saved;
+      this.scalars.set(key, v);
+    }
+    return v;
+  }
+
+  /** Emits one node; returns its outputs. */
+  op(opType: string, inputs: (Value | null)[], spec: OpSpec, hint = opType.toLowerCase()): Value[] {
+    const outs = spec.outputs.map((o, i) => ({ name: this.fresh(spec.outputs.length > 1 ? `${hint}_${i}` : hint), dtype: o.dtype, shape: o.shape }));
+    const node: OnnxNode = {
+      opType,
+      name: this.fresh(`node_${hint}`),
+      inputs: inputs.map((v) => (v ? v.name : '')),
+      outputs: outs.map((o) => o.name),
+    };
+    if (spec.domain) node.domain = spec.domain;
+    if (spec.attrs) node.attributes = spec.attrs;
+    this.nodes.push(node);
+    return outs;
+  }
+
+  /** Single-output convenience. */
+  op1(opType: string, inputs: (Value | null)[], out: { dtype: OnnxDataType; shape: readonly Dim[] }, attrs?: Record<string, OnnxAttributeValue>, domain?: string, hint?: string): Value {
+    const spec: OpSpec = { outputs: [out] };
+    if (attrs) spec.attrs = attrs;
+    if (domain) spec.domain = domain;
+    return this.op(opType, inputs, spec, hint)[0]!;
+  }
+
+  /** Marks a value as a graph output under a public name (inserting an Identity when renaming). */
+  output(v: Value, name: string, shape?: Dim[]): Value {
+    let out = v;
+    if (v.name !== name) {
+      if (this.used.has(name)) throw new Error(`graph ${this.name}: duplicate value name ${name}`);
+      this.used.add(name);
+      this.nodes.push({ opType: 'Identity', name: this.fresh('node_out'), inputs: [v.name], outputs: [name] });
+      out = { name, dtype: v.dtype, shape: shape ?? v.shape };
+    }
+    this.outputs.push(out);
+    return out;
+  }
+
+  toOnnx(): OnnxGraphDef {
+    const info = (v: Value) => ({ name: v.name, dataType: v.dtype, dims: [...v.shape] });
+    return {
+      name: this.name,
+      inputs: this.inputs.map(info),
+      outputs: this.outputs.map(info),
+      nodes: this.nodes,
+      initializers: this.initializers,
+      opsets: [
+        { domain: '', version: OPSET },
+        { domain: 'com.microsoft', version: 1 },
+      ],
+    };
+  }
+
+  get initializerBytes(): number {
+    return this.initializers.reduce((s, t) => s + t.data.byteLength, 0);
+  }
+}

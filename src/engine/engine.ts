@@ -1,0 +1,79 @@
+import { Worker } from 'node:worker_threads';
+import { EngineError, type RuntimeOptions, type StepRow } from './runtime.js';
+import type { EngineReply, EngineRequest, InitResult } from './protocol.js';
+import type { SlotModuleWeights } from './lora-pool.js';
+
+type Pending = { resolve: (v: unknown) => void; reject: (e: Error) => void };
+type WithoutId<T> = T extends unknown ? Omit<T, 'id'> : never;
+
+/** Main-thread handle on the engine worker. All tensor work happens in the worker. */
+export class Engine {
+  private nextId = 1;
+  private readonly pending = new Map<number, Pending>();
+  private closed = false;
+
+  private constructor(
+    private readonly worker: Worker,
+    readonly opts: RuntimeOptions,
+    readonly info: InitResult,
+  ) {}
+
+  static async start(opts: RuntimeOptions): Promise<Engine> {
+    const worker = new Worker(new URL('./worker.js', import.meta.url));
+    const engine = new Engine(worker, opts, { kvCacheBytes: 0, loraPoolBytes: 0 });
+    worker.on('message', (reply: EngineReply) => engine.settle(reply));
+    worker.on('error', (e) => engine.failAll(e));
+    worker.on('exit', (code) => engine.failAll(new EngineError(`engine worker exited with code ${code}`, 'INTERNAL')));
+    try {
+      const info = (await engine.call({ type: 'init', opts })) as InitResult;
+      Object.assign(engine.info, info);
+    } catch (e) {
+      await worker.terminate();
+      throw e;
+    }
+    return engine;
+  }
+
+  /** One forward step; returns [rows, vocab] logits of each row's last token. */
+  async step(rows: StepRow[]): Promise<{ logits: Float32Array; runMs: number }> {
+    return (await this.call({ type: 'step', rows })) as { logits: Float32Array; runMs: number };
+  }
+
+  async setSlot(slot: number, weights: SlotModuleWeights[]): Promise<void> {
+    await this.call({ type: 'setSlot', slot, weights });
+  }
+
+  async clearSlot(slot: number): Promise<void> {
+    await this.call({ type: 'clearSlot', slot });
+  }
+
+  async close(): Promise<void> {
+    if (this.closed) return;
+    await this.call({ type: 'close' }).catch(() => undefined);
+    this.closed = true;
+    await this.worker.terminate();
+  }
+
+  private call(req: WithoutId<EngineRequest>): Promise<unknown> {
+    if (this.closed) return Promise.reject(new EngineError('engine is closed', 'FAILED_PRECONDITION'));
+    const id = this.nextId++;
+    return new Promise((resolve, reject) => {
+      this.pending.set(id, { resolve, reject });
+      this.worker.postMessage({ ...req, id });
+    });
+  }
+
+  private settle(reply: EngineReply): void {
+    const p = this.pending.get(reply.id);
+    if (!p) return;
+    this.pending.delete(reply.id);
+    if (reply.ok) p.resolve(reply.result);
+    else p.reject(new EngineError(reply.error.message, reply.error.code as EngineError['code']));
+  }
+
+  private failAll(e: Error): void {
+    for (const p of this.pending.values()) p.reject(e);
+    this.pending.clear();
+    this.closed = true;
+  }
+}

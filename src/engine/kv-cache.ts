@@ -1,0 +1,56 @@
+/**
+ * The KV cache, owned by JS in the engine worker. Layout per layer: time-major [capacity, rows, kvDim], so the
+ * filled prefix of every row, [0, past) x all rows, is one contiguous subarray fed to ORT without a copy.
+ * The graph returns only the new keys/values, which `append` writes in place.
+ */
+export class KvCache {
+  readonly keys: Float32Array[] = [];
+  readonly values: Float32Array[] = [];
+
+  constructor(
+    readonly numLayers: number,
+    readonly rows: number,
+    readonly capacity: number,
+    readonly kvDim: number,
+  ) {
+    const perLayer = capacity * rows * kvDim;
+    for (let l = 0; l < numLayers; l++) {
+      this.keys.push(new Float32Array(perLayer));
+      this.values.push(new Float32Array(perLayer));
+    }
+  }
+
+  get bytes(): number {
+    return 2 * this.numLayers * this.capacity * this.rows * this.kvDim * 4;
+  }
+
+  /** Views of the first `past` positions of every row, for one layer. */
+  view(layer: number, past: number): { key: Float32Array; value: Float32Array } {
+    const n = past * this.rows * this.kvDim;
+    return { key: this.keys[layer]!.subarray(0, n), value: this.values[layer]!.subarray(0, n) };
+  }
+
+  /**
+   * Appends the step's new keys/values. newKv is [2*layers, batch, seq, kvDim] (k then v for each layer);
+   * batch row b goes to cache row rows[b] at positions pastLens[b] .. pastLens[b]+seq-1.
+   */
+  append(newKv: Float32Array, kvRows: readonly number[], pastLens: readonly number[], seq: number): void {
+    const { kvDim, rows } = this;
+    const batch = kvRows.length;
+    const perLayer = batch * seq * kvDim;
+    for (let l = 0; l < this.numLayers; l++) {
+      const k = this.keys[l]!;
+      const v = this.values[l]!;
+      const kSrc = (2 * l) * perLayer;
+      const vSrc = (2 * l + 1) * perLayer;
+      for (let b = 0; b < batch; b++) {
+        for (let s = 0; s < seq; s++) {
+          const src = (b * seq + s) * kvDim;
+          const dst = ((pastLens[b]! + s) * rows + kvRows[b]!) * kvDim;
+          k.set(newKv.subarray(kSrc + src, kSrc + src + kvDim), dst);
+          v.set(newKv.subarray(vSrc + src, vSrc + src + kvDim), dst);
+        }
+      }
+    }
+  }
+}

@@ -1,0 +1,81 @@
+import type { LoraModuleInfo } from '../models/graph.js';
+
+/** One adapter's weights for one module, in PEFT layout. */
+export interface SlotModuleWeights {
+  module: string;
+  /** [r, in] */
+  a: Float32Array;
+  /** [out, r] */
+  b: Float32Array;
+  r: number;
+  /** lora_alpha / r (or / sqrt(r) with rsLoRA) times the request's adapter weight. */
+  scale: number;
+}
+
+/**
+ * Pooled adapter tensors, fed to every step as graph inputs: per module A [slots, in, rank] and
+ * B [slots, rank, out] with the scale folded into B; ranks below maxRank are zero-padded. Slot 0 stays zero
+ * (the base model). Loading an adapter into a slot is a copy into that slot's rows; nothing is reallocated.
+ */
+export class LoraPool {
+  readonly a = new Map<string, Float32Array>();
+  readonly b = new Map<string, Float32Array>();
+  private readonly info = new Map<string, LoraModuleInfo>();
+
+  constructor(
+    modules: LoraModuleInfo[],
+    readonly slots: number,
+    readonly maxRank: number,
+  ) {
+    for (const m of modules) {
+      this.info.set(m.module, m);
+      this.a.set(m.module, new Float32Array(slots * m.inFeatures * maxRank));
+      this.b.set(m.module, new Float32Array(slots * maxRank * m.outFeatures));
+    }
+  }
+
+  get modules(): LoraModuleInfo[] {
+    return [...this.info.values()];
+  }
+
+  get bytes(): number {
+    let n = 0;
+    for (const t of this.a.values()) n += t.byteLength;
+    for (const t of this.b.values()) n += t.byteLength;
+    return n;
+  }
+
+  /** Writes an adapter into a slot (1..slots-1); modules it does not name are zeroed. */
+  load(slot: number, weights: SlotModuleWeights[]): void {
+    if (!Number.isInteger(slot) || slot < 1 || slot >= this.slots) throw new RangeError(`slot ${slot}: must be in 1..${this.slots - 1}`);
+    this.clear(slot);
+    const seen = new Set<string>();
+    for (const w of weights) {
+      if (seen.has(w.module)) throw new RangeError(`module ${w.module} given twice for slot ${slot}`);
+      seen.add(w.module);
+      const m = this.info.get(w.module);
+      if (!m) throw new RangeError(`module ${w.module} has no LoRA path in the serving graph`);
+      if (w.r > this.maxRank) throw new RangeError(`rank ${w.r} of ${w.module}: exceeds maxLoraRank ${this.maxRank}`);
+      if (w.a.length !== w.r * m.inFeatures || w.b.length !== m.outFeatures * w.r) {
+        throw new RangeError(`${w.module}: A/B sizes do not match rank ${w.r} and shape [${m.outFeatures}, ${m.inFeatures}]`);
+      }
+      const { inFeatures: inF, outFeatures: outF } = m;
+      const R = this.maxRank;
+      const poolA = this.a.get(w.module)!;
+      const poolB = this.b.get(w.module)!;
+      const aBase = slot * inF * R;
+      const bBase = slot * R * outF;
+      for (let j = 0; j < w.r; j++) {
+        for (let i = 0; i < inF; i++) poolA[aBase + i * R + j] = w.a[j * inF + i]!;
+        for (let o = 0; o < outF; o++) poolB[bBase + j * outF + o] = w.b[o * w.r + j]! * w.scale;
+      }
+    }
+  }
+
+  clear(slot: number): void {
+    for (const [module, m] of this.info) {
+      this.a.get(module)!.fill(0, slot * m.inFeatures * this.maxRank, (slot + 1) * m.inFeatures * this.maxRank);
+      this.b.get(module)!.fill(0, slot * this.maxRank * m.outFeatures, (slot + 1) * this.maxRank * m.outFeatures);
+    }
+  }
+}

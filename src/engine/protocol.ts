@@ -1,0 +1,19 @@
+import type { SlotModuleWeights } from './lora-pool.js';
+import type { RuntimeOptions, StepRow } from './runtime.js';
+
+/** Messages between the engine client (main thread) and the engine worker. */
+export type EngineRequest =
+  | { id: number; type: 'init'; opts: RuntimeOptions }
+  | { id: number; type: 'step'; rows: StepRow[] }
+  | { id: number; type: 'setSlot'; slot: number; weights: SlotModuleWeights[] }
+  | { id: number; type: 'clearSlot'; slot: number }
+  | { id: number; type: 'close' };
+
+export type EngineReply =
+  | { id: number; ok: true; result: unknown }
+  | { id: number; ok: false; error: { message: string; code: string } };
+
+export interface InitResult {
+  kvCacheBytes: number;
+  loraPoolBytes: number;
+}

@@ -1,0 +1,138 @@
+import ort from 'onnxruntime-node';
+import { KvCache } from './kv-cache.js';
+import { LoraPool, type SlotModuleWeights } from './lora-pool.js';
+import type { ServingLayout } from '../models/graph.js';
+
+/** The only module that imports onnxruntime. Runs inside the engine worker (session.run blocks its thread). */
+
+export interface RuntimeOptions {
+  modelPath: string;
+  layout: ServingLayout;
+  /** Cache rows = sequences that can be in flight at once (maxNumSeqs). */
+  maxNumSeqs: number;
+  /** Tokens per row (maxModelLen). */
+  maxModelLen: number;
+  /** Adapter slots including slot 0 (the base model): maxLoras + 1. */
+  slots: number;
+  maxLoraRank: number;
+  intraOpThreads: number;
+  executionProviders?: string[];
+}
+
+export interface StepRow {
+  kvRow: number;
+  slot: number;
+  pastLen: number;
+  tokens: number[];
+}
+
+export interface StepResult {
+  /** [batch, vocab] logits of each row's last new token. */
+  logits: Float32Array;
+  runMs: number;
+}
+
+export class EngineError extends Error {
+  constructor(message: string, readonly code: 'INVALID_ARGUMENT' | 'RESOURCE_EXHAUSTED' | 'FAILED_PRECONDITION' | 'INTERNAL') {
+    super(message);
+  }
+}
+
+export class Runtime {
+  private constructor(
+    private readonly session: ort.InferenceSession,
+    readonly opts: RuntimeOptions,
+    readonly cache: KvCache,
+    readonly pool: LoraPool,
+    private readonly poolFeeds: Record<string, ort.Tensor>,
+  ) {}
+
+  static async create(opts: RuntimeOptions): Promise<Runtime> {
+    const providers = opts.executionProviders ?? ['cpu'];
+    let session: ort.InferenceSession;
+    try {
+      session = await ort.InferenceSession.create(opts.modelPath, {
+        executionProviders: providers,
+        intraOpNumThreads: opts.intraOpThreads,
+        interOpNumThreads: 1,
+        graphOptimizationLevel: 'all',
+        executionMode: 'sequential',
+        enableCpuMemArena: true,
+        enableMemPattern: true,
+        // An idle intra-op pool spins a whole core by default; serving is mostly idle between steps.
+        extra: { session: { intra_op: { allow_spinning: '0' } } },
+      });
+    } catch (e) {
+      const msg = e instanceof Error ? e.message : String(e);
+      if (/shared library|provider/i.test(msg) && providers.some((p) => p !== 'cpu')) {
+        throw new EngineError(`execution provider ${providers.join(',')} could not be loaded (${msg}); install onnxruntime-node with ONNXRUNTIME_NODE_INSTALL=cuda12 and the CUDA 12 libraries, or use the cpu provider`, 'FAILED_PRECONDITION');
+      }
+      throw e;
+    }
+    const { layout } = opts;
+    const cache = new KvCache(layout.numLayers, opts.maxNumSeqs, opts.maxModelLen, layout.kvDim);
+    const pool = new LoraPool(layout.loraModules, opts.slots, opts.maxLoraRank);
+    const poolFeeds: Record<string, ort.Tensor> = {};
+    for (const m of layout.loraModules) {
+      poolFeeds[`lora_a.${m.module}`] = new ort.Tensor('float32', pool.a.get(m.module)!, [opts.slots, m.inFeatures, opts.maxLoraRank]);
+      poolFeeds[`lora_b.${m.module}`] = new ort.Tensor('float32', pool.b.get(m.module)!, [opts.slots, opts.maxLoraRank, m.outFeatures]);
+    }
+    const missing = session.inputNames.filter((n) => !(n in poolFeeds) && !/^(input_ids|past_len|kv_rows|slot|past_key\.\d+|past_value\.\d+)$/.test(n));
+    if (missing.length) throw new EngineError(`serving graph has inputs the runtime does not feed: ${missing.join(', ')}`, 'INTERNAL');
+    return new Runtime(session, opts, cache, pool, poolFeeds);
+  }
+
+  setSlot(slot: number, weights: SlotModuleWeights[]): void {
+    this.pool.load(slot, weights);
+  }
+
+  clearSlot(slot: number): void {
+    this.pool.clear(slot);
+  }
+
+  /**
+   * One forward step. Either one row with a chunk of tokens (prefill) or many rows with one token each (decode):
+   * rows in a batch must all carry the same number of tokens.
+   */
+  async step(rows: StepRow[]): Promise<StepResult> {
+    const { opts, cache } = this;
+    if (rows.length === 0) throw new EngineError('step with no rows', 'INVALID_ARGUMENT');
+    const seq = rows[0]!.tokens.length;
+    const seen = new Set<number>();
+    for (const r of rows) {
+      if (r.tokens.length !== seq || seq === 0) throw new EngineError('every row of a step must carry the same, non-zero number of tokens', 'INVALID_ARGUMENT');
+      if (r.kvRow < 0 || r.kvRow >= opts.maxNumSeqs || seen.has(r.kvRow)) throw new EngineError(`kvRow ${r.kvRow}: must be a distinct row in 0..${opts.maxNumSeqs - 1}`, 'INVALID_ARGUMENT');
+      seen.add(r.kvRow);
+      if (r.slot < 0 || r.slot >= opts.slots) throw new EngineError(`slot ${r.slot}: must be in 0..${opts.slots - 1}`, 'INVALID_ARGUMENT');
+      if (r.pastLen < 0 || r.pastLen + seq > opts.maxModelLen) throw new EngineError(`row ${r.kvRow}: ${r.pastLen} cached + ${seq} new tokens exceed maxModelLen ${opts.maxModelLen}`, 'RESOURCE_EXHAUSTED');
+    }
+    const batch = rows.length;
+    const ids = new BigInt64Array(batch * seq);
+    rows.forEach((r, b) => r.tokens.forEach((t, s) => (ids[b * seq + s] = BigInt(t))));
+    const i64 = (f: (r: StepRow) => number) => new ort.Tensor('int64', BigInt64Array.from(rows, (r) => BigInt(f(r))), [batch]);
+    // At least one cached position is always fed (masked when unused) so no tensor has a zero dim.
+    const past = Math.max(1, ...rows.map((r) => r.pastLen));
+    const feeds: Record<string, ort.Tensor> = {
+      input_ids: new ort.Tensor('int64', ids, [batch, seq]),
+      past_len: i64((r) => r.pastLen),
+      kv_rows: i64((r) => r.kvRow),
+      slot: i64((r) => r.slot),
+      ...this.poolFeeds,
+    };
+    for (let l = 0; l < cache.numLayers; l++) {
+      const v = cache.view(l, past);
+      feeds[`past_key.${l}`] = new ort.Tensor('float32', v.key, [past, cache.rows, cache.kvDim]);
+      feeds[`past_value.${l}`] = new ort.Tensor('float32', v.value, [past, cache.rows, cache.kvDim]);
+    }
+    const t0 = performance.now();
+    const out = await this.session.run(feeds);
+    const runMs = performance.now() - t0;
+    const newKv = out['new_kv']!.data as Float32Array;
+    cache.append(newKv, rows.map((r) => r.kvRow), rows.map((r) => r.pastLen), seq);
+    return { logits: out['logits']!.data as Float32Array, runMs };
+  }
+
+  async release(): Promise<void> {
+    await this.session.release();
+  }
+}

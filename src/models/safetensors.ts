@@ -1,0 +1,440 @@
+import {
+  openSync,
+  readSync,
+  writeSync,
+  closeSync,
+  fstatSync,
+  fsyncSync,
+  existsSync,
+  readFileSync,
+  renameSync,
+  unlinkSync,
+  mkdirSync,
+} from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { basename, dirname, join } from 'node:path';
+import type { HostTensor, WeightSource } from './spec.js';
+
+/** Dtypes loraplex reads; anything else is named in the error. */
+export type SafetensorsDtype = 'F32' | 'F16' | 'BF16';
+const BYTES: Record<SafetensorsDtype, number> = { F32: 4, F16: 2, BF16: 2 };
+
+interface Entry {
+  file: string;
+  dtype: SafetensorsDtype;
+  shape: number[];
+  /** Absolute byte range in the file. */
+  begin: number;
+  end: number;
+}
+
+export class SafetensorsError extends Error {}
+
+/** Reads the JSON header of one .safetensors file (8-byte little-endian length, then JSON). */
+export function readSafetensorsHeader(file: string): Map<string, Entry> {
+  const fd = openSync(file, 'r');
+  try {
+    const size = fstatSync(fd).size;
+    const lenBuf = Buffer.alloc(8);
+    if (readSync(fd, lenBuf, 0, 8, 0) !== 8) throw new SafetensorsError(`${file}: too short for a safetensors header`);
+    const headerLen = Number(lenBuf.readBigUInt64LE(0));
+    if (headerLen > 100_000_000 || headerLen + 8 > size) {
+      throw new SafetensorsError(`${file}: header length ${headerLen} does not fit the file (${size} bytes)`);
+    }
+    const headerBuf = Buffer.alloc(headerLen);
+    readFully(fd, headerBuf, 8, file);
+    let header: Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }>;
+    try {
+      header = JSON.parse(headerBuf.toString('utf8'));
+    } catch {
+      throw new SafetensorsError(`${file}: header is not valid JSON`);
+    }
+    if (typeof header !== 'object' || header === null || Array.isArray(header)) {
+      throw new SafetensorsError(`${file}: header is not a JSON object`);
+    }
+    const dataStart = 8 + headerLen;
+    const entries = new Map<string, Entry>();
+    for (const [name, info] of Object.entries(header)) {
+      if (name === '__metadata__') continue;
+      if (
+        typeof info !== 'object' ||
+        info === null ||
+        !Array.isArray(info.shape) ||
+        !info.shape.every((d) => Number.isSafeInteger(d) && d >= 0) ||
+        !Array.isArray(info.data_offsets) ||
+        info.data_offsets.length !== 2 ||
+        !info.data_offsets.every((o) => Number.isSafeInteger(o) && o >= 0)
+      ) {
+        throw new SafetensorsError(`${file}: tensor ${name} has a malformed header entry ${JSON.stringify(info)}`);
+      }
+      if (!Object.prototype.hasOwnProperty.call(BYTES, info.dtype)) {
+        throw new SafetensorsError(`${file}: tensor ${name} has dtype ${info.dtype}; supported: F32, F16, BF16`);
+      }
+      const dtype = info.dtype as SafetensorsDtype;
+      const count = info.shape.reduce((a, b) => a * b, 1);
+      const [b, e] = info.data_offsets;
+      if (e - b !== count * BYTES[dtype] || dataStart + e > size) {
+        throw new SafetensorsError(`${file}: tensor ${name} byte range [${b}, ${e}) does not match shape ${JSON.stringify(info.shape)} ${dtype}`);
+      }
+      entries.set(name, { file, dtype, shape: info.shape, begin: dataStart + b, end: dataStart + e });
+    }
+    return entries;
+  } finally {
+    closeSync(fd);
+  }
+}
+
+/** bfloat16 is the top half of a float32. */
+export function bf16ToF32(src: Uint16Array, dst: Float32Array): void {
+  const u32 = new Uint32Array(dst.buffer, dst.byteOffset, dst.length);
+  for (let i = 0; i < src.length; i++) u32[i] = src[i]! << 16;
+}
+
+const F16_TABLE = (() => {
+  const t = new Float32Array(65536);
+  for (let h = 0; h < 65536; h++) {
+    const s = h & 0x8000 ? -1 : 1;
+    const e = (h >> 10) & 0x1f;
+    const m = h & 0x3ff;
+    if (e === 0) t[h] = s * m * 2 ** -24;
+    else if (e === 31) t[h] = m ? NaN : s * Infinity;
+    else t[h] = s * (1 + m / 1024) * 2 ** (e - 15);
+  }
+  return t;
+})();
+
+export function f16ToF32(src: Uint16Array, dst: Float32Array): void {
+  for (let i = 0; i < src.length; i++) dst[i] = F16_TABLE[src[i]!]!;
+}
+
+// Scratch view for the scalar converters, so they allocate nothing per call.
+const SCRATCH_F32 = new Float32Array(1);
+const SCRATCH_U32 = new Uint32Array(SCRATCH_F32.buffer);
+
+/** float32 bit pattern -> float16 bits, round-to-nearest-even. */
+function f32BitsToF16Bits(x: number): number {
+  const sign = (x >>> 16) & 0x8000;
+  const exp = (x >>> 23) & 0xff;
+  let mant = x & 0x7fffff;
+  if (exp === 0xff) return sign | 0x7c00 | (mant ? 0x200 : 0);
+  const e = exp - 127 + 15;
+  if (e >= 31) return sign | 0x7c00;
+  if (e <= 0) {
+    if (e < -10) return sign;
+    mant |= 0x800000;
+    const shift = 14 - e;
+    let half = mant >>> shift;
+    const rem = mant & ((1 << shift) - 1);
+    const mid = 1 << (shift - 1);
+    if (rem > mid || (rem === mid && half & 1)) half++;
+    return sign | half;
+  }
+  let half = (e << 10) | (mant >>> 13);
+  const rem = mant & 0x1fff;
+  // A carry out of the mantissa correctly bumps the exponent (up to infinity).
+  if (rem > 0x1000 || (rem === 0x1000 && half & 1)) half++;
+  return sign | half;
+}
+
+/** float32 bit pattern -> bfloat16 bits, round-to-nearest-even; NaN stays NaN. */
+function f32BitsToBf16Bits(x: number): number {
+  if ((x & 0x7fffffff) > 0x7f800000) return ((x >>> 16) | 0x40) & 0xffff;
+  return ((x + 0x7fff + ((x >>> 16) & 1)) >>> 16) & 0xffff;
+}
+
+/** Round-to-nearest-even float32 -> float16 bits. */
+export function f32ToF16Bits(value: number): number {
+  SCRATCH_F32[0] = value;
+  return f32BitsToF16Bits(SCRATCH_U32[0]!);
+}
+
+/** Round-to-nearest-even float32 -> bfloat16 bits. */
+export function f32ToBf16Bits(value: number): number {
+  SCRATCH_F32[0] = value;
+  return f32BitsToBf16Bits(SCRATCH_U32[0]!);
+}
+
+/** Bulk float32 -> float16 bits (dst.length >= src.length). */
+export function f32ToF16(src: Float32Array, dst: Uint16Array): void {
+  const u = new Uint32Array(src.buffer, src.byteOffset, src.length);
+  for (let i = 0; i < u.length; i++) dst[i] = f32BitsToF16Bits(u[i]!);
+}
+
+/** Bulk float32 -> bfloat16 bits (dst.length >= src.length). */
+export function f32ToBf16(src: Float32Array, dst: Uint16Array): void {
+  const u = new Uint32Array(src.buffer, src.byteOffset, src.length);
+  for (let i = 0; i < u.length; i++) {
+    const x = u[i]!;
+    dst[i] = (x & 0x7fffffff) > 0x7f800000 ? ((x >>> 16) | 0x40) & 0xffff : ((x + 0x7fff + ((x >>> 16) & 1)) >>> 16) & 0xffff;
+  }
+}
+
+/** Reads tensors from one safetensors file or a sharded set (model.safetensors.index.json). */
+export class SafetensorsSource implements WeightSource {
+  private readonly entries = new Map<string, Entry>();
+
+  constructor(files: string[]) {
+    for (const f of files) for (const [k, v] of readSafetensorsHeader(f)) this.entries.set(k, v);
+  }
+
+  /** Every file the tensors come from (one, or the shards). */
+  files(): string[] {
+    return [...new Set([...this.entries.values()].map((e) => e.file))];
+  }
+
+  /** The weights of a Hugging Face model directory, single file or sharded. */
+  static fromModelDir(dir: string): SafetensorsSource {
+    const index = join(dir, 'model.safetensors.index.json');
+    if (existsSync(index)) {
+      let map: { weight_map?: Record<string, string> };
+      try {
+        map = JSON.parse(readFileSync(index, 'utf8'));
+      } catch {
+        throw new SafetensorsError(`${index}: not valid JSON`);
+      }
+      if (!map.weight_map) throw new SafetensorsError(`${index}: no weight_map`);
+      const shards = [...new Set(Object.values(map.weight_map))].map((f) => join(dir, f));
+      for (const s of shards) if (!existsSync(s)) throw new SafetensorsError(`${index} names ${s}, which is missing`);
+      const source = new SafetensorsSource(shards);
+      for (const [tensor, shard] of Object.entries(map.weight_map)) {
+        const e = source.entries.get(tensor);
+        if (!e || basename(e.file) !== basename(shard)) {
+          throw new SafetensorsError(`${index} maps ${tensor} to ${shard}, which does not hold it`);
+        }
+      }
+      return source;
+    }
+    const single = join(dir, 'model.safetensors');
+    if (!existsSync(single)) {
+      throw new SafetensorsError(`${dir}: no model.safetensors or model.safetensors.index.json (only safetensors weights are supported)`);
+    }
+    return new SafetensorsSource([single]);
+  }
+
+  names(): string[] {
+    return [...this.entries.keys()];
+  }
+  has(name: string): boolean {
+    return this.entries.has(name);
+  }
+  dtype(name: string): SafetensorsDtype {
+    return this.entry(name).dtype;
+  }
+  shape(name: string): number[] {
+    return [...this.entry(name).shape];
+  }
+  /** The file and byte range of a tensor, for content hashing without conversion. */
+  location(name: string): { file: string; begin: number; end: number } {
+    const e = this.entry(name);
+    return { file: e.file, begin: e.begin, end: e.end };
+  }
+
+  get(name: string): HostTensor {
+    const e = this.entry(name);
+    const bytes = e.end - e.begin;
+    // A fresh ArrayBuffer is aligned, so the typed views below need no extra copy.
+    const raw = new Uint8Array(bytes);
+    const fd = openSync(e.file, 'r');
+    try {
+      readFully(fd, raw, e.begin, e.file);
+    } finally {
+      closeSync(fd);
+    }
+    if (e.dtype === 'F32') return { shape: [...e.shape], data: new Float32Array(raw.buffer) };
+    const data = new Float32Array(bytes / 2);
+    if (e.dtype === 'BF16') bf16ToF32(new Uint16Array(raw.buffer), data);
+    else f16ToF32(new Uint16Array(raw.buffer), data);
+    return { shape: [...e.shape], data };
+  }
+
+  private entry(name: string): Entry {
+    const e = this.entries.get(name);
+    if (!e) throw new SafetensorsError(`missing tensor ${name}`);
+    return e;
+  }
+}
+
+/** Reads exactly buf.length bytes at pos; a short file is an error, never an endless loop. */
+function readFully(fd: number, buf: Uint8Array, pos: number, file: string): void {
+  let done = 0;
+  while (done < buf.length) {
+    const n = readSync(fd, buf, done, buf.length - done, pos + done);
+    if (n === 0) throw new SafetensorsError(`${file}: unexpected end of file at byte ${pos + done}`);
+    done += n;
+  }
+}
+
+function writeFully(fd: number, buf: Uint8Array): void {
+  let done = 0;
+  while (done < buf.length) done += writeSync(fd, buf, done, buf.length - done);
+}
+
+/** A tensor to write; `data` may be a thunk so that huge models are generated one tensor at a time. */
+export interface TensorToWrite {
+  name: string;
+  shape: number[];
+  data: Float32Array | (() => Float32Array);
+}
+
+/** Elements converted per write: bounds the staging buffer to a few MB whatever the tensor size. */
+const CHUNK = 1 << 20;
+
+function tensorCount(t: TensorToWrite): number {
+  if (!t.shape.every((d) => Number.isSafeInteger(d) && d >= 0)) {
+    throw new SafetensorsError(`tensor ${t.name}: bad shape ${JSON.stringify(t.shape)}`);
+  }
+  return t.shape.reduce((a, b) => a * b, 1);
+}
+
+/** Builds the safetensors header: 8-byte length, then JSON padded with spaces to a multiple of 8. */
+function buildHeader(tensors: TensorToWrite[], dtype: SafetensorsDtype, metadata: Record<string, string>): Buffer {
+  const header: Record<string, unknown> = { __metadata__: metadata };
+  let offset = 0;
+  for (const t of tensors) {
+    if (t.name === '__metadata__' || Object.prototype.hasOwnProperty.call(header, t.name)) {
+      throw new SafetensorsError(`tensor name ${t.name} is reserved or duplicated`);
+    }
+    const bytes = tensorCount(t) * BYTES[dtype];
+    header[t.name] = { dtype, shape: t.shape, data_offsets: [offset, offset + bytes] };
+    offset += bytes;
+  }
+  const json = Buffer.from(JSON.stringify(header), 'utf8');
+  // Padding keeps the data section 8-byte aligned, so readers can map it straight into typed arrays.
+  const padded = Math.ceil(json.length / 8) * 8;
+  const out = Buffer.alloc(8 + padded, 0x20);
+  out.writeBigUInt64LE(BigInt(padded), 0);
+  json.copy(out, 8);
+  return out;
+}
+
+function fsyncDir(dir: string): void {
+  // Makes the rename durable; some platforms cannot open a directory, which is harmless.
+  try {
+    const fd = openSync(dir, 'r');
+    try {
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+  } catch {
+    /* best effort */
+  }
+}
+
+/**
+ * Writes one .safetensors file atomically (temp file in the same directory, fsync, rename), tensor by
+ * tensor and in chunks, so memory stays at one tensor plus a few MB whatever the file size.
+ */
+export function writeSafetensors(
+  file: string,
+  tensors: TensorToWrite[],
+  dtype: SafetensorsDtype,
+  metadata: Record<string, string> = { format: 'pt' },
+): void {
+  if (!Object.prototype.hasOwnProperty.call(BYTES, dtype)) throw new SafetensorsError(`cannot write dtype ${dtype}; supported: F32, F16, BF16`);
+  const header = buildHeader(tensors, dtype, metadata);
+  mkdirSync(dirname(file), { recursive: true });
+  const tmp = join(dirname(file), `.${basename(file)}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`);
+  const fd = openSync(tmp, 'w');
+  let ok = false;
+  try {
+    writeFully(fd, header);
+    const staging = dtype === 'F32' ? null : new Uint16Array(CHUNK);
+    for (const t of tensors) {
+      const data = typeof t.data === 'function' ? t.data() : t.data;
+      const count = tensorCount(t);
+      if (data.length !== count) {
+        throw new SafetensorsError(`tensor ${t.name}: ${data.length} values for shape ${JSON.stringify(t.shape)} (${count})`);
+      }
+      for (let i = 0; i < count; i += CHUNK) {
+        const part = data.subarray(i, Math.min(count, i + CHUNK));
+        if (staging === null) {
+          // safetensors is little-endian, as is every host onnxruntime-node runs on.
+          writeFully(fd, new Uint8Array(part.buffer, part.byteOffset, part.byteLength));
+        } else {
+          if (dtype === 'BF16') f32ToBf16(part, staging);
+          else f32ToF16(part, staging);
+          writeFully(fd, new Uint8Array(staging.buffer, 0, part.length * 2));
+        }
+      }
+    }
+    fsyncSync(fd);
+    ok = true;
+  } finally {
+    closeSync(fd);
+    if (!ok) {
+      try {
+        unlinkSync(tmp);
+      } catch {
+        /* already gone */
+      }
+    }
+  }
+  renameSync(tmp, file);
+  fsyncDir(dirname(file));
+}
+
+/** Writes a file atomically (temp + fsync + rename). */
+export function writeFileAtomic(file: string, content: string | Uint8Array): void {
+  mkdirSync(dirname(file), { recursive: true });
+  const tmp = join(dirname(file), `.${basename(file)}.tmp-${process.pid}-${randomBytes(4).toString('hex')}`);
+  const fd = openSync(tmp, 'w');
+  try {
+    writeFully(fd, typeof content === 'string' ? Buffer.from(content, 'utf8') : content);
+    fsyncSync(fd);
+  } catch (err) {
+    closeSync(fd);
+    unlinkSync(tmp);
+    throw err;
+  }
+  closeSync(fd);
+  renameSync(tmp, file);
+  fsyncDir(dirname(file));
+}
+
+/**
+ * Writes model-0000i-of-0000n.safetensors shards of at most maxShardBytes each (a larger single tensor
+ * gets a shard of its own, as transformers does) and then model.safetensors.index.json, last, so that a
+ * crash never leaves an index pointing at missing shards. Returns the shard file names.
+ */
+export function writeShardedSafetensors(
+  dir: string,
+  tensors: TensorToWrite[],
+  dtype: SafetensorsDtype,
+  maxShardBytes: number,
+  metadata: Record<string, string> = { format: 'pt' },
+): string[] {
+  if (!(maxShardBytes > 0)) throw new SafetensorsError(`maxShardBytes must be positive, got ${maxShardBytes}`);
+  const groups: TensorToWrite[][] = [];
+  let current: TensorToWrite[] = [];
+  let currentBytes = 0;
+  let total = 0;
+  for (const t of tensors) {
+    const bytes = tensorCount(t) * BYTES[dtype];
+    if (current.length > 0 && currentBytes + bytes > maxShardBytes) {
+      groups.push(current);
+      current = [];
+      currentBytes = 0;
+    }
+    current.push(t);
+    currentBytes += bytes;
+    total += bytes;
+  }
+  if (current.length > 0 || groups.length === 0) groups.push(current);
+  const n = groups.length;
+  const pad = (i: number) => String(i).padStart(5, '0');
+  const weightMap: Record<string, string> = {};
+  const names: string[] = [];
+  groups.forEach((group, i) => {
+    const name = `model-${pad(i + 1)}-of-${pad(n)}.safetensors`;
+    writeSafetensors(join(dir, name), group, dtype, metadata);
+    for (const t of group) weightMap[t.name] = name;
+    names.push(name);
+  });
+  const sorted = Object.fromEntries(Object.keys(weightMap).sort().map((k) => [k, weightMap[k]!]));
+  writeFileAtomic(
+    join(dir, 'model.safetensors.index.json'),
+    JSON.stringify({ metadata: { total_size: total }, weight_map: sorted }, null, 2) + '\n',
+  );
+  return names;
+}
