@@ -117,14 +117,21 @@ export class Graph {
     return this.op(opType, inputs, spec, hint)[0]!;
   }
 
+  /** Appends nodes built elsewhere (e.g. a codec's emitLinear); their output names must be fresh(). */
+  emit(nodes: OnnxNode[]): void {
+    this.nodes.push(...nodes);
+  }
+
   /** Marks a value as a graph output under a public name (inserting an Identity when renaming). */
   output(v: Value, name: string, shape?: Dim[]): Value {
-    let out = v;
+    // Informational shapes are not trusted for outputs: ORT warns on a wrong fixed dim, so unnamed dims stay symbolic.
+    const declared = shape ?? v.shape.map((_, i) => `${name}_dim${i}`);
+    let out: Value = { name: v.name, dtype: v.dtype, shape: declared };
     if (v.name !== name) {
       if (this.used.has(name)) throw new Error(`graph ${this.name}: duplicate value name ${name}`);
       this.used.add(name);
       this.nodes.push({ opType: 'Identity', name: this.fresh('node_out'), inputs: [v.name], outputs: [name] });
-      out = { name, dtype: v.dtype, shape: shape ?? v.shape };
+      out = { name, dtype: v.dtype, shape: declared };
     }
     this.outputs.push(out);
     return out;

@@ -34,6 +34,10 @@ export class Engine {
     return engine;
   }
 
+  get vocabSize(): number {
+    return this.opts.layout.vocabSize;
+  }
+
   /** One forward step; returns [rows, vocab] logits of each row's last token. */
   async step(rows: StepRow[]): Promise<{ logits: Float32Array; runMs: number }> {
     return (await this.call({ type: 'step', rows })) as { logits: Float32Array; runMs: number };

@@ -1,0 +1,43 @@
+#!/usr/bin/env node
+import { UsageError } from './args.js';
+import { GENERATE_USAGE, generateCommand } from './generate.js';
+import { MAKE_MODEL_USAGE, makeModelCommand } from './make-model.js';
+
+const USAGE = `loraplex: serve and fine-tune many LoRA adapters on one 4-bit base model
+
+Commands:
+  ${GENERATE_USAGE}
+  ${MAKE_MODEL_USAGE}
+`;
+
+async function main(argv: string[]): Promise<number> {
+  const [command, ...rest] = argv;
+  switch (command) {
+    case 'generate':
+      await generateCommand(rest);
+      return 0;
+    case 'make-model':
+      await makeModelCommand(rest);
+      return 0;
+    case undefined:
+    case 'help':
+    case '--help':
+    case '-h':
+      process.stdout.write(USAGE);
+      return command === undefined ? 2 : 0;
+    default:
+      process.stderr.write(`unknown command ${JSON.stringify(command)}\n\n${USAGE}`);
+      return 2;
+  }
+}
+
+main(process.argv.slice(2)).then(
+  (code) => process.exit(code),
+  (e: unknown) => {
+    // Usage and model-format errors are the user's to fix: one line, no stack.
+    const err = e instanceof Error ? e : new Error(String(e));
+    process.stderr.write(`loraplex: ${err.message}\n`);
+    if (!(e instanceof UsageError) && process.env['LORAPLEX_DEBUG']) process.stderr.write(`${err.stack}\n`);
+    process.exit(e instanceof UsageError ? 2 : 1);
+  },
+);
