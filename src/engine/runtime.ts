@@ -104,6 +104,8 @@ export class Runtime {
       if (r.kvRow < 0 || r.kvRow >= opts.maxNumSeqs || seen.has(r.kvRow)) throw new EngineError(`kvRow ${r.kvRow}: must be a distinct row in 0..${opts.maxNumSeqs - 1}`, 'INVALID_ARGUMENT');
       seen.add(r.kvRow);
       if (r.slot < 0 || r.slot >= opts.slots) throw new EngineError(`slot ${r.slot}: must be in 0..${opts.slots - 1}`, 'INVALID_ARGUMENT');
+      const vocab = opts.layout.vocabSize;
+      if (r.tokens.some((t) => !Number.isInteger(t) || t < 0 || t >= vocab)) throw new EngineError(`row ${r.kvRow}: token ids must be integers in 0..${vocab - 1}`, 'INVALID_ARGUMENT');
       if (r.pastLen < 0 || r.pastLen + seq > opts.maxModelLen) throw new EngineError(`row ${r.kvRow}: ${r.pastLen} cached + ${seq} new tokens exceed maxModelLen ${opts.maxModelLen}`, 'RESOURCE_EXHAUSTED');
     }
     const batch = rows.length;
