@@ -1,0 +1,137 @@
+/**
+ * `npm run bench`: speed and memory on the `1b` (TinyLlama-shaped) random model with int4, as JSON.
+ * Figures are reported next to a baseline measured in the same run (this machine's read bandwidth via an ORT
+ * reduction over a buffer far larger than cache), never asserted in tests.
+ */
+import { existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import ort from 'onnxruntime-node';
+import { Graph } from '../../kernels/ir.js';
+import { serializeModel } from '../../kernels/onnx.js';
+import type { QuantOptions } from '../../kernels/quant/index.js';
+import { compileModel } from '../../src/engine/compile.js';
+import { Engine } from '../../src/engine/engine.js';
+import { makeModel } from '../../src/models/make.js';
+import type { ModelSpec } from '../../src/models/spec.js';
+
+const ROOT = process.env['LORAPLEX_BENCH_DIR'] ?? join(process.cwd(), '.cache', 'bench');
+const THREADS = Number(process.env['LORAPLEX_BENCH_THREADS'] ?? 2);
+const SIZE = (process.env['LORAPLEX_BENCH_SIZE'] ?? '1b') as '1b' | 'small' | 'tiny';
+
+function log(msg: string): void {
+  process.stderr.write(`[bench] ${msg}\n`);
+}
+
+/** Bytes of weights read by one decode step: every quantized linear (packed nibbles + scales), norms. */
+function decodeWeightBytes(spec: ModelSpec, quant: QuantOptions): number {
+  const block = quant.blockSize ?? 32;
+  const linear = (N: number, K: number) => N * Math.ceil(K / block) * (block / 2 + 4);
+  const { hiddenSize: H, intermediateSize: I, numLayers: L, vocabSize: V } = spec;
+  const kv = spec.numKvHeads * spec.headDim;
+  const perLayer = linear(H, H) + 2 * linear(kv, H) + linear(H, H) + 2 * linear(I, H) + linear(H, I);
+  return L * perLayer + linear(V, H);
+}
+
+/** Read bandwidth as ORT sees it: ReduceMax over 1 GiB of float32, `threads` intra-op threads. */
+async function bandwidthProbe(threads: number): Promise<number> {
+  const n = 256 * 1024 * 1024;
+  const g = new Graph('bandwidth_probe');
+  const x = g.input('x', 'float32', [n]);
+  g.output(g.op1('ReduceMax', [x], { dtype: 'float32', shape: [1] }, { keepdims: 1 }), 'y', [1]);
+  const session = await ort.InferenceSession.create(serializeModel(g.toOnnx()), { intraOpNumThreads: threads, extra: { session: { intra_op: { allow_spinning: '0' } } } });
+  const data = new Float32Array(n).fill(1);
+  const feeds = { x: new ort.Tensor('float32', data, [n]) };
+  await session.run(feeds);
+  let best = Infinity;
+  for (let i = 0; i < 5; i++) {
+    const t0 = performance.now();
+    await session.run(feeds);
+    best = Math.min(best, performance.now() - t0);
+  }
+  await session.release();
+  return (n * 4) / (best / 1000);
+}
+
+async function decodeTokensPerSecond(engine: Engine, batch: number, promptLen: number, steps: number): Promise<{ tokensPerSecond: number; msPerStep: number }> {
+  const prompt = Array.from({ length: promptLen }, (_, i) => 10 + ((i * 7) % 1000));
+  for (let b = 0; b < batch; b++) await engine.step([{ kvRow: b, slot: 0, pastLen: 0, tokens: prompt }]);
+  // One warm-up step, then time.
+  const rows = (past: number) => Array.from({ length: batch }, (_, b) => ({ kvRow: b, slot: 0, pastLen: past, tokens: [100 + b] }));
+  await engine.step(rows(promptLen));
+  const t0 = performance.now();
+  for (let s = 1; s <= steps; s++) await engine.step(rows(promptLen + s));
+  const ms = (performance.now() - t0) / steps;
+  return { tokensPerSecond: (batch * 1000) / ms, msPerStep: ms };
+}
+
+async function main(): Promise<void> {
+  mkdirSync(ROOT, { recursive: true });
+  const modelDir = join(ROOT, `llama-${SIZE}`);
+  if (!existsSync(join(modelDir, 'config.json'))) {
+    log(`writing the random ${SIZE} model to ${modelDir}`);
+    const t0 = performance.now();
+    await makeModel({ arch: 'llama', size: SIZE, outDir: modelDir, seed: 1 });
+    log(`  ${((performance.now() - t0) / 1000).toFixed(1)} s`);
+  }
+  const quant: QuantOptions = { kind: 'int4', blockSize: 32, accuracyLevel: 4 };
+  const cacheDir = join(ROOT, 'graph-cache');
+  rmSync(cacheDir, { recursive: true, force: true });
+
+  const start = async () => {
+    const t0 = performance.now();
+    const compiled = compileModel(modelDir, { quant, cacheDir });
+    const engine = await Engine.start({ modelPath: compiled.modelPath, layout: compiled.layout, maxNumSeqs: 8, maxModelLen: 1024, slots: 2, maxLoraRank: 16, intraOpThreads: THREADS });
+    return { compiled, engine, seconds: (performance.now() - t0) / 1000 };
+  };
+  log('cold start (quantize + write cache + session)');
+  const cold = await start();
+  await cold.engine.close();
+  log(`  ${cold.seconds.toFixed(1)} s; cached start`);
+  const { engine, compiled, seconds: cachedSeconds } = await start();
+  log(`  ${cachedSeconds.toFixed(1)} s`);
+
+  const bandwidth = await bandwidthProbe(THREADS);
+  log(`read bandwidth ${(bandwidth / 1e9).toFixed(1)} GB/s`);
+  const b1 = await decodeTokensPerSecond(engine, 1, 32, 16);
+  log(`decode batch 1: ${b1.tokensPerSecond.toFixed(2)} tok/s`);
+  const b8 = await decodeTokensPerSecond(engine, 8, 32, 8);
+  log(`decode batch 8: ${b8.tokensPerSecond.toFixed(2)} tok/s`);
+  const prefillTokens = 256;
+  const prompt = Array.from({ length: prefillTokens }, (_, i) => 10 + i);
+  await engine.step([{ kvRow: 0, slot: 0, pastLen: 0, tokens: prompt.slice(0, 16) }]);
+  const t0 = performance.now();
+  await engine.step([{ kvRow: 0, slot: 0, pastLen: 0, tokens: prompt }]);
+  const prefillTokensPerSecond = prefillTokens / ((performance.now() - t0) / 1000);
+  log(`prefill: ${prefillTokensPerSecond.toFixed(1)} tok/s`);
+  await engine.close();
+
+  const weightBytes = decodeWeightBytes(compiled.spec, quant);
+  const achieved = (weightBytes * b1.tokensPerSecond);
+  const results = {
+    model: `llama-${SIZE} (random weights, TinyLlama shape for 1b)`,
+    quant,
+    threads: THREADS,
+    machine: { readBandwidthGBps: +(bandwidth / 1e9).toFixed(2) },
+    start: { coldSeconds: +cold.seconds.toFixed(2), cachedSeconds: +cachedSeconds.toFixed(2), cachedVsCold: +(cachedSeconds / cold.seconds).toFixed(3) },
+    decode: {
+      batch1TokensPerSecond: +b1.tokensPerSecond.toFixed(2),
+      batch1MsPerStep: +b1.msPerStep.toFixed(2),
+      batch8TokensPerSecond: +b8.tokensPerSecond.toFixed(2),
+      batch8VsBatch1: +(b8.tokensPerSecond / b1.tokensPerSecond).toFixed(2),
+      weightBytesPerStep: weightBytes,
+      achievedWeightBandwidthGBps: +(achieved / 1e9).toFixed(2),
+      bandwidthRatio: +(achieved / bandwidth).toFixed(3),
+    },
+    prefill: { chunkTokens: prefillTokens, tokensPerSecond: +prefillTokensPerSecond.toFixed(1) },
+    peakRssMiB: Math.round(process.resourceUsage().maxRSS / 1024),
+  };
+  const out = join(ROOT, 'results.json');
+  writeFileSync(out, `${JSON.stringify(results, null, 2)}\n`);
+  process.stdout.write(`${JSON.stringify(results, null, 2)}\n`);
+  log(`written to ${out}`);
+}
+
+main().catch((e) => {
+  process.stderr.write(`${e instanceof Error ? e.stack : String(e)}\n`);
+  process.exit(1);
+});
