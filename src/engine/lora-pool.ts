@@ -13,20 +13,25 @@ export interface SlotModuleWeights {
 }
 
 /**
- * Pooled adapter tensors, fed to every step as graph inputs: per module A [slots, in, rank] and
- * B [slots, rank, out] with the scale folded into B; ranks below maxRank are zero-padded. Slot 0 stays zero
- * (the base model). Loading an adapter into a slot is a copy into that slot's rows; nothing is reallocated.
+ * Pooled adapter tensors, fed to every step as graph inputs: per module A [maxRank, slots, in] and
+ * B [maxRank, slots, out] with the scale folded into B; ranks below maxRank are zero-padded. Rank-major, so a
+ * step feeds only the first r planes (r = the largest rank among its rows' slots) as one contiguous view and
+ * a batch without adapters pays for rank 1, not maxRank. Slot 0 stays zero (the base model). Loading an
+ * adapter into a slot is a copy into that slot's rows; nothing is reallocated.
  */
 export class LoraPool {
   readonly a = new Map<string, Float32Array>();
   readonly b = new Map<string, Float32Array>();
   private readonly info = new Map<string, LoraModuleInfo>();
+  /** Rank of the adapter in each slot (0 = empty). */
+  private readonly ranks: number[];
 
   constructor(
     modules: LoraModuleInfo[],
     readonly slots: number,
     readonly maxRank: number,
   ) {
+    this.ranks = new Array<number>(slots).fill(0);
     for (const m of modules) {
       this.info.set(m.module, m);
       this.a.set(m.module, new Float32Array(slots * m.inFeatures * maxRank));
@@ -60,22 +65,33 @@ export class LoraPool {
         throw new RangeError(`${w.module}: A/B sizes do not match rank ${w.r} and shape [${m.outFeatures}, ${m.inFeatures}]`);
       }
       const { inFeatures: inF, outFeatures: outF } = m;
-      const R = this.maxRank;
       const poolA = this.a.get(w.module)!;
       const poolB = this.b.get(w.module)!;
-      const aBase = slot * inF * R;
-      const bBase = slot * R * outF;
       for (let j = 0; j < w.r; j++) {
-        for (let i = 0; i < inF; i++) poolA[aBase + i * R + j] = w.a[j * inF + i]!;
-        for (let o = 0; o < outF; o++) poolB[bBase + j * outF + o] = w.b[o * w.r + j]! * w.scale;
+        poolA.set(w.a.subarray(j * inF, (j + 1) * inF), (j * this.slots + slot) * inF);
+        const bBase = (j * this.slots + slot) * outF;
+        for (let o = 0; o < outF; o++) poolB[bBase + o] = w.b[o * w.r + j]! * w.scale;
       }
+      this.ranks[slot] = Math.max(this.ranks[slot]!, w.r);
     }
+  }
+
+  /** The rank planes a step over these slots needs (at least 1: no tensor gets a zero dim). */
+  stepRank(slots: Iterable<number>): number {
+    let r = 1;
+    for (const s of slots) r = Math.max(r, this.ranks[s] ?? 0);
+    return r;
   }
 
   clear(slot: number): void {
     for (const [module, m] of this.info) {
-      this.a.get(module)!.fill(0, slot * m.inFeatures * this.maxRank, (slot + 1) * m.inFeatures * this.maxRank);
-      this.b.get(module)!.fill(0, slot * this.maxRank * m.outFeatures, (slot + 1) * this.maxRank * m.outFeatures);
+      const a = this.a.get(module)!;
+      const b = this.b.get(module)!;
+      for (let j = 0; j < this.maxRank; j++) {
+        a.fill(0, (j * this.slots + slot) * m.inFeatures, (j * this.slots + slot + 1) * m.inFeatures);
+        b.fill(0, (j * this.slots + slot) * m.outFeatures, (j * this.slots + slot + 1) * m.outFeatures);
+      }
     }
+    this.ranks[slot] = 0;
   }
 }

@@ -44,7 +44,6 @@ export class Runtime {
     readonly opts: RuntimeOptions,
     readonly cache: KvCache,
     readonly pool: LoraPool,
-    private readonly poolFeeds: Record<string, ort.Tensor>,
   ) {}
 
   static async create(opts: RuntimeOptions): Promise<Runtime> {
@@ -72,14 +71,10 @@ export class Runtime {
     const { layout } = opts;
     const cache = new KvCache(layout.numLayers, opts.maxNumSeqs, opts.maxModelLen, layout.kvDim);
     const pool = new LoraPool(layout.loraModules, opts.slots, opts.maxLoraRank);
-    const poolFeeds: Record<string, ort.Tensor> = {};
-    for (const m of layout.loraModules) {
-      poolFeeds[`lora_a.${m.module}`] = new ort.Tensor('float32', pool.a.get(m.module)!, [opts.slots, m.inFeatures, opts.maxLoraRank]);
-      poolFeeds[`lora_b.${m.module}`] = new ort.Tensor('float32', pool.b.get(m.module)!, [opts.slots, opts.maxLoraRank, m.outFeatures]);
-    }
-    const missing = session.inputNames.filter((n) => !(n in poolFeeds) && !/^(input_ids|past_len|kv_rows|slot|past_key\.\d+|past_value\.\d+)$/.test(n));
+    const fed = /^(input_ids|past_len|kv_rows|slot|past_key\.\d+|past_value\.\d+|lora_[ab]\..+)$/;
+    const missing = session.inputNames.filter((n) => !fed.test(n));
     if (missing.length) throw new EngineError(`serving graph has inputs the runtime does not feed: ${missing.join(', ')}`, 'INTERNAL');
-    return new Runtime(session, opts, cache, pool, poolFeeds);
+    return new Runtime(session, opts, cache, pool);
   }
 
   setSlot(slot: number, weights: SlotModuleWeights[]): void {
@@ -119,8 +114,14 @@ export class Runtime {
       past_len: i64((r) => r.pastLen),
       kv_rows: i64((r) => r.kvRow),
       slot: i64((r) => r.slot),
-      ...this.poolFeeds,
     };
+    const rank = this.pool.stepRank(rows.map((r) => r.slot));
+    for (const m of opts.layout.loraModules) {
+      const a = this.pool.a.get(m.module)!.subarray(0, rank * opts.slots * m.inFeatures);
+      const b = this.pool.b.get(m.module)!.subarray(0, rank * opts.slots * m.outFeatures);
+      feeds[`lora_a.${m.module}`] = new ort.Tensor('float32', a, [rank, opts.slots, m.inFeatures]);
+      feeds[`lora_b.${m.module}`] = new ort.Tensor('float32', b, [rank, opts.slots, m.outFeatures]);
+    }
     for (let l = 0; l < cache.numLayers; l++) {
       const v = cache.view(l, past);
       feeds[`past_key.${l}`] = new ort.Tensor('float32', v.key, [past, cache.rows, cache.kvDim]);

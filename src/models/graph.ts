@@ -13,7 +13,7 @@ import type { HostTensor, ModelSpec, WeightSource } from './spec.js';
  *   kv_rows   [batch] int64          cache row of each batch row
  *   slot      [batch] int64          adapter slot of each row (0 = base model)
  *   past_key.L / past_value.L [past, rows, kvDim] float32   time-major cache views, no copy
- *   lora_a.M [slots, in, rank], lora_b.M [slots, rank, out] float32 (scale folded into B) for each LoRA module M
+ *   lora_a.M [rank, slots, in], lora_b.M [rank, slots, out] float32 (scale folded into B) for each LoRA module M
  * Outputs:
  *   logits [batch, vocab]            of each row's last new token
  *   new_kv [2*layers, batch, seq, kvDim]  the new keys (rotary applied) and values, layer by layer, for the caller to append
@@ -58,8 +58,8 @@ interface Ctx {
 function linearWithLora(c: Ctx, x: Value, module: string, weight: HostTensor, bias: HostTensor | null): Value {
   const [out, inF] = weight.shape as [number, number];
   const y = c.opts.linear(c.g, x, module, weight, bias);
-  const poolA = c.g.input(`lora_a.${module}`, 'float32', ['slots', inF, 'rank']);
-  const poolB = c.g.input(`lora_b.${module}`, 'float32', ['slots', 'rank', out]);
+  const poolA = c.g.input(`lora_a.${module}`, 'float32', ['rank', 'slots', inF]);
+  const poolB = c.g.input(`lora_b.${module}`, 'float32', ['rank', 'slots', out]);
   c.loraModules.push({ module, inFeatures: inF, outFeatures: out });
   return add(c.g, y, loraDelta(c.g, x, poolA, poolB, c.slot), `${module}.out`);
 }
