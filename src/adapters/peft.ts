@@ -1,0 +1,431 @@
+import { existsSync, mkdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { basename, dirname, join } from 'node:path';
+import { fillNormal } from '../models/make.js';
+import { SafetensorsError, SafetensorsSource, type SafetensorsDtype, writeFileAtomic, writeSafetensors } from '../models/safetensors.js';
+import type { ModelSpec, ModelFamily } from '../models/spec.js';
+
+/** PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors): read, validate, write, make. */
+
+export class PeftFormatError extends Error {
+  constructor(
+    readonly dir: string,
+    readonly file: string | null,
+    readonly detail: string,
+  ) {
+    super(file ? `adapter directory ${dir}: ${file}: ${detail}` : `adapter directory ${dir}: ${detail}`);
+    this.name = 'PeftFormatError';
+  }
+}
+
+export interface LinearModule {
+  /** Normalized HF module path: `model.layers.3.self_attn.q_proj`, `h.0.attn.c_attn`. */
+  module: string;
+  inFeatures: number;
+  outFeatures: number;
+  /** The name target_modules uses: q_proj, c_attn, ... */
+  peftName: string;
+  layer: number;
+}
+
+export const LLAMA_LORA_MODULES = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] as const;
+export const GPT2_LORA_MODULES = ['c_attn', 'c_proj', 'c_fc'] as const;
+
+/** Every LoRA-able linear of the model, in layer order, with PEFT's in/out features. */
+export function linearModules(spec: ModelSpec): LinearModule[] {
+  const out: LinearModule[] = [];
+  const h = spec.hiddenSize;
+  const inter = spec.intermediateSize;
+  for (let layer = 0; layer < spec.numLayers; layer++) {
+    const add = (module: string, inFeatures: number, outFeatures: number) =>
+      out.push({ module, inFeatures, outFeatures, peftName: module.slice(module.lastIndexOf('.') + 1), layer });
+    if (spec.family === 'llama') {
+      const p = `model.layers.${layer}`;
+      const q = spec.numHeads * spec.headDim;
+      const kv = spec.numKvHeads * spec.headDim;
+      add(`${p}.self_attn.q_proj`, h, q);
+      add(`${p}.self_attn.k_proj`, h, kv);
+      add(`${p}.self_attn.v_proj`, h, kv);
+      add(`${p}.self_attn.o_proj`, q, h);
+      add(`${p}.mlp.gate_proj`, h, inter);
+      add(`${p}.mlp.up_proj`, h, inter);
+      add(`${p}.mlp.down_proj`, inter, h);
+    } else {
+      const p = `h.${layer}`;
+      add(`${p}.attn.c_attn`, h, 3 * h);
+      add(`${p}.attn.c_proj`, h, h);
+      add(`${p}.mlp.c_fc`, h, inter);
+      add(`${p}.mlp.c_proj`, inter, h);
+    }
+  }
+  return out;
+}
+
+const MODULE_RE: Record<ModelFamily, RegExp> = {
+  llama: /^model\.layers\.(\d+)\.(?:self_attn\.(?:q_proj|k_proj|v_proj|o_proj)|mlp\.(?:gate_proj|up_proj|down_proj))$/,
+  gpt2: /^h\.(\d+)\.(?:attn\.(?:c_attn|c_proj)|mlp\.(?:c_fc|c_proj))$/,
+};
+
+/** `base_model.model.transformer.h.0.attn.c_attn` -> `h.0.attn.c_attn`; llama paths keep `model.`. */
+export function normalizeModulePath(path: string): string {
+  let p = path.startsWith('base_model.model.') ? path.slice('base_model.model.'.length) : path;
+  if (p.startsWith('transformer.')) p = p.slice('transformer.'.length);
+  return p;
+}
+
+function familyOfModule(module: string): ModelFamily | null {
+  if (MODULE_RE.llama.test(module)) return 'llama';
+  if (MODULE_RE.gpt2.test(module)) return 'gpt2';
+  return null;
+}
+
+export interface PeftConfig {
+  r: number;
+  loraAlpha: number;
+  /** As in the file: a list of module names, 'all-linear', or a regex string matched against the full path. */
+  targetModules: string[] | string;
+  useRslora: boolean;
+  baseModelNameOrPath: string | null;
+  /** adapter_config.json as read (empty for made adapters). */
+  raw: Record<string, unknown>;
+}
+
+export interface LoraModule {
+  module: string;
+  /** lora_A, row-major [r, inFeatures]. */
+  a: Float32Array;
+  /** lora_B, row-major [outFeatures, r]. */
+  b: Float32Array;
+  r: number;
+  inFeatures: number;
+  outFeatures: number;
+}
+
+export interface PeftAdapter {
+  config: PeftConfig;
+  r: number;
+  alpha: number;
+  /** Multiplier of B·A: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora. */
+  scaling: number;
+  modules: LoraModule[];
+}
+
+export function loraScaling(r: number, alpha: number, useRslora: boolean): number {
+  return useRslora ? alpha / Math.sqrt(r) : alpha / r;
+}
+
+const nonEmpty = (v: unknown): boolean =>
+  v !== undefined && v !== null && v !== false && !(Array.isArray(v) && v.length === 0) && !(typeof v === 'object' && !Array.isArray(v) && Object.keys(v as object).length === 0);
+
+/**
+ * Options whose effect the engine does not reproduce, each named in its own error. (fan_in_fan_out is not
+ * here: PEFT itself forces it to match the layer type, nn.Linear or Conv1D, and it never changes the
+ * lora_A [r, in] / lora_B [out, r] layout.)
+ */
+function checkConfig(dir: string, cfg: Record<string, unknown>): void {
+  const fail = (detail: string): never => {
+    throw new PeftFormatError(dir, 'adapter_config.json', detail);
+  };
+  const peftType = cfg['peft_type'];
+  if (peftType !== undefined && peftType !== null && peftType !== 'LORA') fail(`peft_type '${String(peftType)}' is not supported; only LORA`);
+  const task = cfg['task_type'];
+  if (task !== undefined && task !== null && task !== 'CAUSAL_LM') fail(`task_type '${String(task)}' is not supported; only CAUSAL_LM`);
+  if (cfg['use_dora'] === true) fail('use_dora true (DoRA) is not supported');
+  if (nonEmpty(cfg['modules_to_save'])) fail(`modules_to_save ${JSON.stringify(cfg['modules_to_save'])} is not supported (fully trained extra modules)`);
+  if (nonEmpty(cfg['rank_pattern'])) fail(`rank_pattern ${JSON.stringify(cfg['rank_pattern'])} is not supported (per-module ranks)`);
+  if (nonEmpty(cfg['alpha_pattern'])) fail(`alpha_pattern ${JSON.stringify(cfg['alpha_pattern'])} is not supported (per-module alphas)`);
+  if (nonEmpty(cfg['layers_to_transform'])) fail(`layers_to_transform ${JSON.stringify(cfg['layers_to_transform'])} is not supported`);
+  if (cfg['bias'] !== undefined && cfg['bias'] !== null && cfg['bias'] !== 'none') fail(`bias '${String(cfg['bias'])}' is not supported; only 'none'`);
+  if (cfg['lora_bias'] === true) fail('lora_bias true is not supported');
+  if (cfg['init_lora_weights'] === 'loftq') fail("init_lora_weights 'loftq' is not supported (LoftQ also changes the base weights)");
+  if (nonEmpty(cfg['layer_replication'])) fail('layer_replication is not supported');
+  if (nonEmpty(cfg['target_parameters'])) fail('target_parameters is not supported');
+  if (nonEmpty(cfg['trainable_token_indices'])) fail('trainable_token_indices is not supported');
+  if (nonEmpty(cfg['alora_invocation_tokens'])) fail('alora_invocation_tokens (activated LoRA) is not supported');
+  if (cfg['use_qalora'] === true) fail('use_qalora true is not supported');
+}
+
+function parseConfig(dir: string, cfg: Record<string, unknown>, family: ModelFamily | null): PeftConfig {
+  const fail: (detail: string) => never = (detail) => {
+    throw new PeftFormatError(dir, 'adapter_config.json', detail);
+  };
+  checkConfig(dir, cfg);
+  const r = cfg['r'];
+  if (typeof r !== 'number' || !Number.isSafeInteger(r) || r < 1) fail(`r must be a positive integer, got ${JSON.stringify(r)}`);
+  // PEFT's default lora_alpha is 8.
+  const alpha = cfg['lora_alpha'] ?? 8;
+  if (typeof alpha !== 'number' || !Number.isFinite(alpha) || alpha <= 0) fail(`lora_alpha must be a positive number, got ${JSON.stringify(alpha)}`);
+  const useRslora = cfg['use_rslora'] ?? false;
+  if (typeof useRslora !== 'boolean') fail(`use_rslora must be true or false, got ${JSON.stringify(useRslora)}`);
+  const tm = cfg['target_modules'];
+  let targetModules: string[] | string;
+  if (typeof tm === 'string') targetModules = tm;
+  else if (Array.isArray(tm) && tm.length > 0 && tm.every((t) => typeof t === 'string')) targetModules = tm as string[];
+  else fail(`target_modules must be a non-empty list of names or a regex string, got ${JSON.stringify(tm)}`);
+  if (Array.isArray(targetModules)) {
+    const allowed: readonly string[] =
+      family === 'llama' ? LLAMA_LORA_MODULES : family === 'gpt2' ? GPT2_LORA_MODULES : [...LLAMA_LORA_MODULES, ...GPT2_LORA_MODULES];
+    for (const t of targetModules) {
+      const last = t.slice(t.lastIndexOf('.') + 1);
+      if (t !== 'all-linear' && !allowed.includes(last)) {
+        fail(`target_modules entry '${t}' is not supported; supported: ${allowed.join(', ')} (or all-linear)`);
+      }
+    }
+  }
+  const base = cfg['base_model_name_or_path'];
+  return {
+    r: r as number,
+    loraAlpha: alpha as number,
+    targetModules: targetModules!,
+    useRslora: useRslora as boolean,
+    baseModelNameOrPath: typeof base === 'string' ? base : null,
+    raw: cfg,
+  };
+}
+
+/** Whether PEFT would have adapted this module given target_modules (fullPath as in the base model). */
+function targeted(targetModules: string[] | string, fullPath: string): boolean {
+  if (typeof targetModules === 'string') {
+    if (targetModules === 'all-linear') return true;
+    // PEFT: a string target_modules is a regex that must match the whole module path.
+    let re: RegExp;
+    try {
+      re = new RegExp(`^(?:${targetModules})$`);
+    } catch {
+      // A Python-only regex construct: the tensors present are the ground truth then.
+      return true;
+    }
+    return re.test(fullPath);
+  }
+  return targetModules.some((t) => t === 'all-linear' || fullPath === t || fullPath.endsWith(`.${t}`));
+}
+
+const TENSOR_RE = /^base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.([^.]+))?\.weight$/;
+
+/**
+ * Reads a PEFT LoRA adapter directory. With a spec, every module must be a linear of that model with
+ * matching in/out features. Unsupported options and malformed tensors throw PeftFormatError naming them.
+ */
+export function readPeftAdapter(dir: string, spec?: ModelSpec): PeftAdapter {
+  const cfgPath = join(dir, 'adapter_config.json');
+  if (!existsSync(cfgPath)) throw new PeftFormatError(dir, null, 'adapter_config.json is missing');
+  let raw: unknown;
+  try {
+    raw = JSON.parse(readFileSync(cfgPath, 'utf8'));
+  } catch (err) {
+    throw new PeftFormatError(dir, 'adapter_config.json', `is not valid JSON (${(err as Error).message})`);
+  }
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new PeftFormatError(dir, 'adapter_config.json', 'is not a JSON object');
+  const config = parseConfig(dir, raw as Record<string, unknown>, spec?.family ?? null);
+
+  const file = 'adapter_model.safetensors';
+  if (!existsSync(join(dir, file))) {
+    const bin = existsSync(join(dir, 'adapter_model.bin'));
+    throw new PeftFormatError(dir, null, `${file} is missing${bin ? ' (adapter_model.bin found; only safetensors is supported)' : ''}`);
+  }
+  let src: SafetensorsSource;
+  try {
+    src = new SafetensorsSource([join(dir, file)]);
+  } catch (err) {
+    if (err instanceof SafetensorsError) throw new PeftFormatError(dir, file, err.message);
+    throw err;
+  }
+  const fail: (detail: string) => never = (detail) => {
+    throw new PeftFormatError(dir, file, detail);
+  };
+
+  // Group lora_A / lora_B tensors by module.
+  const byModule = new Map<string, { fullPath: string; a?: string; b?: string }>();
+  let adapterName: string | undefined | null = null;
+  for (const name of src.names()) {
+    const m = TENSOR_RE.exec(name);
+    if (!m) {
+      if (/lora_embedding_[AB]/.test(name)) fail(`${name}: LoRA on embeddings is not supported`);
+      if (/lora_magnitude_vector/.test(name)) fail(`${name}: DoRA magnitude vectors are not supported`);
+      fail(`unexpected tensor ${name} (expected base_model.model.<module>.lora_A.weight / lora_B.weight)`);
+    }
+    const [, fullPath, kind, adapter] = m!;
+    // One file holds one adapter; keys with two different adapter names would be ambiguous.
+    if (adapterName !== null && adapterName !== adapter) fail(`tensors for more than one adapter name (${adapterName ?? '(none)'}, ${adapter ?? '(none)'})`);
+    adapterName = adapter;
+    const module = normalizeModulePath(fullPath!);
+    const entry = byModule.get(module) ?? { fullPath: fullPath! };
+    if (entry.fullPath !== fullPath) fail(`module ${module} appears as both ${entry.fullPath} and ${fullPath}`);
+    if (kind === 'lora_A') entry.a = name;
+    else entry.b = name;
+    byModule.set(module, entry);
+  }
+  if (byModule.size === 0) fail('holds no LoRA tensors');
+
+  const known = spec ? new Map(linearModules(spec).map((l) => [l.module, l])) : null;
+  const modules: LoraModule[] = [];
+  for (const [module, e] of byModule) {
+    if (!e.a || !e.b) fail(`module ${module} has ${e.a ? 'lora_A' : 'lora_B'} but no ${e.a ? 'lora_B' : 'lora_A'}`);
+    const family = familyOfModule(module);
+    if (!family) fail(`module ${module} is not a supported LoRA target (llama: ${LLAMA_LORA_MODULES.join(', ')}; gpt2: ${GPT2_LORA_MODULES.join(', ')})`);
+    if (spec && family !== spec.family) fail(`module ${module} belongs to a ${family} model, but the base model is ${spec.modelType}`);
+    if (!targeted(config.targetModules, e.fullPath)) fail(`module ${module} has weights but is not in target_modules ${JSON.stringify(config.targetModules)}`);
+    const aShape = src.shape(e.a!);
+    const bShape = src.shape(e.b!);
+    if (aShape.length !== 2 || bShape.length !== 2) fail(`module ${module}: lora_A ${JSON.stringify(aShape)} and lora_B ${JSON.stringify(bShape)} must be 2-D`);
+    const [r, inF] = aShape as [number, number];
+    const [outF, rB] = bShape as [number, number];
+    if (r !== rB) fail(`module ${module}: lora_A ${JSON.stringify(aShape)} and lora_B ${JSON.stringify(bShape)} disagree on the rank`);
+    if (r !== config.r) fail(`module ${module} has rank ${r}, but adapter_config.json says r = ${config.r}`);
+    if (known) {
+      const lin = known.get(module);
+      if (!lin) fail(`module ${module} does not exist in the base model (${spec!.numLayers} layers)`);
+      if (lin!.inFeatures !== inF || lin!.outFeatures !== outF) {
+        fail(
+          `module ${module}: lora_A ${JSON.stringify(aShape)} / lora_B ${JSON.stringify(bShape)} imply ${inF} -> ${outF} features, ` +
+            `but the base model's ${module} is ${lin!.inFeatures} -> ${lin!.outFeatures} (adapter for a different model?)`,
+        );
+      }
+    }
+    const a = src.get(e.a!).data;
+    const b = src.get(e.b!).data;
+    for (const [label, t] of [['lora_A', a], ['lora_B', b]] as const) {
+      for (let i = 0; i < t.length; i++) {
+        if (!Number.isFinite(t[i]!)) fail(`module ${module}: ${label} holds a non-finite value (${t[i]}) at index ${i}`);
+      }
+    }
+    modules.push({ module, a, b, r, inFeatures: inF, outFeatures: outF });
+  }
+  // linearModules' order (by layer, then as in the forward pass), with or without a spec.
+  modules.sort((x, y) => moduleOrder(x.module) - moduleOrder(y.module));
+  return { config, r: config.r, alpha: config.loraAlpha, scaling: loraScaling(config.r, config.loraAlpha, config.useRslora), modules };
+}
+
+const IN_LAYER_ORDER = [
+  'self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj', 'mlp.gate_proj', 'mlp.up_proj', 'mlp.down_proj',
+  'attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj',
+];
+
+function moduleOrder(module: string): number {
+  const m = /^(?:model\.layers|h)\.(\d+)\.(.+)$/.exec(module)!;
+  return Number(m[1]) * 100 + IN_LAYER_ORDER.indexOf(m[2]!);
+}
+
+export interface WritePeftOptions {
+  /** Tensor dtype in adapter_model.safetensors. Default F32. */
+  dtype?: SafetensorsDtype;
+}
+
+/**
+ * Writes adapter_config.json + adapter_model.safetensors as PEFT's save_pretrained would, atomically: into
+ * a sibling temp directory first, then renamed over `dir` (an existing adapter there is replaced whole).
+ */
+export function writePeftAdapter(dir: string, adapter: PeftAdapter, opts: WritePeftOptions = {}): void {
+  if (adapter.modules.length === 0) throw new Error('writePeftAdapter: adapter has no modules');
+  const families = new Set(adapter.modules.map((m) => familyOfModule(m.module)));
+  if (families.has(null) || families.size !== 1) {
+    throw new Error(`writePeftAdapter: modules must all be llama or all gpt2 linears: ${adapter.modules.map((m) => m.module).join(', ')}`);
+  }
+  const family = [...families][0]!;
+  for (const m of adapter.modules) {
+    if (m.a.length !== m.r * m.inFeatures || m.b.length !== m.outFeatures * m.r || m.r !== adapter.r) {
+      throw new Error(`writePeftAdapter: module ${m.module} tensors do not match r ${adapter.r}, ${m.inFeatures} -> ${m.outFeatures}`);
+    }
+  }
+  // GPT2LMHeadModel's body lives under `transformer.`; PEFT keys include it.
+  const full = (m: string) => (family === 'gpt2' ? `transformer.${m}` : m);
+  const config = {
+    alpha_pattern: {},
+    auto_mapping: null,
+    base_model_name_or_path: adapter.config.baseModelNameOrPath,
+    bias: 'none',
+    fan_in_fan_out: family === 'gpt2',
+    inference_mode: true,
+    init_lora_weights: true,
+    layer_replication: null,
+    layers_pattern: null,
+    layers_to_transform: null,
+    loftq_config: {},
+    lora_alpha: adapter.alpha,
+    lora_dropout: 0.0,
+    megatron_config: null,
+    megatron_core: 'megatron.core',
+    modules_to_save: null,
+    peft_type: 'LORA',
+    r: adapter.r,
+    rank_pattern: {},
+    revision: null,
+    target_modules: adapter.config.targetModules,
+    task_type: 'CAUSAL_LM',
+    use_dora: false,
+    use_rslora: adapter.config.useRslora,
+  };
+  const tensors = adapter.modules.flatMap((m) => [
+    { name: `base_model.model.${full(m.module)}.lora_A.weight`, shape: [m.r, m.inFeatures], data: m.a },
+    { name: `base_model.model.${full(m.module)}.lora_B.weight`, shape: [m.outFeatures, m.r], data: m.b },
+  ]);
+
+  const parent = dirname(dir);
+  mkdirSync(parent, { recursive: true });
+  const tag = `${process.pid}-${randomBytes(4).toString('hex')}`;
+  const tmp = join(parent, `.${basename(dir)}.tmp-${tag}`);
+  mkdirSync(tmp);
+  try {
+    writeFileAtomic(join(tmp, 'adapter_config.json'), JSON.stringify(config, null, 2) + '\n');
+    writeSafetensors(join(tmp, 'adapter_model.safetensors'), tensors, opts.dtype ?? 'F32', { format: 'pt' });
+    if (existsSync(dir)) {
+      // rename() cannot replace a non-empty directory: move the old one aside, swap, then delete it.
+      const old = join(parent, `.${basename(dir)}.old-${tag}`);
+      renameSync(dir, old);
+      renameSync(tmp, dir);
+      rmSync(old, { recursive: true, force: true });
+    } else {
+      renameSync(tmp, dir);
+    }
+  } catch (err) {
+    rmSync(tmp, { recursive: true, force: true });
+    throw err;
+  }
+}
+
+export interface RandomAdapterOptions {
+  r: number;
+  alpha: number;
+  /** PEFT names (q_proj, c_attn, ...) or ['all-linear']. */
+  targetModules: string[];
+  seed: number;
+  /** Std of lora_B; non-zero so that the adapter visibly changes outputs. Default 0.02. */
+  bStd?: number;
+  /** Std of lora_A. Default 1/sqrt(inFeatures) (about PEFT's kaiming-uniform scale). */
+  aStd?: number;
+  useRslora?: boolean;
+  baseModelNameOrPath?: string | null;
+}
+
+/** A deterministic random adapter for tests and benchmarks (unlike PEFT's init, B is non-zero). */
+export function makeRandomAdapter(spec: ModelSpec, opts: RandomAdapterOptions): PeftAdapter {
+  if (!Number.isSafeInteger(opts.r) || opts.r < 1) throw new Error(`r must be a positive integer, got ${opts.r}`);
+  const allowed: readonly string[] = spec.family === 'llama' ? LLAMA_LORA_MODULES : GPT2_LORA_MODULES;
+  const all = opts.targetModules.includes('all-linear');
+  for (const t of opts.targetModules) {
+    if (t !== 'all-linear' && !allowed.includes(t)) throw new Error(`target module '${t}' is not a ${spec.family} linear; supported: ${allowed.join(', ')}`);
+  }
+  const modules: LoraModule[] = [];
+  for (const lin of linearModules(spec)) {
+    if (!all && !opts.targetModules.includes(lin.peftName)) continue;
+    const a = fillNormal(new Float32Array(opts.r * lin.inFeatures), opts.seed, `${lin.module}.lora_A`, opts.aStd ?? 1 / Math.sqrt(lin.inFeatures));
+    const b = fillNormal(new Float32Array(lin.outFeatures * opts.r), opts.seed, `${lin.module}.lora_B`, opts.bStd ?? 0.02);
+    modules.push({ module: lin.module, a, b, r: opts.r, inFeatures: lin.inFeatures, outFeatures: lin.outFeatures });
+  }
+  const useRslora = opts.useRslora ?? false;
+  return {
+    config: {
+      r: opts.r,
+      loraAlpha: opts.alpha,
+      // Expanded as PEFT saves it: a list entry 'all-linear' would otherwise name no module.
+      targetModules: all ? [...new Set(linearModules(spec).map((l) => l.peftName))] : [...opts.targetModules],
+      useRslora,
+      baseModelNameOrPath: opts.baseModelNameOrPath ?? null,
+      raw: {},
+    },
+    r: opts.r,
+    alpha: opts.alpha,
+    scaling: loraScaling(opts.r, opts.alpha, useRslora),
+    modules,
+  };
+}
