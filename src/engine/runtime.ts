@@ -16,6 +16,11 @@ export interface RuntimeOptions {
   slots: number;
   maxLoraRank: number;
   intraOpThreads: number;
+  /**
+   * Let idle intra-op threads spin instead of sleeping: about 10 % faster decode on a 2-vCPU VM (thread wake-ups
+   * are slow there) at the price of a busy core while the server idles. Off by default.
+   */
+  allowSpinning?: boolean;
   executionProviders?: string[];
 }
 
@@ -59,7 +64,7 @@ export class Runtime {
         enableCpuMemArena: true,
         enableMemPattern: true,
         // An idle intra-op pool spins a whole core by default; serving is mostly idle between steps.
-        extra: { session: { intra_op: { allow_spinning: '0' } } },
+        extra: { session: { intra_op: { allow_spinning: opts.allowSpinning ? '1' : '0' } } },
       });
     } catch (e) {
       const msg = e instanceof Error ? e.message : String(e);

@@ -54,14 +54,42 @@ interface Ctx {
   loraModules: LoraModuleInfo[];
 }
 
+/** The LoRA path of one module: x A_slot B_slot, from the pooled adapter inputs. */
+function loraPath(c: Ctx, x: Value, module: string, inF: number, out: number): Value {
+  const poolA = c.g.input(`lora_a.${module}`, 'float32', ['rank', 'slots', inF]);
+  const poolB = c.g.input(`lora_b.${module}`, 'float32', ['rank', 'slots', out]);
+  c.loraModules.push({ module, inFeatures: inF, outFeatures: out });
+  return loraDelta(c.g, x, poolA, poolB, c.slot);
+}
+
 /** A linear layer with its LoRA path: base(x) + x A_slot B_slot. */
 function linearWithLora(c: Ctx, x: Value, module: string, weight: HostTensor, bias: HostTensor | null): Value {
   const [out, inF] = weight.shape as [number, number];
   const y = c.opts.linear(c.g, x, module, weight, bias);
-  const poolA = c.g.input(`lora_a.${module}`, 'float32', ['rank', 'slots', inF]);
-  const poolB = c.g.input(`lora_b.${module}`, 'float32', ['rank', 'slots', out]);
-  c.loraModules.push({ module, inFeatures: inF, outFeatures: out });
-  return add(c.g, y, loraDelta(c.g, x, poolA, poolB, c.slot), `${module}.out`);
+  return add(c.g, y, loraPath(c, x, module, inF, out), `${module}.out`);
+}
+
+/**
+ * Several linear layers over the same input (q/k/v, gate/up) as ONE quantized matmul over their stacked rows,
+ * then split, each part plus its own LoRA path. Rows quantize independently, so this is exactly the separate
+ * layers; one larger kernel keeps both threads busy where a small one (k_proj: 256 rows) would not.
+ */
+function fusedLinearsWithLora(c: Ctx, x: Value, fusedName: string, parts: { module: string; weight: HostTensor; bias: HostTensor | null }[]): Value[] {
+  const inF = parts[0]!.weight.shape[1]!;
+  const outs = parts.map((p) => p.weight.shape[0]!);
+  const total = outs.reduce((a, b) => a + b, 0);
+  const stacked = new Float32Array(total * inF);
+  const withBias = parts.some((p) => p.bias);
+  const bias = withBias ? new Float32Array(total) : null;
+  let row = 0;
+  for (const p of parts) {
+    stacked.set(p.weight.data, row * inF);
+    if (bias && p.bias) bias.set(p.bias.data, row);
+    row += p.weight.shape[0]!;
+  }
+  const y = c.opts.linear(c.g, x, fusedName, { shape: [total, inF], data: stacked }, bias ? { shape: [total], data: bias } : null);
+  const pieces = c.g.op('Split', [y, c.g.ints(outs)], { attrs: { axis: -1 }, outputs: outs.map((n) => ({ dtype: 'float32', shape: [...x.shape.slice(0, -1), n] })) }, `${fusedName}.split`);
+  return parts.map((p, i) => add(c.g, pieces[i]!, loraPath(c, x, p.module, inF, outs[i]!), `${p.module}.out`));
 }
 
 function maybe(w: WeightSource, name: string): HostTensor | null {
@@ -155,11 +183,12 @@ function llamaBody(c: Ctx, ids: Value, a: LayerArgs): Value {
     const p = `model.layers.${l}`;
     g.scope = `l${l}.`;
     const x = rmsNorm(g, h, constantOf(g, 'input_norm', w.get(`${p}.input_layernorm.weight`)), spec.normEps);
-    const proj = (name: string, biased: boolean) =>
-      linearWithLora(c, x, `${p}.self_attn.${name}`, w.get(`${p}.self_attn.${name}.weight`), biased ? maybe(w, `${p}.self_attn.${name}.bias`) : null);
-    const q = proj('q_proj', spec.attentionBias);
-    const k = proj('k_proj', spec.attentionBias);
-    const v = proj('v_proj', spec.attentionBias);
+    const attnPart = (name: string) => ({
+      module: `${p}.self_attn.${name}`,
+      weight: w.get(`${p}.self_attn.${name}.weight`),
+      bias: spec.attentionBias ? maybe(w, `${p}.self_attn.${name}.bias`) : null,
+    });
+    const [q, k, v] = fusedLinearsWithLora(c, x, `${p}.self_attn.qkv_proj`, [attnPart('q_proj'), attnPart('k_proj'), attnPart('v_proj')]) as [Value, Value, Value];
     const qr = reshape(g, rotary(g, reshape(g, q, [0, 0, numHeads, headDim], 'q4'), cos, sin, headDim), [0, 0, numHeads * headDim], 'q_rot');
     const kr = reshape(g, rotary(g, reshape(g, k, [0, 0, numKvHeads, headDim], 'k4'), cos, sin, headDim), [0, 0, numKvHeads * headDim], 'k_rot');
     a.newKv.push(kr, v);
@@ -167,10 +196,14 @@ function llamaBody(c: Ctx, ids: Value, a: LayerArgs): Value {
     const o = linearWithLora(c, attn, `${p}.self_attn.o_proj`, w.get(`${p}.self_attn.o_proj.weight`), spec.outputBias ? maybe(w, `${p}.self_attn.o_proj.bias`) : null);
     h = add(g, h, o, 'resid_attn');
     const x2 = rmsNorm(g, h, constantOf(g, 'post_norm', w.get(`${p}.post_attention_layernorm.weight`)), spec.normEps);
-    const mlp = (name: string, input: Value) =>
-      linearWithLora(c, input, `${p}.mlp.${name}`, w.get(`${p}.mlp.${name}.weight`), spec.mlpBias ? maybe(w, `${p}.mlp.${name}.bias`) : null);
-    const act = swiglu(g, mlp('gate_proj', x2), mlp('up_proj', x2));
-    h = add(g, h, mlp('down_proj', act), 'resid_mlp');
+    const mlpPart = (name: string) => ({
+      module: `${p}.mlp.${name}`,
+      weight: w.get(`${p}.mlp.${name}.weight`),
+      bias: spec.mlpBias ? maybe(w, `${p}.mlp.${name}.bias`) : null,
+    });
+    const [gate, up] = fusedLinearsWithLora(c, x2, `${p}.mlp.gate_up_proj`, [mlpPart('gate_proj'), mlpPart('up_proj')]) as [Value, Value];
+    const down = mlpPart('down_proj');
+    h = add(g, h, linearWithLora(c, swiglu(g, gate, up), down.module, down.weight, down.bias), 'resid_mlp');
   }
   g.scope = '';
   return rmsNorm(g, h, constantOf(g, 'final_norm', w.get('model.norm.weight')), spec.normEps);
