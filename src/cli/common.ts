@@ -22,6 +22,7 @@ export const engineFlags = {
   'max-loras': { type: 'string' },
   'max-lora-rank': { type: 'string' },
   'prefill-chunk': { type: 'string' },
+  'allow-spinning': { type: 'boolean' },
 } as const;
 
 export interface EngineSettings {
@@ -34,6 +35,7 @@ export interface EngineSettings {
   maxLoras: number;
   maxLoraRank: number;
   prefillChunk: number;
+  allowSpinning: boolean;
 }
 
 export function defaultCacheDir(): string {
@@ -58,6 +60,7 @@ export function engineSettings(v: Record<string, unknown>, modelDir: string): En
     maxLoras: num(v, 'max-loras', 4, { integer: true, min: 1, max: 256 }),
     maxLoraRank: num(v, 'max-lora-rank', 16, { integer: true, min: 1, max: 1024 }),
     prefillChunk: num(v, 'prefill-chunk', 256, { integer: true, min: 1, max: 1 << 16 }),
+    allowSpinning: Boolean(v['allow-spinning']),
   };
 }
 
@@ -84,6 +87,7 @@ export async function startEngine(s: EngineSettings): Promise<LoadedEngine> {
       slots: s.maxLoras + 1,
       maxLoraRank: s.maxLoraRank,
       intraOpThreads: s.threads,
+      allowSpinning: s.allowSpinning,
     }),
     loadTokenizer(s.modelDir),
   ]);
