@@ -1,4 +1,5 @@
 import ort from 'onnxruntime-node';
+import { LoraplexError, type ErrorCode } from '../errors.js';
 import { KvCache } from './kv-cache.js';
 import { LoraPool, type SlotModuleWeights } from './lora-pool.js';
 import type { ServingLayout } from '../models/graph.js';
@@ -37,9 +38,11 @@ export interface StepResult {
   runMs: number;
 }
 
-export class EngineError extends Error {
-  constructor(message: string, readonly code: 'INVALID_ARGUMENT' | 'RESOURCE_EXHAUSTED' | 'FAILED_PRECONDITION' | 'INTERNAL') {
-    super(message);
+/** An engine failure with its domain code; crosses the worker boundary as { message, code }. */
+export class EngineError extends LoraplexError {
+  constructor(message: string, code: ErrorCode) {
+    super(code, message);
+    this.name = 'EngineError';
   }
 }
 
