@@ -30,6 +30,8 @@ export interface StepRow {
   slot: number;
   pastLen: number;
   tokens: number[];
+  /** Multiplier of the slot's adapter delta for this row (a request's adapter_scale); default 1. */
+  loraScale?: number;
 }
 
 export interface StepResult {
@@ -79,7 +81,7 @@ export class Runtime {
     const { layout } = opts;
     const cache = new KvCache(layout.numLayers, opts.maxNumSeqs, opts.maxModelLen, layout.kvDim);
     const pool = new LoraPool(layout.loraModules, opts.slots, opts.maxLoraRank);
-    const fed = /^(input_ids|past_len|kv_rows|slot|past_key\.\d+|past_value\.\d+|lora_[ab]\..+)$/;
+    const fed = /^(input_ids|past_len|kv_rows|slot|lora_scale|past_key\.\d+|past_value\.\d+|lora_[ab]\..+)$/;
     const missing = session.inputNames.filter((n) => !fed.test(n));
     if (missing.length) throw new EngineError(`serving graph has inputs the runtime does not feed: ${missing.join(', ')}`, 'INTERNAL');
     return new Runtime(session, opts, cache, pool);
@@ -122,6 +124,7 @@ export class Runtime {
       past_len: i64((r) => r.pastLen),
       kv_rows: i64((r) => r.kvRow),
       slot: i64((r) => r.slot),
+      lora_scale: new ort.Tensor('float32', Float32Array.from(rows, (r) => r.loraScale ?? 1), [batch]),
     };
     const rank = this.pool.stepRank(rows.map((r) => r.slot));
     for (const m of opts.layout.loraModules) {

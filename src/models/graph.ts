@@ -12,6 +12,7 @@ import type { HostTensor, ModelSpec, WeightSource } from './spec.js';
  *   past_len  [batch] int64          tokens already cached for each row (= position of the first new token)
  *   kv_rows   [batch] int64          cache row of each batch row
  *   slot      [batch] int64          adapter slot of each row (0 = base model)
+ *   lora_scale [batch] float32       multiplier of each row's adapter delta (1 = as the adapter defines it)
  *   past_key.L / past_value.L [past, rows, kvDim] float32   time-major cache views, no copy
  *   lora_a.M [rank, slots, in], lora_b.M [rank, slots, out] float32 (scale folded into B) for each LoRA module M
  * Outputs:
@@ -51,6 +52,8 @@ interface Ctx {
   w: WeightSource;
   opts: ServingGraphOptions;
   slot: Value;
+  /** [batch, 1, 1] */
+  rowScale: Value;
   loraModules: LoraModuleInfo[];
 }
 
@@ -59,7 +62,7 @@ function loraPath(c: Ctx, x: Value, module: string, inF: number, out: number): V
   const poolA = c.g.input(`lora_a.${module}`, 'float32', ['rank', 'slots', inF]);
   const poolB = c.g.input(`lora_b.${module}`, 'float32', ['rank', 'slots', out]);
   c.loraModules.push({ module, inFeatures: inF, outFeatures: out });
-  return loraDelta(c.g, x, poolA, poolB, c.slot);
+  return loraDelta(c.g, x, poolA, poolB, c.slot, c.rowScale);
 }
 
 /** A linear layer with its LoRA path: base(x) + x A_slot B_slot. */
@@ -114,7 +117,8 @@ export function buildServingGraph(spec: ModelSpec, weights: WeightSource, opts: 
   const pastLen = g.input('past_len', 'int64', ['batch']);
   const kvRows = g.input('kv_rows', 'int64', ['batch']);
   const slot = g.input('slot', 'int64', ['batch']);
-  const c: Ctx = { g, spec, w: weights, opts, slot, loraModules: [] };
+  const rowScale = reshape(g, g.input('lora_scale', 'float32', ['batch']), [-1, 1, 1], 'lora_row_scale');
+  const c: Ctx = { g, spec, w: weights, opts, slot, rowScale, loraModules: [] };
   const kvDim = spec.numKvHeads * spec.headDim;
   const pastKeys: Value[] = [];
   const pastValues: Value[] = [];

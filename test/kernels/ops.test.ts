@@ -150,6 +150,7 @@ test('4-bit linear and per-row LoRA from pooled slots', async () => {
     }
   });
   const slotOfRow = [2, 0, 1];
+  const rowScale = [1, 1, -0.5]; // a request may scale its adapter (adapter_scale)
   const quant = { kind: 'int4' as const, blockSize: 32, accuracyLevel: 0 };
   const g = new Graph('lora');
   const xv = g.input('x', 'float32', [batch, seq, inF]);
@@ -158,19 +159,21 @@ test('4-bit linear and per-row LoRA from pooled slots', async () => {
   const pb = g.input('pb', 'float32', [rMax, slots, outF]);
   const base = quantizedLinear(quant)(g, xv, 'proj', { shape: [outF, inF], data: w }, null);
   g.output(base, 'base');
-  g.output(loraDelta(g, xv, pa, pb, slot), 'delta');
+  const scale = reshape(g, g.input('scale', 'float32', [batch]), [-1, 1, 1]);
+  g.output(loraDelta(g, xv, pa, pb, slot, scale), 'delta');
   const out = await runGraph(g, {
     x: { type: 'float32', data: x, dims: [batch, seq, inF] },
     slot: { type: 'int64', data: slotOfRow, dims: [batch] },
     pa: { type: 'float32', data: poolA, dims: [rMax, slots, inF] },
     pb: { type: 'float32', data: poolB, dims: [rMax, slots, outF] },
+    scale: { type: 'float32', data: Float32Array.from(rowScale), dims: [batch] },
   });
   const wq = dequantizeLinear(quantizeLinear(w, outF, inF, quant, 'proj'));
   assert.ok(maxAbsDiff(out['base']!, ref.linear(x, wq, null, batch * seq, inF, outF)) < 1e-4);
   const zero = new Float32Array(outF * inF);
   for (let b = 0; b < batch; b++) {
     const ad = adapters[slotOfRow[b]!];
-    const loras = ad ? [{ module: 'proj', ...ad }] : [];
+    const loras = ad ? [{ module: 'proj', ...ad, scale: ad.scale * rowScale[b]! }] : [];
     const expected = ref.linear(x.subarray(b * seq * inF, (b + 1) * seq * inF), zero, null, seq, inF, outF, loras);
     assert.ok(maxAbsDiff(out['delta']!.subarray(b * seq * outF, (b + 1) * seq * outF), expected) < TOL, `row ${b}`);
   }
