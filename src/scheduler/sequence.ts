@@ -5,7 +5,8 @@ import { IncrementalDecoder, StopStringMatcher, type Tokenizer } from '../tokeni
 export type FinishReason = 'stop' | 'length';
 
 export interface TokenEvent {
-  tokenId: number;
+  /** The generated token, or null when a stop token ended generation (it is not part of the output). */
+  tokenId: number | null;
   /** Text completed by this token (may be '' while a UTF-8 character or a possible stop string is pending). */
   text: string;
 }
@@ -68,7 +69,7 @@ export class Sequence {
     const tokenId = this.sampler.next(logits);
     if (this.stopIds.has(tokenId)) {
       this.finish('stop');
-      return { tokenId, text: this.tailText() };
+      return { tokenId: null, text: this.tailText() };
     }
     this.tokenIds.push(tokenId);
     const r = this.stops.push(this.decoder.push(tokenId));

@@ -1,0 +1,327 @@
+import { performance } from 'node:perf_hooks';
+import { LoraplexError, failedPrecondition, notFound, resourceExhausted } from '../errors.js';
+import type { LoraModuleInfo } from '../models/graph.js';
+import type { ModelSpec } from '../models/spec.js';
+import { validateAdapterId } from './ids.js';
+import { AdapterRegistry, toInfo, type AdapterInfo, type AdapterRecord } from './registry.js';
+import { SlotTable, type Lease, type SlotWriter } from './slots.js';
+import type { AdapterLimits, AdapterStore } from './store.js';
+
+/**
+ * Owns the adapters' lifecycle: store (disk) -> memory (LRU of maxCpuLoras) -> slot (LRU of maxLoras among
+ * adapters without running requests). Every operation on one adapter id runs after the previous one on that
+ * id has finished (a promise chain per id), so concurrent requests never load an adapter twice or put it into
+ * two slots. Operations on different ids interleave; whatever they share (slot ownership, the registry) is
+ * changed synchronously, between awaits.
+ */
+
+export interface AdapterManagerOptions {
+  store: AdapterStore;
+  spec: ModelSpec;
+  /** Modules with a LoRA path in the serving graph. */
+  loraModules: LoraModuleInfo[];
+  /** Slots in one batch (the engine's pool has maxLoras + 1 slots, slot 0 being the base model). */
+  maxLoras: number;
+  /** Adapters held in memory; at least maxLoras, since an adapter in a slot stays in memory. */
+  maxCpuLoras: number;
+  maxLoraRank: number;
+  maxAdapterBytes: number;
+  slotWriter: SlotWriter;
+  /** Wall clock for lastUsed, in ms. Default Date.now. */
+  now?: () => number;
+}
+
+export interface AdapterStats {
+  /** Adapters by state, as list() reports them: on disk only / in memory without a slot / in a slot. */
+  stored: number;
+  loaded: number;
+  active: number;
+  /** Bytes of adapter tensors held in memory. */
+  memoryBytes: number;
+  /** Reads from the store. */
+  loads: number;
+  /** Adapters dropped from memory by the LRU (not counting unload). */
+  evictions: number;
+  /** Slots taken from an idle adapter for another one. */
+  slotEvictions: number;
+  /** tryAcquire found the adapter already in a slot. */
+  hits: number;
+  /** tryAcquire had to load it and/or copy it into a slot. */
+  misses: number;
+  loadSecondsTotal: number;
+}
+
+export type { AdapterInfo, Lease, SlotWriter };
+
+const quote = (id: string) => JSON.stringify(id);
+
+export class AdapterManager {
+  private readonly store: AdapterStore;
+  private readonly spec: ModelSpec;
+  private readonly limits: AdapterLimits;
+  private readonly maxCpuLoras: number;
+  private readonly now: () => number;
+  private readonly registry = new AdapterRegistry();
+  private readonly slots: SlotTable;
+  /** Tail of each id's operation chain, and how many operations are queued or running for it. */
+  private readonly chains = new Map<string, Promise<void>>();
+  private readonly inflight = new Map<string, number>();
+  /** lastUsed of adapters no longer in memory, so that listings keep it. */
+  private readonly lastUsedOnDisk = new Map<string, number>();
+  private counters = { loads: 0, evictions: 0, hits: 0, misses: 0, loadSecondsTotal: 0 };
+
+  constructor(opts: AdapterManagerOptions) {
+    const positive = (name: string, v: number) => {
+      if (!Number.isSafeInteger(v) || v < 1) throw new RangeError(`${name} must be a positive integer, got ${v}`);
+    };
+    positive('maxLoras', opts.maxLoras);
+    positive('maxCpuLoras', opts.maxCpuLoras);
+    positive('maxLoraRank', opts.maxLoraRank);
+    positive('maxAdapterBytes', opts.maxAdapterBytes);
+    if (opts.maxCpuLoras < opts.maxLoras) {
+      throw new RangeError(`maxCpuLoras ${opts.maxCpuLoras} must be at least maxLoras ${opts.maxLoras} (an adapter in a slot stays in memory)`);
+    }
+    this.store = opts.store;
+    this.spec = opts.spec;
+    this.limits = { maxLoraRank: opts.maxLoraRank, maxAdapterBytes: opts.maxAdapterBytes, loraModules: opts.loraModules };
+    this.maxCpuLoras = opts.maxCpuLoras;
+    this.now = opts.now ?? Date.now;
+    this.slots = new SlotTable(opts.maxLoras, opts.slotWriter, (id) => this.inflight.has(id));
+  }
+
+  /**
+   * Reads and validates an adapter into memory (loadSeconds 0 when it already was). `pin` keeps it in memory
+   * until unloaded; a load without pin never unpins. RESOURCE_EXHAUSTED when memory is full of adapters that
+   * are pinned or serving requests.
+   */
+  async load(adapterId: string, opts: { pin?: boolean } = {}): Promise<{ info: AdapterInfo; loadSeconds: number }> {
+    const id = validateAdapterId(adapterId);
+    return this.serial(id, async () => {
+      const pin = opts.pin ?? false;
+      const existing = this.registry.get(id);
+      if (existing) {
+        if (pin) existing.pinned = true;
+        this.registry.touch(existing, this.now());
+        return { info: toInfo(existing), loadSeconds: 0 };
+      }
+      const loaded = await this.loadLocked(id, pin, 'throw');
+      return { info: toInfo(loaded!.rec), loadSeconds: loaded!.seconds };
+    });
+  }
+
+  /**
+   * A slot for one request: loads the adapter on first use (the store is looked at on every miss, so an
+   * adapter copied or trained into it works without a restart) and copies it into a slot when needed.
+   * Null when no slot (or no memory) can be freed right now because other adapters have running requests:
+   * the caller keeps the request waiting and tries again later. NOT_FOUND when it is neither in memory nor
+   * in the store; INVALID_ARGUMENT when the stored adapter is unusable.
+   */
+  async tryAcquire(adapterId: string): Promise<Lease | null> {
+    const id = validateAdapterId(adapterId);
+    // Fast path, no queueing: already in a slot and nothing else going on for this id.
+    const hot = this.registry.get(id);
+    if (hot && hot.state === 'active' && !this.inflight.has(id)) return this.hit(hot);
+    return this.serial(id, async () => {
+      let rec = this.registry.get(id);
+      if (rec && rec.state === 'active') return this.hit(rec);
+      if (!rec && !this.store.has(id)) throw this.missing(id);
+      // Nothing is loaded for a request that could not run now: waiting adapters would otherwise push each
+      // other out of memory on every retry.
+      if (!this.slots.available()) return null;
+      if (!rec) {
+        const loaded = await this.loadLocked(id, false, 'null');
+        if (!loaded) return null;
+        rec = loaded.rec;
+      }
+      if (!(await this.slots.assign(rec))) return null;
+      this.counters.misses++;
+      this.registry.touch(rec, this.now());
+      return this.lease(rec);
+    });
+  }
+
+  /**
+   * Drops an adapter from memory and from its slot (and, with deleteFromStore, from the store). Returns its
+   * info as it now is: state 'stored' (the last description when it was deleted). FAILED_PRECONDITION while
+   * requests use it; NOT_FOUND when it is neither in memory nor in the store.
+   */
+  async unload(adapterId: string, opts: { deleteFromStore?: boolean } = {}): Promise<AdapterInfo> {
+    const id = validateAdapterId(adapterId);
+    return this.serial(id, async () => {
+      const rec = this.registry.get(id);
+      if (!rec) {
+        if (!this.store.has(id)) throw this.missing(id);
+        const info = this.storedInfo(id);
+        if (opts.deleteFromStore) this.deleteFromStore(id);
+        return info;
+      }
+      if (rec.activeRequests > 0) {
+        throw failedPrecondition(
+          `adapter_id ${quote(id)} has ${rec.activeRequests} running request${rec.activeRequests === 1 ? '' : 's'}; retry when they finish`,
+        );
+      }
+      const cleared = this.drop(rec);
+      await cleared;
+      const info = this.store.has(id) ? { ...this.storedInfo(id), lastUsed: rec.lastUsed } : toInfo(rec);
+      if (opts.deleteFromStore && this.store.has(id)) this.deleteFromStore(id);
+      return info;
+    });
+  }
+
+  /** Every adapter in the store or in memory, sorted by id. Reads the store's directory each call. */
+  list(): AdapterInfo[] {
+    const ids = new Set(this.store.list());
+    for (const r of this.registry.values()) ids.add(r.adapterId);
+    return [...ids].sort().map((id) => {
+      const rec = this.registry.get(id);
+      return rec ? toInfo(rec) : this.storedInfo(id);
+    });
+  }
+
+  info(adapterId: string): AdapterInfo {
+    const id = validateAdapterId(adapterId);
+    const rec = this.registry.get(id);
+    if (rec) return toInfo(rec);
+    if (!this.store.has(id)) throw this.missing(id);
+    return this.storedInfo(id);
+  }
+
+  stats(): AdapterStats {
+    let loaded = 0;
+    let active = 0;
+    let memoryBytes = 0;
+    for (const r of this.registry.values()) {
+      if (r.state === 'active') active++;
+      else loaded++;
+      memoryBytes += r.bytes;
+    }
+    const stored = this.store.list().filter((id) => !this.registry.get(id)).length;
+    return { stored, loaded, active, memoryBytes, ...this.counters, slotEvictions: this.slots.evictions };
+  }
+
+  /** Adapter ids by slot (index 0, the base model, is always null). */
+  slotTable(): (string | null)[] {
+    return this.slots.snapshot();
+  }
+
+  // --- internals -------------------------------------------------------------------------------------
+
+  /** Runs fn after every earlier operation on this id has settled; the id counts as busy until fn settles. */
+  private serial<T>(id: string, fn: () => Promise<T>): Promise<T> {
+    this.inflight.set(id, (this.inflight.get(id) ?? 0) + 1);
+    const prev = this.chains.get(id) ?? Promise.resolve();
+    const run = prev.then(fn).finally(() => {
+      const n = this.inflight.get(id)! - 1;
+      if (n > 0) this.inflight.set(id, n);
+      else this.inflight.delete(id);
+      if (this.chains.get(id) === tail) this.chains.delete(id);
+    });
+    const tail: Promise<void> = run.then(
+      () => undefined,
+      () => undefined,
+    );
+    this.chains.set(id, tail);
+    return run;
+  }
+
+  private hit(rec: AdapterRecord): Lease {
+    this.counters.hits++;
+    this.registry.touch(rec, this.now());
+    return this.lease(rec);
+  }
+
+  private lease(rec: AdapterRecord): Lease {
+    // Released adapters become the most recently used: the slot LRU then keeps what was just served.
+    return this.slots.lease(rec, () => this.registry.touch(rec, this.now()));
+  }
+
+  /**
+   * Reads `id` from the store into memory, evicting the LRU evictable adapter when memory is full. When
+   * nothing is evictable: RESOURCE_EXHAUSTED, or null with whenFull 'null' if the blockage is temporary
+   * (running requests, not pins). Must run inside serial(id).
+   */
+  private async loadLocked(id: string, pin: boolean, whenFull: 'throw' | 'null'): Promise<{ rec: AdapterRecord; seconds: number } | null> {
+    // Find room first (changing nothing) so that a full memory fails before any read; the read itself is
+    // synchronous, so nothing can change between this check and the eviction below.
+    const victims: AdapterRecord[] = [];
+    const overflow = this.registry.size + 1 - this.maxCpuLoras;
+    if (overflow > 0) {
+      const candidates = this.evictable();
+      if (candidates.length < overflow) {
+        const all = this.registry.values();
+        const allPinned = all.every((r) => r.pinned);
+        if (whenFull === 'null' && !allPinned) return null;
+        throw resourceExhausted(
+          allPinned
+            ? `adapter_id ${quote(id)}: cannot load, all maxCpuLoras ${this.maxCpuLoras} adapters in memory are pinned; unload one`
+            : `adapter_id ${quote(id)}: cannot load, all maxCpuLoras ${this.maxCpuLoras} adapters in memory are pinned or serving requests; retry later`,
+        );
+      }
+      victims.push(...candidates.slice(0, overflow));
+    }
+
+    const t0 = performance.now();
+    const adapter = this.store.read(id, this.spec, this.limits);
+    const seconds = (performance.now() - t0) / 1000;
+
+    const clears = victims.map((v) => {
+      this.counters.evictions++;
+      return this.drop(v);
+    });
+    const rec = this.registry.add(id, adapter, pin, this.now());
+    this.counters.loads++;
+    this.counters.loadSecondsTotal += seconds;
+    await Promise.all(clears);
+    return { rec, seconds };
+  }
+
+  /** Unpinned, idle adapters, those without a slot first, then least recently used first. */
+  private evictable(): AdapterRecord[] {
+    return this.registry
+      .values()
+      .filter((r) => !r.pinned && r.activeRequests === 0 && !this.inflight.has(r.adapterId))
+      .sort((x, y) => Number(x.slot !== null) - Number(y.slot !== null) || x.useSeq - y.useSeq);
+  }
+
+  /**
+   * Forgets an adapter synchronously (record, weights, slot ownership), so that once the caller drops the
+   * record nothing references its Float32Arrays; the returned promise is the engine's clear of its slot.
+   */
+  private drop(rec: AdapterRecord): Promise<void> {
+    const cleared = this.slots.vacate(rec);
+    this.registry.remove(rec);
+    if (rec.lastUsed !== null) this.lastUsedOnDisk.set(rec.adapterId, rec.lastUsed);
+    return cleared;
+  }
+
+  private deleteFromStore(id: string): void {
+    this.store.delete(id);
+    this.lastUsedOnDisk.delete(id);
+  }
+
+  private storedInfo(id: string): AdapterInfo {
+    const d = this.store.describe(id);
+    let bytes = 0;
+    try {
+      bytes = this.store.diskBytes(id);
+    } catch (err) {
+      if (!(err instanceof LoraplexError)) throw err;
+    }
+    return {
+      adapterId: id,
+      state: 'stored',
+      rank: d.r ?? 0,
+      alpha: d.alpha ?? 0,
+      targetModules: d.targetModules,
+      bytes,
+      lastUsed: this.lastUsedOnDisk.get(id) ?? null,
+      pinned: false,
+      activeRequests: 0,
+      slot: null,
+    };
+  }
+
+  private missing(id: string): LoraplexError {
+    return notFound(`adapter_id ${quote(id)} is not in the adapter store`);
+  }
+}

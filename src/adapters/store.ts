@@ -1,0 +1,263 @@
+import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync } from 'node:fs';
+import { randomBytes } from 'node:crypto';
+import { join, resolve } from 'node:path';
+import { LoraplexError, invalidArgument, notFound } from '../errors.js';
+import type { LoraModuleInfo } from '../models/graph.js';
+import type { ModelSpec } from '../models/spec.js';
+import { adapterPath, validateAdapterId } from './ids.js';
+import { PeftFormatError, readPeftAdapter, writePeftAdapter, type PeftAdapter } from './peft.js';
+
+/**
+ * The adapter store: one PEFT directory per adapter under a root, `<root>/<adapterId>/adapter_config.json +
+ * adapter_model.safetensors`. The ONLY module that touches adapter files. Nothing is cached: the directory is
+ * the truth, so an adapter copied in (or written by a training job) is visible to the very next call.
+ */
+
+export interface AdapterLimits {
+  /** Largest LoRA rank the slot pool holds. */
+  maxLoraRank: number;
+  /** Largest adapter directory, in bytes on disk, checked before any tensor is read. */
+  maxAdapterBytes: number;
+  /** The modules that have a LoRA path in the serving graph; an adapter may target only these. */
+  loraModules: LoraModuleInfo[];
+}
+
+/** What adapter_config.json says, read without touching the tensors (for listings). */
+export interface AdapterDescription {
+  r: number | null;
+  alpha: number | null;
+  /** PEFT short names (q_proj, ...), or the config's string as is ('all-linear' or a regex). */
+  targetModules: string[];
+}
+
+// Our own scratch names under the root. They start with '.', which no valid adapter id can.
+const TMP_PREFIX = '.tmp-';
+const TOMBSTONE_PREFIX = '.deleted-';
+const CONFIG = 'adapter_config.json';
+const WEIGHTS = 'adapter_model.safetensors';
+
+const tag = () => `${process.pid}-${randomBytes(4).toString('hex')}`;
+const errno = (err: unknown): string | undefined => (err as NodeJS.ErrnoException | null)?.code;
+
+function fsyncDir(dir: string): void {
+  // Makes a rename durable; best effort (some platforms cannot open a directory).
+  try {
+    const fd = openSync(dir, 'r');
+    try {
+      fsyncSync(fd);
+    } finally {
+      closeSync(fd);
+    }
+  } catch {
+    /* best effort */
+  }
+}
+
+/** Sum of file sizes under dir (recursive; symlinks are not followed). */
+function treeBytes(dir: string): number {
+  let n = 0;
+  for (const e of readdirSync(dir, { withFileTypes: true })) {
+    const p = join(dir, e.name);
+    if (e.isDirectory()) n += treeBytes(p);
+    else if (e.isFile()) n += statSync(p).size;
+  }
+  return n;
+}
+
+export class AdapterStore {
+  readonly root: string;
+
+  constructor(root: string) {
+    this.root = resolve(root);
+    mkdirSync(this.root, { recursive: true });
+    // Leftovers of a crash mid-write or mid-delete: never adapters, safe to drop at startup.
+    for (const name of readdirSync(this.root)) {
+      if (name.startsWith(TMP_PREFIX) || name.startsWith(TOMBSTONE_PREFIX) || name.startsWith(`.${TMP_PREFIX}`)) {
+        rmSync(join(this.root, name), { recursive: true, force: true });
+      }
+    }
+  }
+
+  /** The directory of an adapter (validated id, always a direct child of the root). It may not exist. */
+  dir(id: string): string {
+    return adapterPath(this.root, id);
+  }
+
+  /** Ids of the directories under the root that hold an adapter_config.json, sorted. Read fresh each call. */
+  list(): string[] {
+    const ids: string[] = [];
+    for (const e of readdirSync(this.root, { withFileTypes: true })) {
+      if (!(e.isDirectory() || e.isSymbolicLink())) continue;
+      try {
+        validateAdapterId(e.name);
+      } catch {
+        continue; // scratch directories and names a client could never ask for
+      }
+      if (existsSync(join(this.root, e.name, CONFIG))) ids.push(e.name);
+    }
+    return ids.sort();
+  }
+
+  has(id: string): boolean {
+    return existsSync(join(this.dir(id), CONFIG));
+  }
+
+  /** Bytes on disk of the adapter's directory; NOT_FOUND when it is not in the store. */
+  diskBytes(id: string): number {
+    const dir = this.dir(id);
+    try {
+      return treeBytes(dir);
+    } catch (err) {
+      if (errno(err) === 'ENOENT' || errno(err) === 'ENOTDIR') throw this.missing(id);
+      throw err;
+    }
+  }
+
+  /** The config's rank, alpha and target modules, or nulls when it cannot be read (list() must not fail). */
+  describe(id: string): AdapterDescription {
+    try {
+      const raw = JSON.parse(readFileSync(join(this.dir(id), CONFIG), 'utf8')) as Record<string, unknown>;
+      const r = typeof raw['r'] === 'number' ? raw['r'] : null;
+      // PEFT's default lora_alpha is 8.
+      const alpha = typeof raw['lora_alpha'] === 'number' ? raw['lora_alpha'] : raw['lora_alpha'] === undefined ? 8 : null;
+      const tm = raw['target_modules'];
+      const targetModules =
+        typeof tm === 'string' ? [tm] : Array.isArray(tm) ? [...new Set(tm.filter((t): t is string => typeof t === 'string').map(shortName))] : [];
+      return { r, alpha, targetModules };
+    } catch {
+      return { r: null, alpha: null, targetModules: [] };
+    }
+  }
+
+  /**
+   * Reads and validates an adapter for `spec` within `limits`. Cheap checks (rank in the config, size on
+   * disk) come before any tensor is read. Every rejection is INVALID_ARGUMENT naming adapter_id and the rule;
+   * an adapter that is not there is NOT_FOUND.
+   */
+  read(id: string, spec: ModelSpec, limits: AdapterLimits): PeftAdapter {
+    const dir = this.dir(id);
+    // An overwrite swaps the directory between our reads of the config and of the tensors; reading again
+    // when the directory changed under us avoids mixing an old config with new tensors.
+    for (let attempt = 0; ; attempt++) {
+      const before = this.inode(id, dir);
+      const adapter = this.readOnce(id, dir, spec, limits);
+      if (this.inode(id, dir) === before || attempt >= 2) return adapter;
+    }
+  }
+
+  private inode(id: string, dir: string): number {
+    try {
+      return statSync(dir).ino;
+    } catch (err) {
+      if (errno(err) === 'ENOENT' || errno(err) === 'ENOTDIR') throw this.missing(id);
+      throw err;
+    }
+  }
+
+  private readOnce(id: string, dir: string, spec: ModelSpec, limits: AdapterLimits): PeftAdapter {
+    const name = `adapter_id ${JSON.stringify(id)}`;
+    if (!existsSync(join(dir, CONFIG))) throw this.missing(id);
+
+    const declared = this.describe(id).r;
+    if (declared !== null && declared > limits.maxLoraRank) {
+      throw invalidArgument(`rank ${declared} of ${name}: exceeds maxLoraRank ${limits.maxLoraRank}`);
+    }
+    const bytes = this.diskBytes(id);
+    if (bytes > limits.maxAdapterBytes) {
+      throw invalidArgument(`${name}: ${bytes} bytes on disk exceeds maxAdapterBytes ${limits.maxAdapterBytes}`);
+    }
+
+    let adapter: PeftAdapter;
+    try {
+      adapter = readPeftAdapter(dir, spec);
+    } catch (err) {
+      if (err instanceof PeftFormatError) {
+        // Client-visible: the file and the rule, never the server's paths.
+        const detail = err.detail.split(dir + '/').join('').split(dir).join(id);
+        throw invalidArgument(`${name}: ${err.file ? `${err.file}: ` : ''}${detail}`, err);
+      }
+      if (errno(err) === 'ENOENT') throw this.missing(id); // deleted while we read it
+      throw err;
+    }
+
+    if (adapter.r > limits.maxLoraRank) {
+      throw invalidArgument(`rank ${adapter.r} of ${name}: exceeds maxLoraRank ${limits.maxLoraRank}`);
+    }
+    const served = new Set(limits.loraModules.map((m) => m.module));
+    const bad = adapter.modules.find((m) => !served.has(m.module));
+    if (bad) {
+      const valid = [...new Set(limits.loraModules.map((m) => shortName(m.module)))];
+      throw invalidArgument(
+        `${name}: target module ${shortName(bad.module)} (${bad.module}) has no LoRA path in the served model; ` +
+          `valid target_modules: ${valid.join(', ')}`,
+      );
+    }
+    return adapter;
+  }
+
+  /**
+   * Writes an adapter atomically: into a temp directory in the root, then one rename. Without overwrite an
+   * existing adapter is ALREADY_EXISTS (rename(2) refuses a non-empty target, so two writers cannot both
+   * win). With overwrite the old directory is moved aside first; a reader in that instant sees NOT_FOUND,
+   * never half a directory.
+   */
+  write(id: string, adapter: PeftAdapter, opts: { overwrite?: boolean } = {}): void {
+    const dir = this.dir(id);
+    if (!opts.overwrite && existsSync(dir)) throw this.exists(id);
+    const tmp = join(this.root, `${TMP_PREFIX}${id}-${tag()}`);
+    try {
+      writePeftAdapter(tmp, adapter);
+      for (let attempt = 0; ; attempt++) {
+        try {
+          renameSync(tmp, dir);
+          break;
+        } catch (err) {
+          const code = errno(err);
+          if (code !== 'ENOTEMPTY' && code !== 'EEXIST' && code !== 'ENOTDIR') throw err;
+          if (!opts.overwrite) throw this.exists(id);
+          if (attempt >= 3) throw err;
+          this.moveAsideAndRemove(dir);
+        }
+      }
+      fsyncDir(this.root);
+    } finally {
+      rmSync(tmp, { recursive: true, force: true });
+    }
+  }
+
+  /** Removes an adapter: renamed to a tombstone first (atomic), then deleted. NOT_FOUND when absent. */
+  delete(id: string): void {
+    const dir = this.dir(id);
+    if (!existsSync(dir)) throw this.missing(id);
+    if (!this.moveAsideAndRemove(dir)) throw this.missing(id);
+  }
+
+  /** False when dir vanished meanwhile. */
+  private moveAsideAndRemove(dir: string): boolean {
+    const tomb = join(this.root, `${TOMBSTONE_PREFIX}${tag()}`);
+    try {
+      renameSync(dir, tomb);
+    } catch (err) {
+      if (errno(err) === 'ENOENT') return false;
+      throw err;
+    }
+    fsyncDir(this.root);
+    rmSync(tomb, { recursive: true, force: true });
+    return true;
+  }
+
+  private missing(id: string): LoraplexError {
+    return notFound(`adapter_id ${JSON.stringify(id)} is not in the adapter store`);
+  }
+
+  private exists(id: string): LoraplexError {
+    return new LoraplexError('ALREADY_EXISTS', `adapter_id ${JSON.stringify(id)} already exists in the adapter store`);
+  }
+}
+
+/** 'model.layers.0.self_attn.q_proj' -> 'q_proj' (PEFT's target_modules names). */
+export function shortName(module: string): string {
+  return module.slice(module.lastIndexOf('.') + 1);
+}
+
+export { WEIGHTS as ADAPTER_WEIGHTS_FILE, CONFIG as ADAPTER_CONFIG_FILE };

@@ -1,0 +1,320 @@
+import { LoraplexError, resourceExhausted } from '../errors.js';
+import type { StepRow } from '../engine/runtime.js';
+import type { SamplingParams } from '../sampling/index.js';
+import type { Tokenizer } from '../tokenizer/index.js';
+import { EventQueue } from './events.js';
+import { Sequence, type FinishReason } from './sequence.js';
+
+/** What the scheduler needs from the engine: one forward step at a time. */
+export interface StepRunner {
+  step(rows: StepRow[]): Promise<{ logits: Float32Array }>;
+  readonly vocabSize: number;
+}
+
+/** A request's hold on its adapter's slot; released when the sequence leaves the batch. */
+export interface AdapterLease {
+  slot: number;
+  release(): void;
+}
+
+/** Gives a slot for an adapter, or null when every slot is busy right now (the request keeps waiting). */
+export interface AdapterLeaser {
+  tryAcquire(adapterId: string): Promise<AdapterLease | null>;
+}
+
+export interface SchedulerOptions {
+  /** KV cache rows: sequences running at once. */
+  maxNumSeqs: number;
+  /** Requests waiting for a row before new ones get RESOURCE_EXHAUSTED. */
+  maxWaiting: number;
+  /** Tokens per cache row. */
+  maxModelLen: number;
+  /** Prompt tokens per prefill step while nothing decodes. */
+  prefillChunk: number;
+  /**
+   * Prompt tokens per prefill step while other sequences decode: the token budget that bounds how long one
+   * prefill step delays everyone's next token.
+   */
+  prefillChunkWhileDecoding: number;
+  eosTokenIds: number[];
+}
+
+export interface GenerationRequest {
+  promptIds: number[];
+  params: SamplingParams;
+  /** null = the base model. */
+  adapterId: string | null;
+  adapterScale: number;
+  /** Fires when the client cancels or its deadline passes; reason is a LoraplexError. */
+  signal?: AbortSignal;
+}
+
+export type GenerationEvent =
+  | { type: 'token'; tokenIds: number[]; text: string }
+  | { type: 'finished'; reason: FinishReason; promptTokens: number; generatedTokens: number; timings: Timings };
+
+export interface Timings {
+  queueSeconds: number;
+  timeToFirstTokenSeconds: number;
+  totalSeconds: number;
+}
+
+interface Entry {
+  seq: Sequence;
+  req: GenerationRequest;
+  events: EventQueue<GenerationEvent>;
+  arrived: number;
+  admitted: number | null;
+  firstToken: number | null;
+  lease: AdapterLease | null;
+  /** Set when the entry must leave at the next step (cancel, deadline, drain). */
+  abort: LoraplexError | null;
+}
+
+export interface SchedulerStats {
+  waiting: number;
+  running: number;
+  freeRows: number;
+  steps: number;
+  lastDecodeBatch: number;
+}
+
+/**
+ * Continuous batching: requests join the running decode batch at the next step; every step decodes all
+ * running sequences together (rows carry their own adapter slot), and between decode steps one sequence's
+ * prompt is prefilled by a bounded chunk. This loop alone calls engine.step().
+ */
+export class Scheduler {
+  private readonly waiting: Entry[] = [];
+  private readonly running: Entry[] = [];
+  private readonly freeRows: number[];
+  private wake: (() => void) | null = null;
+  private loopDone: Promise<void>;
+  private stopped = false;
+  private accepting = true;
+  /** Round-robin start for admission across adapters, so no adapter's queue starves. */
+  private lastAdmittedAdapter: string | null = null;
+  private stepCount = 0;
+  private lastDecodeBatch = 0;
+
+  constructor(
+    private readonly engine: StepRunner,
+    private readonly adapters: AdapterLeaser,
+    private readonly tokenizer: Tokenizer,
+    readonly opts: SchedulerOptions,
+    private readonly onError: (err: unknown) => void = () => undefined,
+  ) {
+    this.freeRows = Array.from({ length: opts.maxNumSeqs }, (_, i) => opts.maxNumSeqs - 1 - i);
+    this.loopDone = this.loop();
+  }
+
+  stats(): SchedulerStats {
+    return { waiting: this.waiting.length, running: this.running.length, freeRows: this.freeRows.length, steps: this.stepCount, lastDecodeBatch: this.lastDecodeBatch };
+  }
+
+  /** Queues a request; its events stream tokens, then 'finished' (or end with an error). */
+  submit(req: GenerationRequest): AsyncIterable<GenerationEvent> {
+    if (!this.accepting) throw new LoraplexError('UNAVAILABLE', 'server is draining; retry on another replica');
+    if (this.waiting.length >= this.opts.maxWaiting) {
+      const err = resourceExhausted(`queue full: ${this.waiting.length} requests waiting (maxWaiting ${this.opts.maxWaiting}); retry later`);
+      (err as LoraplexError & { retryAfterMs?: number }).retryAfterMs = 1000;
+      throw err;
+    }
+    const seq = new Sequence(req.promptIds, req.params, this.tokenizer, 0, this.opts.eosTokenIds, this.opts.maxModelLen);
+    const entry: Entry = { seq, req, events: new EventQueue(), arrived: performance.now(), admitted: null, firstToken: null, lease: null, abort: null };
+    if (req.signal) {
+      const onAbort = () => this.abortEntry(entry, req.signal!.reason);
+      if (req.signal.aborted) onAbort();
+      else req.signal.addEventListener('abort', onAbort, { once: true });
+    }
+    if (!entry.abort) {
+      this.waiting.push(entry);
+      this.kick();
+    }
+    return entry.events;
+  }
+
+  /** Stops admitting; waits for running and waiting requests up to graceMs, then aborts the rest. */
+  async drain(graceMs: number): Promise<void> {
+    this.accepting = false;
+    const deadline = Date.now() + graceMs;
+    while ((this.running.length || this.waiting.length) && Date.now() < deadline) await new Promise((r) => setTimeout(r, 20));
+    for (const e of [...this.waiting, ...this.running]) this.abortEntry(e, new LoraplexError('UNAVAILABLE', 'server shut down before the request finished'));
+    this.kick();
+    while (this.running.length || this.waiting.length) await new Promise((r) => setTimeout(r, 5));
+  }
+
+  async close(): Promise<void> {
+    this.stopped = true;
+    this.kick();
+    await this.loopDone;
+  }
+
+  private abortEntry(e: Entry, reason: unknown): void {
+    if (e.abort || e.seq.done) return;
+    e.abort = reason instanceof LoraplexError ? reason : new LoraplexError('CANCELLED', 'request cancelled');
+    const i = this.waiting.indexOf(e);
+    if (i >= 0) {
+      // Not admitted yet: nothing to free, leave at once.
+      this.waiting.splice(i, 1);
+      e.events.end(e.abort);
+    }
+    this.kick();
+  }
+
+  private kick(): void {
+    const w = this.wake;
+    this.wake = null;
+    w?.();
+  }
+
+  private async loop(): Promise<void> {
+    while (!this.stopped) {
+      if (!this.waiting.length && !this.running.length) {
+        await new Promise<void>((resolve) => (this.wake = resolve));
+        continue;
+      }
+      try {
+        this.reapAborted();
+        await this.admit();
+        await this.decodeStep();
+        this.reapAborted();
+        await this.prefillStep();
+      } catch (err) {
+        // An engine failure fails the sequences in flight, never the server.
+        this.onError(err);
+        for (const e of [...this.running]) this.finishEntry(e, new LoraplexError('INTERNAL', 'internal error', { cause: err }));
+      }
+      if (!this.running.some((e) => !e.seq.done) && this.waiting.length) {
+        // Waiting only for a slot: yield so releases and cancellations can happen.
+        await new Promise((r) => setTimeout(r, 1));
+      }
+    }
+  }
+
+  /** Frees the rows and leases of aborted sequences before the next step is built. */
+  private reapAborted(): void {
+    for (const e of [...this.running]) if (e.abort) this.finishEntry(e, e.abort);
+  }
+
+  /** Admits waiting requests while rows are free, round-robin across adapters. */
+  private async admit(): Promise<void> {
+    if (!this.waiting.length || !this.freeRows.length) return;
+    const order = this.admissionOrder();
+    const blocked = new Set<string>();
+    for (const e of order) {
+      if (!this.freeRows.length) break;
+      const id = e.req.adapterId;
+      if (id !== null && blocked.has(id)) continue;
+      let lease: AdapterLease | null = { slot: 0, release: () => undefined };
+      if (id !== null) {
+        try {
+          lease = await this.adapters.tryAcquire(id);
+        } catch (err) {
+          this.waiting.splice(this.waiting.indexOf(e), 1);
+          e.events.end(err instanceof Error ? err : new Error(String(err)));
+          continue;
+        }
+        if (!lease) {
+          blocked.add(id);
+          continue;
+        }
+      }
+      if (e.abort || !this.waiting.includes(e)) {
+        lease.release();
+        continue;
+      }
+      this.waiting.splice(this.waiting.indexOf(e), 1);
+      e.lease = lease;
+      e.seq.slot = lease.slot;
+      e.seq.kvRow = this.freeRows.pop()!;
+      e.admitted = performance.now();
+      this.running.push(e);
+      this.lastAdmittedAdapter = id ?? '';
+    }
+  }
+
+  /** Waiting entries ordered FIFO within each adapter, adapters taken in turn after the last admitted one. */
+  private admissionOrder(): Entry[] {
+    const byAdapter = new Map<string, Entry[]>();
+    for (const e of this.waiting) {
+      const k = e.req.adapterId ?? '';
+      const list = byAdapter.get(k) ?? [];
+      list.push(e);
+      byAdapter.set(k, list);
+    }
+    const keys = [...byAdapter.keys()];
+    const start = this.lastAdmittedAdapter === null ? 0 : (keys.indexOf(this.lastAdmittedAdapter) + 1) % keys.length;
+    const rotated = [...keys.slice(start), ...keys.slice(0, start)];
+    const out: Entry[] = [];
+    for (let round = 0; out.length < this.waiting.length; round++) {
+      for (const k of rotated) {
+        const e = byAdapter.get(k)![round];
+        if (e) out.push(e);
+      }
+    }
+    return out;
+  }
+
+  private async decodeStep(): Promise<void> {
+    const decoding = this.running.filter((e) => !e.seq.prefilling && !e.seq.done && !e.abort);
+    if (!decoding.length) return;
+    const rows: StepRow[] = decoding.map((e) => ({ kvRow: e.seq.kvRow, slot: e.seq.slot, pastLen: e.seq.pastLen, tokens: e.seq.nextInput(1), loraScale: e.req.adapterScale }));
+    const { logits } = await this.engine.step(rows);
+    this.stepCount++;
+    this.lastDecodeBatch = rows.length;
+    const V = this.engine.vocabSize;
+    decoding.forEach((e, b) => {
+      e.seq.advance(1);
+      this.deliver(e, logits.subarray(b * V, (b + 1) * V));
+    });
+  }
+
+  private async prefillStep(): Promise<void> {
+    const e = this.running.find((x) => x.seq.prefilling && !x.abort);
+    if (!e) return;
+    const othersDecoding = this.running.some((x) => !x.seq.prefilling && !x.seq.done);
+    const chunk = othersDecoding ? this.opts.prefillChunkWhileDecoding : this.opts.prefillChunk;
+    const tokens = e.seq.nextInput(chunk);
+    const { logits } = await this.engine.step([{ kvRow: e.seq.kvRow, slot: e.seq.slot, pastLen: e.seq.pastLen, tokens, loraScale: e.req.adapterScale }]);
+    this.stepCount++;
+    e.seq.advance(tokens.length);
+    if (!e.seq.prefilling) this.deliver(e, logits);
+  }
+
+  private deliver(e: Entry, logits: Float32Array): void {
+    if (e.abort) return;
+    const ev = e.seq.accept(logits);
+    if (!ev) return;
+    if (e.firstToken === null) e.firstToken = performance.now();
+    if (ev.tokenId !== null || ev.text) e.events.push({ type: 'token', tokenIds: ev.tokenId === null ? [] : [ev.tokenId], text: ev.text });
+    if (e.seq.done) this.finishEntry(e, null);
+  }
+
+  private finishEntry(e: Entry, error: LoraplexError | null): void {
+    const i = this.running.indexOf(e);
+    if (i < 0) return;
+    this.running.splice(i, 1);
+    this.freeRows.push(e.seq.kvRow);
+    e.seq.kvRow = -1;
+    e.lease?.release();
+    e.lease = null;
+    if (error) {
+      e.events.end(error);
+      return;
+    }
+    const now = performance.now();
+    e.events.push({
+      type: 'finished',
+      reason: e.seq.finishReason ?? 'length',
+      promptTokens: e.seq.promptIds.length,
+      generatedTokens: e.seq.tokenIds.length,
+      timings: {
+        queueSeconds: ((e.admitted ?? now) - e.arrived) / 1000,
+        timeToFirstTokenSeconds: ((e.firstToken ?? now) - e.arrived) / 1000,
+        totalSeconds: (now - e.arrived) / 1000,
+      },
+    });
+    e.events.end();
+  }
+}

@@ -1,0 +1,119 @@
+import { invalidArgument, LoraplexError } from '../errors.js';
+import { SamplingParamsError, validateSamplingParams, type SamplingParams } from '../sampling/index.js';
+import type { ChatMessage, Tokenizer } from '../tokenizer/index.js';
+import { validateAdapterId } from '../adapters/ids.js';
+
+/** Proto-independent shapes of the request fields (src/rpc converts the messages into these). */
+export interface PromptInput {
+  text?: string;
+  chat?: { messages: ChatMessage[]; addGenerationPrompt?: boolean };
+}
+
+export interface SamplingInput {
+  temperature: number;
+  topK: number;
+  topP?: number;
+  repetitionPenalty?: number;
+  seed?: bigint;
+  maxNewTokens: number;
+  stopTokenIds: number[];
+  stop: string[];
+}
+
+export interface GenerateInput {
+  prompt: PromptInput;
+  adapterId: string;
+  adapterScale?: number;
+  sampling?: SamplingInput;
+}
+
+export interface GenerateLimits {
+  maxModelLen: number;
+  maxNewTokensDefault: number;
+  vocabSize: number;
+  maxChatMessages: number;
+  maxPromptChars: number;
+}
+
+export interface ValidGenerate {
+  promptIds: number[];
+  params: SamplingParams;
+  adapterId: string | null;
+  adapterScale: number;
+}
+
+const PROTO_FIELD: Record<string, string> = {
+  temperature: 'sampling.temperature',
+  topK: 'sampling.top_k',
+  topP: 'sampling.top_p',
+  repetitionPenalty: 'sampling.repetition_penalty',
+  seed: 'sampling.seed',
+  maxNewTokens: 'sampling.max_new_tokens',
+  stopTokenIds: 'sampling.stop_token_ids',
+  stopStrings: 'sampling.stop',
+};
+
+/** Prompt -> token ids; the message names the field (text / chat) and the limit. */
+export function promptIds(prompt: PromptInput, tokenizer: Tokenizer, limits: Pick<GenerateLimits, 'maxChatMessages' | 'maxPromptChars'>): { ids: number[]; rendered: string } {
+  if (prompt.text !== undefined) {
+    if (prompt.text.length === 0) throw invalidArgument('text: the prompt must not be empty');
+    if (prompt.text.length > limits.maxPromptChars) throw invalidArgument(`text: ${prompt.text.length} characters exceed the limit of ${limits.maxPromptChars}`);
+    return { ids: tokenizer.encode(prompt.text), rendered: '' };
+  }
+  if (prompt.chat !== undefined) {
+    const { messages } = prompt.chat;
+    if (messages.length === 0) throw invalidArgument('chat.messages: must hold at least one message');
+    if (messages.length > limits.maxChatMessages) throw invalidArgument(`chat.messages: ${messages.length} messages exceed the limit of ${limits.maxChatMessages}`);
+    messages.forEach((m, i) => {
+      if (!m.role) throw invalidArgument(`chat.messages[${i}].role: must not be empty`);
+    });
+    const chars = messages.reduce((n, m) => n + m.content.length, 0);
+    if (chars > limits.maxPromptChars) throw invalidArgument(`chat.messages: ${chars} characters exceed the limit of ${limits.maxPromptChars}`);
+    if (!tokenizer.chatTemplate) throw invalidArgument('chat: the served model has no chat template; send the prompt as text');
+    let rendered: string;
+    try {
+      rendered = tokenizer.applyChatTemplate(messages, { addGenerationPrompt: prompt.chat.addGenerationPrompt ?? true });
+    } catch (e) {
+      throw invalidArgument(`chat: the chat template refused the messages: ${e instanceof Error ? e.message : String(e)}`);
+    }
+    return { ids: tokenizer.encode(rendered, { addSpecialTokens: false }), rendered };
+  }
+  throw invalidArgument('prompt: set text or chat');
+}
+
+export function validateGenerate(input: GenerateInput, tokenizer: Tokenizer, limits: GenerateLimits): ValidGenerate {
+  const { ids } = promptIds(input.prompt, tokenizer, limits);
+  if (ids.length === 0) throw invalidArgument('text: the prompt encodes to no tokens');
+  const left = limits.maxModelLen - ids.length;
+  if (left < 1) throw invalidArgument(`prompt: ${ids.length} tokens leave no room to generate within maxModelLen ${limits.maxModelLen}`);
+  const adapterId = input.adapterId === '' ? null : validateAdapterId(input.adapterId);
+  const adapterScale = input.adapterScale ?? 1;
+  if (!Number.isFinite(adapterScale) || adapterScale < -8 || adapterScale > 8) throw invalidArgument(`adapter_scale ${adapterScale}: must be in [-8, 8]`);
+  if (input.adapterScale !== undefined && adapterId === null) throw invalidArgument('adapter_scale: set only together with adapter_id');
+  const s = input.sampling;
+  if (s?.seed !== undefined && s.seed > BigInt(Number.MAX_SAFE_INTEGER)) throw invalidArgument(`sampling.seed ${s.seed}: must be at most ${Number.MAX_SAFE_INTEGER}`);
+  const requested = s?.maxNewTokens ?? 0;
+  if (requested > left) {
+    throw invalidArgument(`sampling.max_new_tokens ${requested}: exceeds the ${left} tokens left in the context (maxModelLen ${limits.maxModelLen} - ${ids.length} prompt tokens)`);
+  }
+  const params: SamplingParams = {
+    temperature: s?.temperature ?? 0,
+    topK: s?.topK ?? 0,
+    topP: s?.topP ?? 1,
+    repetitionPenalty: s?.repetitionPenalty ?? 1,
+    maxNewTokens: requested === 0 ? Math.min(limits.maxNewTokensDefault, left) : requested,
+    stopTokenIds: s?.stopTokenIds ?? [],
+    stopStrings: s?.stop ?? [],
+    ...(s?.seed !== undefined ? { seed: Number(s.seed) } : {}),
+  };
+  try {
+    validateSamplingParams(params, { maxNewTokensLimit: left, vocabSize: limits.vocabSize });
+  } catch (e) {
+    if (e instanceof SamplingParamsError) {
+      const field = PROTO_FIELD[e.field] ?? e.field;
+      throw invalidArgument(e.message.replace(e.field, field));
+    }
+    throw e instanceof LoraplexError ? e : invalidArgument(String(e));
+  }
+  return { promptIds: ids, params, adapterId, adapterScale };
+}
