@@ -59,7 +59,7 @@ export function engineSettings(v: Record<string, unknown>, modelDir: string): En
     maxNumSeqs: num(v, 'max-num-seqs', 8, { integer: true, min: 1, max: 1024 }),
     maxLoras: num(v, 'max-loras', 4, { integer: true, min: 1, max: 256 }),
     maxLoraRank: num(v, 'max-lora-rank', 16, { integer: true, min: 1, max: 1024 }),
-    prefillChunk: num(v, 'prefill-chunk', 256, { integer: true, min: 1, max: 1 << 16 }),
+    prefillChunk: num(v, 'prefill-chunk', 64, { integer: true, min: 1, max: 1 << 16 }),
     allowSpinning: Boolean(v['allow-spinning']),
   };
 }

@@ -15,8 +15,7 @@ export interface SlotModuleWeights {
 /**
  * Pooled adapter tensors, fed to every step as graph inputs: per module A [maxRank, slots, in] and
  * B [maxRank, slots, out] with the scale folded into B; ranks below maxRank are zero-padded. Rank-major, so a
- * step feeds only the first r planes (r = the largest rank among its rows' slots) as one contiguous view and
- * a batch without adapters pays for rank 1, not maxRank. Slot 0 stays zero (the base model). Loading an
+ * batch without adapters feeds only the first plane as one contiguous view and pays for rank 1, not maxRank. Slot 0 stays zero (the base model). Loading an
  * adapter into a slot is a copy into that slot's rows; nothing is reallocated.
  */
 export class LoraPool {
@@ -76,11 +75,15 @@ export class LoraPool {
     }
   }
 
-  /** The rank planes a step over these slots needs (at least 1: no tensor gets a zero dim). */
+  /**
+   * The rank planes a step feeds: 1 when no row uses an adapter (slot 0 rows get exact zeros either way), else
+   * maxRank. Never the largest rank in the step: the inner dim of the LoRA matmuls would then depend on which
+   * other requests share the batch, and a different summation length changes float rounding, so a request
+   * would not give the same tokens alone and in a mixed batch.
+   */
   stepRank(slots: Iterable<number>): number {
-    let r = 1;
-    for (const s of slots) r = Math.max(r, this.ranks[s] ?? 0);
-    return r;
+    for (const s of slots) if ((this.ranks[s] ?? 0) > 0) return this.maxRank;
+    return 1;
   }
 
   clear(slot: number): void {

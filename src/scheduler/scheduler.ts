@@ -29,13 +29,12 @@ export interface SchedulerOptions {
   maxWaiting: number;
   /** Tokens per cache row. */
   maxModelLen: number;
-  /** Prompt tokens per prefill step while nothing decodes. */
-  prefillChunk: number;
   /**
-   * Prompt tokens per prefill step while other sequences decode: the token budget that bounds how long one
-   * prefill step delays everyone's next token.
+   * Prompt tokens per prefill step: the token budget that bounds how long one prefill step delays everyone's
+   * next token. Deliberately independent of load: a prompt is always cut at the same positions, so a request
+   * computes the same numbers alone and in a busy batch (different chunking would change float rounding).
    */
-  prefillChunkWhileDecoding: number;
+  prefillChunk: number;
   eosTokenIds: number[];
 }
 
@@ -273,9 +272,7 @@ export class Scheduler {
   private async prefillStep(): Promise<void> {
     const e = this.running.find((x) => x.seq.prefilling && !x.abort);
     if (!e) return;
-    const othersDecoding = this.running.some((x) => !x.seq.prefilling && !x.seq.done);
-    const chunk = othersDecoding ? this.opts.prefillChunkWhileDecoding : this.opts.prefillChunk;
-    const tokens = e.seq.nextInput(chunk);
+    const tokens = e.seq.nextInput(this.opts.prefillChunk);
     const { logits } = await this.engine.step([{ kvRow: e.seq.kvRow, slot: e.seq.slot, pastLen: e.seq.pastLen, tokens, loraScale: e.req.adapterScale }]);
     this.stepCount++;
     e.seq.advance(tokens.length);
