@@ -2,10 +2,12 @@
 import { UsageError } from './args.js';
 import { GENERATE_USAGE, generateCommand } from './generate.js';
 import { MAKE_MODEL_USAGE, makeModelCommand } from './make-model.js';
+import { SERVE_USAGE, serveCommand } from './serve.js';
 
 const USAGE = `loraplex: serve and fine-tune many LoRA adapters on one 4-bit base model
 
 Commands:
+  ${SERVE_USAGE}
   ${GENERATE_USAGE}
   ${MAKE_MODEL_USAGE}
 `;
@@ -13,6 +15,9 @@ Commands:
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
   switch (command) {
+    case 'serve':
+      await serveCommand(rest);
+      return new Promise<number>(() => undefined); // runs until a signal drains it
     case 'generate':
       await generateCommand(rest);
       return 0;

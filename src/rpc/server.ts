@@ -1,0 +1,67 @@
+import * as grpc from '@grpc/grpc-js';
+import type { AdapterManager } from '../adapters/manager.js';
+import type { CompiledModel } from '../engine/compile.js';
+import { AdapterService } from '../gen/loraplex/v1/adapters_pb.js';
+import { InferenceService } from '../gen/loraplex/v1/inference_pb.js';
+import type { ServerConfig } from '../main.js';
+import type { Logger } from '../obs/logger.js';
+import type { Scheduler } from '../scheduler/scheduler.js';
+import type { Tokenizer } from '../tokenizer/index.js';
+import { addService } from './bridge.js';
+import { adapterHandlers, inferenceHandlers, unavailable } from './handlers.js';
+import { createHealth, type Health } from './health.js';
+import { addReflection } from './reflection.js';
+
+/** Everything the handlers use, available once the model is loaded. */
+export interface App {
+  cfg: ServerConfig;
+  compiled: CompiledModel;
+  tokenizer: Tokenizer;
+  maxModelLen: number;
+  adapters: AdapterManager;
+  scheduler: Scheduler;
+}
+
+export interface RpcServer {
+  server: grpc.Server;
+  health: Health;
+  setApp(app: App): void;
+  /** New calls get UNAVAILABLE; running streams go on. */
+  setDraining(): void;
+}
+
+/**
+ * The grpc-js server with loraplex's services, health and reflection. It is created before the model loads,
+ * so the port answers at once: health says NOT_SERVING and RPCs get UNAVAILABLE until setApp.
+ */
+export function createRpcServer(log: Logger): RpcServer {
+  const server = new grpc.Server({
+    'grpc.max_receive_message_length': 16 * 1024 * 1024,
+    'grpc.keepalive_permit_without_calls': 1,
+  });
+  let app: App | null = null;
+  let draining = false;
+  const state = {
+    ready(): App {
+      if (draining) throw unavailable('server is draining; retry on another replica');
+      if (!app) throw unavailable('server is loading the model; retry shortly');
+      return app;
+    },
+  };
+  const onError = (err: unknown, method: string) => log.error({ err, method }, 'internal error');
+  addService(server, InferenceService, inferenceHandlers(state), { onError });
+  addService(server, AdapterService, adapterHandlers(state), { onError });
+  const health = createHealth();
+  health.addTo(server);
+  addReflection(server);
+  return {
+    server,
+    health,
+    setApp(a) {
+      app = a;
+    },
+    setDraining() {
+      draining = true;
+    },
+  };
+}
