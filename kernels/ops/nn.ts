@@ -53,23 +53,35 @@ export function rotaryTables(maxPositions: number, headDim: number, theta: numbe
 }
 
 /**
- * Masks shared by every layer of one step.
- * pastKeep [batch, 1, 1, 1, past]: row b may attend cached position t < pastLen[b];
- * newMask [seq, seq]: causal within the new tokens.
+ * Per-step attention context shared by every layer. The window is the first `window` cache positions, fed by
+ * the caller as views [window, rows, kvDim] with window a multiple of ATTENTION_BLOCK covering every row's
+ * past + new tokens.
+ * mask [batch, 1, 1, seq, window]: new token s of row b sees positions t <= positions[b, s] (causal, its own
+ * past and earlier new tokens); everything after, including other rows' stale data, is -inf.
+ * scatterIndices [batch, seq, 2]: (b, positions[b, s]) where the new keys/values go in the window.
  */
-export interface AttentionMasks {
-  past: Value;
-  causal: Value;
+export interface AttentionContext {
+  mask: Value;
+  scatterIndices: Value;
 }
 
-export function attentionMasks(g: Graph, pastLen: Value /* [batch] int64 */, pastKey: Value /* [past, rows, kvDim] */, ids: Value /* [batch, seq] */): AttentionMasks {
-  const pastPositions = reshape(g, range(g, dimOf(g, pastKey, 0, 'past_len_max'), 'past_positions'), [1, -1]); // [1, past]
-  const keepPast = compare(g, 'Less', pastPositions, reshape(g, pastLen, [-1, 1], 'past_len_col'), 'past_keep'); // [batch, past]
-  const past = reshape(g, additiveMask(g, keepPast, 'past_mask2d'), [0, 1, 1, 1, -1], 'past_mask'); // [batch,1,1,1,past]
-  const seqPositions = range(g, dimOf(g, ids, 1, 'seq_len'), 'seq_positions'); // [seq]
-  const keepCausal = compare(g, 'LessOrEqual', reshape(g, seqPositions, [1, -1], 'key_pos'), reshape(g, seqPositions, [-1, 1], 'query_pos'), 'causal_keep');
-  const causal = additiveMask(g, keepCausal, 'causal_mask'); // [seq, seq]
-  return { past, causal };
+/**
+ * Cache windows are fed in multiples of this many positions. Every row's real keys form a prefix of the
+ * window and the rest is masked to exact zeros, so with whole blocks the float reductions over the window
+ * (softmax sums, probs @ V) see the same values in the same SIMD lanes whatever the batch's longest row is:
+ * a request computes the same logits alone and in a mixed batch.
+ */
+export const ATTENTION_BLOCK = 64;
+
+export function attentionContext(g: Graph, positions: Value /* [batch, seq] int64 */, pastKey: Value /* [window, rows, kvDim] */): AttentionContext {
+  const window = range(g, dimOf(g, pastKey, 0, 'window_len'), 'window_positions'); // [window]
+  const keep = compare(g, 'LessOrEqual', reshape(g, window, [1, 1, -1], 'window_row'), g.op1('Unsqueeze', [positions, g.ints([2])], { dtype: 'int64', shape: ['batch', 'seq', 1] }, undefined, undefined, 'positions_col'), 'attn_keep'); // [batch, seq, window]
+  const mask = g.op1('Unsqueeze', [additiveMask(g, keep, 'attn_mask3d'), g.ints([1, 2])], { dtype: 'float32', shape: ['batch', 1, 1, 'seq', 'window'] }, undefined, undefined, 'attn_mask');
+  // Row index of every new token, [batch, seq]: 0..batch-1 broadcast over seq.
+  const zeroPositions = mul(g, positions, g.constant('zero_i64_scalar', 'int64', [], new BigInt64Array([0n])), 'zero_positions');
+  const rowIds = add(g, zeroPositions, reshape(g, range(g, dimOf(g, positions, 0, 'batch_len'), 'batch_range'), [-1, 1], 'row_col'), 'row_ids');
+  const scatterIndices = concat(g, [g.op1('Unsqueeze', [rowIds, g.ints([2])], { dtype: 'int64', shape: ['batch', 'seq', 1] }, undefined, undefined, 'row_idx'), g.op1('Unsqueeze', [positions, g.ints([2])], { dtype: 'int64', shape: ['batch', 'seq', 1] }, undefined, undefined, 'pos_idx')], -1, 'scatter_indices');
+  return { mask, scatterIndices };
 }
 
 export interface AttentionDims {
@@ -79,38 +91,28 @@ export interface AttentionDims {
 }
 
 /**
- * Attention of new tokens over a time-major KV cache plus themselves, without copying the cache out.
- * q [batch, seq, heads*headDim], k/v [batch, seq, kvHeads*headDim] (rotary already applied);
- * pastK/pastV [past, rows, kvHeads*headDim] are views of the caller's cache; kvRows [batch] picks each
- * batch row's cache row. Grouped-query: head h reads kv head floor(h / (heads/kvHeads)).
+ * Attention of new tokens over a time-major KV cache window, without copying the cache in or out through the
+ * binding. q [batch, seq, heads*headDim], k/v [batch, seq, kvHeads*headDim] (rotary applied); pastK/pastV
+ * [window, rows, kvDim] are views of the caller's cache; kvRows [batch] picks each batch row's cache row.
+ * The new keys/values are scattered into the gathered window at their positions, so real keys always form a
+ * prefix (see ATTENTION_BLOCK). Grouped-query: head h reads kv head floor(h / (heads/kvHeads)).
  * Returns [batch, seq, heads*headDim].
  */
-export function cachedAttention(g: Graph, dims: AttentionDims, q: Value, k: Value, v: Value, pastK: Value, pastV: Value, kvRows: Value, masks: AttentionMasks): Value {
+export function cachedAttention(g: Graph, dims: AttentionDims, q: Value, k: Value, v: Value, pastK: Value, pastV: Value, kvRows: Value, ctx: AttentionContext): Value {
   const { numHeads, numKvHeads, headDim } = dims;
   const group = numHeads / numKvHeads;
   const scaledQ = mul(g, q, g.scalar(1 / Math.sqrt(headDim)), 'q_scaled');
   // [batch, seq, kvHeads, group, headDim] -> [batch, kvHeads, group, seq, headDim]
   const q5 = transpose(g, reshape(g, scaledQ, [0, 0, numKvHeads, group, headDim], 'q5'), [0, 2, 3, 1, 4], 'q_t');
-  // Past keys [past, batch, kvHeads, headDim] -> [batch, kvHeads, 1, headDim, past]
-  const pk = reshape(g, gather(g, pastK, kvRows, 1, 'past_k_rows'), [0, 0, numKvHeads, 1, headDim], 'past_k5');
-  const pkT = transpose(g, pk, [1, 2, 3, 4, 0], 'past_k_t');
-  const pv = reshape(g, gather(g, pastV, kvRows, 1, 'past_v_rows'), [0, 0, numKvHeads, 1, headDim], 'past_v5');
-  const pvT = transpose(g, pv, [1, 2, 3, 0, 4], 'past_v_t'); // [batch, kvHeads, 1, past, headDim]
-  const k5 = reshape(g, k, [0, 0, numKvHeads, 1, headDim], 'k5');
-  const kT = transpose(g, k5, [0, 2, 3, 4, 1], 'k_t'); // [batch, kvHeads, 1, headDim, seq]
-  const vT = transpose(g, reshape(g, v, [0, 0, numKvHeads, 1, headDim], 'v5'), [0, 2, 3, 1, 4], 'v_t'); // [batch, kvHeads, 1, seq, headDim]
-
-  const scoresPast = add(g, matmul(g, q5, pkT, 'scores_past'), masks.past, 'scores_past_masked'); // [b, kvh, grp, seq, past]
-  const scoresNew = add(g, matmul(g, q5, kT, 'scores_new'), masks.causal, 'scores_new_masked'); // [b, kvh, grp, seq, seq]
-  const probs = softmax(g, concat(g, [scoresPast, scoresNew], -1, 'scores'), -1, 'probs');
-  const pastCount = dimOf(g, pastK, 0, 'past_count');
-  // Split the probabilities back at `past` (a runtime size) with Slice on the last axis.
-  const big = g.ints([Number.MAX_SAFE_INTEGER]);
-  const zero = g.ints([0]);
-  const lastAxis = g.ints([-1]);
-  const probsPast = g.op1('Slice', [probs, zero, pastCount, lastAxis], { dtype: 'float32', shape: ['?'] }, undefined, undefined, 'probs_past');
-  const probsNew = g.op1('Slice', [probs, pastCount, big, lastAxis], { dtype: 'float32', shape: ['?'] }, undefined, undefined, 'probs_new');
-  const out = add(g, matmul(g, probsPast, pvT, 'ctx_past'), matmul(g, probsNew, vT, 'ctx_new'), 'ctx'); // [b, kvh, grp, seq, hd]
+  const windowOf = (past: Value, fresh: Value, name: string) => {
+    const rows = transpose(g, gather(g, past, kvRows, 1, `${name}_rows`), [1, 0, 2], `${name}_by_row`); // [batch, window, kvDim]
+    const full = g.op1('ScatterND', [rows, ctx.scatterIndices, fresh], { dtype: 'float32', shape: ['batch', 'window', numKvHeads * headDim] }, undefined, undefined, `${name}_window`);
+    return reshape(g, full, [0, 0, numKvHeads, 1, headDim], `${name}5`); // [batch, window, kvHeads, 1, headDim]
+  };
+  const kT = transpose(g, windowOf(pastK, k, 'k'), [0, 2, 3, 4, 1], 'k_t'); // [batch, kvHeads, 1, headDim, window]
+  const vT = transpose(g, windowOf(pastV, v, 'v'), [0, 2, 3, 1, 4], 'v_t'); // [batch, kvHeads, 1, window, headDim]
+  const scores = add(g, matmul(g, q5, kT, 'scores'), ctx.mask, 'scores_masked'); // [batch, kvHeads, group, seq, window]
+  const out = matmul(g, softmax(g, scores, -1, 'probs'), vT, 'ctx'); // [batch, kvHeads, group, seq, headDim]
   return reshape(g, transpose(g, out, [0, 3, 1, 2, 4], 'ctx_t'), [0, 0, numHeads * headDim], 'attn_out');
 }
 

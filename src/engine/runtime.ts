@@ -1,6 +1,7 @@
 import ort from 'onnxruntime-node';
 import { LoraplexError, type ErrorCode } from '../errors.js';
 import { KvCache } from './kv-cache.js';
+import { ATTENTION_BLOCK } from '../../kernels/ops/nn.js';
 import { LoraPool, type SlotModuleWeights } from './lora-pool.js';
 import type { ServingLayout } from '../models/graph.js';
 
@@ -79,7 +80,8 @@ export class Runtime {
       throw e;
     }
     const { layout } = opts;
-    const cache = new KvCache(layout.numLayers, opts.maxNumSeqs, opts.maxModelLen, layout.kvDim);
+    // Capacity in whole attention blocks: every window fed to the graph is a multiple of ATTENTION_BLOCK.
+    const cache = new KvCache(layout.numLayers, opts.maxNumSeqs, Math.ceil(opts.maxModelLen / ATTENTION_BLOCK) * ATTENTION_BLOCK, layout.kvDim);
     const pool = new LoraPool(layout.loraModules, opts.slots, opts.maxLoraRank);
     const fed = /^(input_ids|past_len|kv_rows|slot|lora_scale|past_key\.\d+|past_value\.\d+|lora_[ab]\..+)$/;
     const missing = session.inputNames.filter((n) => !fed.test(n));
@@ -117,8 +119,8 @@ export class Runtime {
     const ids = new BigInt64Array(batch * seq);
     rows.forEach((r, b) => r.tokens.forEach((t, s) => (ids[b * seq + s] = BigInt(t))));
     const i64 = (f: (r: StepRow) => number) => new ort.Tensor('int64', BigInt64Array.from(rows, (r) => BigInt(f(r))), [batch]);
-    // At least one cached position is always fed (masked when unused) so no tensor has a zero dim.
-    const past = Math.max(1, ...rows.map((r) => r.pastLen));
+    // The window covers every row's past and new tokens, rounded up to whole attention blocks (see ATTENTION_BLOCK).
+    const past = Math.ceil(Math.max(...rows.map((r) => r.pastLen + seq)) / ATTENTION_BLOCK) * ATTENTION_BLOCK;
     const feeds: Record<string, ort.Tensor> = {
       input_ids: new ort.Tensor('int64', ids, [batch, seq]),
       past_len: i64((r) => r.pastLen),

@@ -1,6 +1,6 @@
 import { Graph, type Value } from '../../kernels/ir.js';
 import { add, concat, dimOf, gather, reshape, sub } from '../../kernels/ops/basic.js';
-import { attentionMasks, cachedAttention, embedding, gelu, layerNorm, loraDelta, rmsNorm, rotary, rotaryTables, swiglu } from '../../kernels/ops/nn.js';
+import { attentionContext, cachedAttention, embedding, gelu, layerNorm, loraDelta, rmsNorm, rotary, rotaryTables, swiglu } from '../../kernels/ops/nn.js';
 import type { HostTensor, ModelSpec, WeightSource } from './spec.js';
 
 /**
@@ -13,7 +13,8 @@ import type { HostTensor, ModelSpec, WeightSource } from './spec.js';
  *   kv_rows   [batch] int64          cache row of each batch row
  *   slot      [batch] int64          adapter slot of each row (0 = base model)
  *   lora_scale [batch] float32       multiplier of each row's adapter delta (1 = as the adapter defines it)
- *   past_key.L / past_value.L [past, rows, kvDim] float32   time-major cache views, no copy
+ *   past_key.L / past_value.L [window, rows, kvDim] float32   time-major cache views (window: a multiple of
+ *                                    ATTENTION_BLOCK covering past_len + seq of every row), no copy
  *   lora_a.M [rank, slots, in], lora_b.M [rank, slots, out] float32 (scale folded into B) for each LoRA module M
  * Outputs:
  *   logits [batch, vocab]            of each row's last new token
@@ -126,11 +127,11 @@ export function buildServingGraph(spec: ModelSpec, weights: WeightSource, opts: 
     pastKeys.push(g.input(`past_key.${l}`, 'float32', ['past', 'rows', kvDim]));
     pastValues.push(g.input(`past_value.${l}`, 'float32', ['past', 'rows', kvDim]));
   }
-  const masks = attentionMasks(g, pastLen, pastKeys[0]!, ids);
   // Absolute position of every new token: past_len[b] + s.  [batch, seq]
   const seqLen = dimOf(g, ids, 1, 'seq_len');
   const seqRange = g.op1('Range', [g.constant('zero', 'int64', [], new BigInt64Array([0n])), reshape(g, seqLen, [], 'seq_scalar'), g.constant('one', 'int64', [], new BigInt64Array([1n]))], { dtype: 'int64', shape: ['seq'] }, undefined, undefined, 'seq_range');
   const positions = add(g, reshape(g, pastLen, [-1, 1], 'past_len_col2'), reshape(g, seqRange, [1, -1], 'seq_row'), 'positions');
+  const masks = attentionContext(g, positions, pastKeys[0]!);
 
   const newKv: Value[] = [];
   const layerArgs = { masks, positions, kvRows, pastKeys, pastValues, newKv };
@@ -153,7 +154,7 @@ export function buildServingGraph(spec: ModelSpec, weights: WeightSource, opts: 
 }
 
 interface LayerArgs {
-  masks: ReturnType<typeof attentionMasks>;
+  masks: ReturnType<typeof attentionContext>;
   positions: Value;
   kvRows: Value;
   pastKeys: Value[];

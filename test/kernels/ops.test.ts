@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Graph } from '../../kernels/ir.js';
 import { gather, reshape } from '../../kernels/ops/basic.js';
-import { attentionMasks, cachedAttention, embedding, gelu, layerNorm, loraDelta, rmsNorm, rotary, rotaryTables, swiglu } from '../../kernels/ops/nn.js';
+import { attentionContext, cachedAttention, embedding, gelu, layerNorm, loraDelta, rmsNorm, rotary, rotaryTables, swiglu } from '../../kernels/ops/nn.js';
 import * as ref from '../../kernels/reference/transformer.js';
 import { quantizedLinear } from '../../src/models/linear.js';
 import { dequantizeLinear, quantizeLinear } from '../../kernels/quant/index.js';
@@ -65,8 +65,8 @@ test('rotary (rotate-half) at arbitrary positions', async () => {
   assert.ok(maxAbsDiff(out['y']!, expected) < 1e-4);
 });
 
-test('cached attention: ragged rows over a time-major cache, grouped-query', async () => {
-  const heads = 4, kvHeads = 2, hd = 4, kvDim = kvHeads * hd, rows = 3, cap = 9;
+test('cached attention: ragged rows over a time-major cache window, grouped-query', async () => {
+  const heads = 4, kvHeads = 2, hd = 4, kvDim = kvHeads * hd, rows = 3, window = 12;
   const pastLens = [5, 2]; // two batch rows
   const kvRows = [2, 0];
   const seq = 2;
@@ -74,9 +74,9 @@ test('cached attention: ragged rows over a time-major cache, grouped-query', asy
   const fullK = pastLens.map((p, i) => randomFloats((p + seq) * kvDim, 10 + i));
   const fullV = pastLens.map((p, i) => randomFloats((p + seq) * kvDim, 20 + i));
   const q = randomFloats(2 * seq * heads * hd, 30);
-  const past = Math.max(...pastLens);
-  const cacheK = randomFloats(cap * rows * kvDim, 40, 100); // garbage where nothing is cached: must be masked
-  const cacheV = randomFloats(cap * rows * kvDim, 41, 100);
+  // Garbage wherever a row has nothing cached (other rows, stale data): it must be masked out.
+  const cacheK = randomFloats(window * rows * kvDim, 40, 100);
+  const cacheV = randomFloats(window * rows * kvDim, 41, 100);
   pastLens.forEach((p, b) => {
     for (let t = 0; t < p; t++) {
       cacheK.set(fullK[b]!.subarray(t * kvDim, (t + 1) * kvDim), (t * rows + kvRows[b]!) * kvDim);
@@ -90,25 +90,23 @@ test('cached attention: ragged rows over a time-major cache, grouped-query', asy
     newV.set(fullV[b]!.subarray(p * kvDim), b * seq * kvDim);
   });
   const g = new Graph('attn');
-  const ids = g.input('ids', 'int64', [2, seq]);
-  const pl = g.input('past_len', 'int64', [2]);
+  const pos = g.input('positions', 'int64', [2, seq]);
   const kr = g.input('kv_rows', 'int64', [2]);
   const qv = g.input('q', 'float32', [2, seq, heads * hd]);
   const kv = g.input('k', 'float32', [2, seq, kvDim]);
   const vv = g.input('v', 'float32', [2, seq, kvDim]);
-  const pk = g.input('pk', 'float32', ['past', rows, kvDim]);
-  const pv = g.input('pv', 'float32', ['past', rows, kvDim]);
-  const masks = attentionMasks(g, pl, pk, ids);
-  g.output(cachedAttention(g, { numHeads: heads, numKvHeads: kvHeads, headDim: hd }, qv, kv, vv, pk, pv, kr, masks), 'y');
+  const pk = g.input('pk', 'float32', ['window', rows, kvDim]);
+  const pv = g.input('pv', 'float32', ['window', rows, kvDim]);
+  const ctx = attentionContext(g, pos, pk);
+  g.output(cachedAttention(g, { numHeads: heads, numKvHeads: kvHeads, headDim: hd }, qv, kv, vv, pk, pv, kr, ctx), 'y');
   const out = await runGraph(g, {
-    ids: { type: 'int64', data: [0, 0, 0, 0], dims: [2, seq] },
-    past_len: { type: 'int64', data: pastLens, dims: [2] },
+    positions: { type: 'int64', data: pastLens.flatMap((p) => [p, p + 1]), dims: [2, seq] },
     kv_rows: { type: 'int64', data: kvRows, dims: [2] },
     q: { type: 'float32', data: q, dims: [2, seq, heads * hd] },
     k: { type: 'float32', data: newK, dims: [2, seq, kvDim] },
     v: { type: 'float32', data: newV, dims: [2, seq, kvDim] },
-    pk: { type: 'float32', data: cacheK.subarray(0, past * rows * kvDim), dims: [past, rows, kvDim] },
-    pv: { type: 'float32', data: cacheV.subarray(0, past * rows * kvDim), dims: [past, rows, kvDim] },
+    pk: { type: 'float32', data: cacheK, dims: [window, rows, kvDim] },
+    pv: { type: 'float32', data: cacheV, dims: [window, rows, kvDim] },
   });
   for (let b = 0; b < 2; b++) {
     const p = pastLens[b]!;

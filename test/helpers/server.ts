@@ -1,0 +1,78 @@
+import { pino } from 'pino';
+import { startServer, type RunningServer, type ServerConfig } from '../../src/main.js';
+import { makeClient } from '../../src/rpc/bridge.js';
+import { AdapterService } from '../../src/gen/loraplex/v1/adapters_pb.js';
+import { InferenceService, type GenerateResponse } from '../../src/gen/loraplex/v1/inference_pb.js';
+import type { QuantOptions } from '../../kernels/quant/index.js';
+import { STORIES, tempDir } from './engine.js';
+
+export interface TestServer {
+  server: RunningServer;
+  address: string;
+  adapterRoot: string;
+  inference: ReturnType<typeof makeClient<(typeof InferenceService)['method']>>;
+  adapters: ReturnType<typeof makeClient<(typeof AdapterService)['method']>>;
+  close(): Promise<void>;
+}
+
+/** A real loraplex server on 127.0.0.1 (a free port) with the real engine, and typed clients. */
+export async function startTestServer(overrides: Partial<ServerConfig> = {}, quant: QuantOptions = { kind: 'int4', blockSize: 32, accuracyLevel: 4 }): Promise<TestServer> {
+  const adapterRoot = overrides.adapterRoot ?? tempDir('adapters');
+  const cfg: ServerConfig = {
+    modelDir: STORIES,
+    quant,
+    threads: 1,
+    cacheDir: tempDir('server-cache'),
+    maxModelLen: 256,
+    maxNumSeqs: 8,
+    maxLoras: 4,
+    maxLoraRank: 16,
+    prefillChunk: 16,
+    allowSpinning: false,
+    host: '127.0.0.1',
+    port: 0,
+    adapterRoot,
+    maxCpuLoras: 8,
+    maxWaiting: 64,
+    maxAdapterBytes: 64 * 1024 * 1024,
+    maxNewTokensDefault: 32,
+    drainSeconds: 5,
+    source: STORIES,
+    ...overrides,
+  };
+  const server = await startServer(cfg, pino({ level: 'silent' }));
+  const address = `127.0.0.1:${server.port}`;
+  const inference = makeClient(InferenceService, address);
+  const adapters = makeClient(AdapterService, address);
+  return {
+    server,
+    address,
+    adapterRoot,
+    inference,
+    adapters,
+    async close() {
+      inference.close();
+      adapters.close();
+      await server.close();
+    },
+  };
+}
+
+export interface Collected {
+  tokenIds: number[];
+  text: string;
+  finished: Extract<GenerateResponse['event'], { case: 'finished' }>['value'] | null;
+  messages: number;
+}
+
+export async function collect(stream: AsyncIterable<GenerateResponse>): Promise<Collected> {
+  const out: Collected = { tokenIds: [], text: '', finished: null, messages: 0 };
+  for await (const m of stream) {
+    out.messages++;
+    if (m.event.case === 'delta') {
+      out.tokenIds.push(...m.event.value.tokenIds);
+      out.text += m.event.value.text;
+    } else if (m.event.case === 'finished') out.finished = m.event.value;
+  }
+  return out;
+}
