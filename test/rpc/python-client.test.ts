@@ -1,6 +1,7 @@
 /**
- * A Python client, generated from proto/ with protoc and grpc's Python plugin, talks to a real grpc-js server:
- * proves the wire format, the streaming and the status codes work from another gRPC implementation.
+ * A Python client, generated from proto/ with protoc and grpc's Python plugin, talks to loraplex:
+ * proves the wire format, the streaming and the status codes work from another gRPC implementation, against
+ * the real server with a real adapter.
  *
  * Generation: `buf build` compiles proto/ (the project's compiler, with the well-known types built in) to a
  * descriptor set, and protoc generates Python from it. Not `python3 -m grpc_tools.protoc`: Debian bookworm's
@@ -15,7 +16,10 @@ import { tmpdir } from 'node:os';
 import { delimiter, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { promisify } from 'node:util';
-import { DELTAS, DEMO_ADAPTER, startFakeServer, type FakeServer } from './fake-services.js';
+import { makeRandomAdapter, writePeftAdapter } from '../../src/adapters/peft.js';
+import { readModelSpec } from '../../src/models/config.js';
+import { STORIES } from '../helpers/engine.js';
+import { collect, startTestServer, type TestServer } from '../helpers/server.js';
 
 const run = promisify(execFile);
 const root = fileURLToPath(new URL('../../../', import.meta.url));
@@ -76,55 +80,45 @@ interface ClientResult {
 /** Runs test/rpc/python/client.py against `address`; async, since the server runs in this process. */
 async function pythonClient(genDir: string, address: string, adapterId: string, prompt: string): Promise<ClientResult> {
   const script = join(root, 'test/rpc/python/client.py');
-  const { stdout } = await run(PYTHON, [script, '--gen-dir', genDir, '--prompt', prompt, address, adapterId], { timeout: 60_000 });
+  const { stdout } = await run(PYTHON, [script, '--gen-dir', genDir, '--prompt', prompt, '--max-new-tokens', '16', address, adapterId], { timeout: 60_000 });
   return JSON.parse(stdout) as ClientResult;
 }
 
-let server: FakeServer;
+let server: TestServer;
 let genDir: string;
 
 before(async () => {
   genDir = mkdtempSync(join(tmpdir(), 'loraplex-pyclient-'));
-  server = await startFakeServer();
+  server = await startTestServer();
+  const spec = readModelSpec(STORIES);
+  writePeftAdapter(join(server.adapterRoot, 'py-adapter'), makeRandomAdapter(spec, { r: 8, alpha: 16, targetModules: ['q_proj', 'v_proj'], seed: 4, bStd: 0.3 }));
 });
 
 after(async () => {
-  await server?.stop();
+  await server?.close();
   rmSync(genDir, { recursive: true, force: true });
 });
 
-test('a generated Python client streams Generate and gets LoadAdapter results and errors', { timeout: 120_000 }, async () => {
+test('a Python client generated from proto/ runs Generate and LoadAdapter against the real server', { timeout: 120_000 }, async () => {
   await generatePythonClient(genDir);
   const prompt = 'Once upon a time';
   const [ok, missing] = await Promise.all([
-    pythonClient(genDir, server.address, DEMO_ADAPTER, prompt),
+    pythonClient(genDir, server.address, 'py-adapter', prompt),
     pythonClient(genDir, server.address, 'no-such-adapter', prompt),
   ]);
 
   assert.ok(!('error' in ok.generate), JSON.stringify(ok.generate));
-  assert.equal(ok.generate.text, DELTAS.join(''));
-  assert.deepEqual(
-    ok.generate.deltas.map((d) => d.tokenIds),
-    DELTAS.map((_, i) => [100 + i]),
-  );
-  assert.deepEqual(ok.generate.finished, {
-    finishReason: 'FINISH_REASON_STOP',
-    promptTokens: prompt.length,
-    generatedTokens: DELTAS.length,
-    timings: { queueSeconds: 0.25, timeToFirstTokenSeconds: 0.5, totalSeconds: 1.5 },
-  });
-  assert.deepEqual(ok.loadAdapter, {
-    adapter: {
-      adapterId: DEMO_ADAPTER,
-      state: 'ADAPTER_STATE_LOADED',
-      rank: 8,
-      alpha: 16,
-      targetModules: ['q_proj', 'v_proj'],
-      bytes: '123456', // uint64 is a string in proto JSON
-      lastUsed: '2024-01-02T03:04:05.678Z',
-    },
-    loadSeconds: 0.125,
-  });
+  // Same greedy tokens as the Node client gets for the same request.
+  const node = await collect(server.inference.generate({ prompt: { case: 'text', value: prompt }, adapterId: 'py-adapter', sampling: { temperature: 0, maxNewTokens: 16 } }));
+  assert.deepEqual(ok.generate.deltas.flatMap((d) => d.tokenIds), node.tokenIds);
+  assert.equal(ok.generate.text, node.text);
+  assert.equal(ok.generate.finished?.['finishReason'], 'FINISH_REASON_LENGTH');
+  assert.equal(ok.generate.finished?.['generatedTokens'], 16);
+
+  const load = ok.loadAdapter as { adapter: Record<string, unknown>; loadSeconds?: number };
+  assert.equal(load.adapter['adapterId'], 'py-adapter');
+  assert.equal(load.adapter['rank'], 8);
+  assert.deepEqual(load.adapter['targetModules'], ['q_proj', 'v_proj']);
 
   const notFound = { error: { code: 'NOT_FOUND', details: 'adapter_id "no-such-adapter" is not in the adapter store' } };
   assert.deepEqual(missing.generate, notFound);
