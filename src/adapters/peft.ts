@@ -200,6 +200,13 @@ function targeted(targetModules: string[] | string, fullPath: string): boolean {
   return targetModules.some((t) => t === 'all-linear' || fullPath === t || fullPath.endsWith(`.${t}`));
 }
 
+/** Index of the first NaN/Inf, or -1: an all-ones exponent in the float32 bits (integer ops, fast on big tensors). */
+function firstNonFinite(t: Float32Array): number {
+  const bits = new Uint32Array(t.buffer, t.byteOffset, t.length);
+  for (let i = 0; i < bits.length; i++) if ((bits[i]! & 0x7f800000) === 0x7f800000) return i;
+  return -1;
+}
+
 const TENSOR_RE = /^base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.([^.]+))?\.weight$/;
 
 /**
@@ -285,9 +292,8 @@ export function readPeftAdapter(dir: string, spec?: ModelSpec): PeftAdapter {
     const a = src.get(e.a!).data;
     const b = src.get(e.b!).data;
     for (const [label, t] of [['lora_A', a], ['lora_B', b]] as const) {
-      for (let i = 0; i < t.length; i++) {
-        if (!Number.isFinite(t[i]!)) fail(`module ${module}: ${label} holds a non-finite value (${t[i]}) at index ${i}`);
-      }
+      const i = firstNonFinite(t);
+      if (i >= 0) fail(`module ${module}: ${label} holds a non-finite value (${t[i]}) at index ${i}`);
     }
     modules.push({ module, a, b, r, inFeatures: inF, outFeatures: outF });
   }

@@ -1,7 +1,7 @@
 import { Worker } from 'node:worker_threads';
 import { EngineError, type RuntimeOptions, type StepRow } from './runtime.js';
 import type { EngineReply, EngineRequest, InitResult } from './protocol.js';
-import type { SlotModuleWeights } from './lora-pool.js';
+import { packSlot, type SlotModuleWeights } from './lora-pool.js';
 
 type Pending = { resolve: (v: unknown) => void; reject: (e: Error) => void };
 type WithoutId<T> = T extends unknown ? Omit<T, 'id'> : never;
@@ -43,8 +43,11 @@ export class Engine {
     return (await this.call({ type: 'step', rows })) as { logits: Float32Array; runMs: number };
   }
 
+  /** Packs on this thread and hands the buffers to the worker without a copy. */
   async setSlot(slot: number, weights: SlotModuleWeights[]): Promise<void> {
-    await this.call({ type: 'setSlot', slot, weights });
+    const modules = packSlot(weights);
+    const transfer = modules.flatMap((m) => [m.a.buffer as ArrayBuffer, m.bT.buffer as ArrayBuffer]);
+    await this.call({ type: 'setSlot', slot, modules }, transfer);
   }
 
   async clearSlot(slot: number): Promise<void> {
@@ -58,12 +61,12 @@ export class Engine {
     await this.worker.terminate();
   }
 
-  private call(req: WithoutId<EngineRequest>): Promise<unknown> {
+  private call(req: WithoutId<EngineRequest>, transfer: ArrayBuffer[] = []): Promise<unknown> {
     if (this.closed) return Promise.reject(new EngineError('engine is closed', 'FAILED_PRECONDITION'));
     const id = this.nextId++;
     return new Promise((resolve, reject) => {
       this.pending.set(id, { resolve, reject });
-      this.worker.postMessage({ ...req, id });
+      this.worker.postMessage({ ...req, id }, transfer);
     });
   }
 

@@ -12,6 +12,30 @@ export interface SlotModuleWeights {
   scale: number;
 }
 
+/** One module of an adapter in the pool's layout: rank-major A [r, in] and B^T [r, out] with the scale folded in. */
+export interface PackedModule {
+  module: string;
+  r: number;
+  a: Float32Array;
+  bT: Float32Array;
+}
+
+/**
+ * Converts PEFT-layout weights to the pool's layout. Runs on the caller's thread (the main thread), so the
+ * engine worker only copies contiguous planes and the buffers can be transferred to it without a copy.
+ */
+export function packSlot(weights: SlotModuleWeights[]): PackedModule[] {
+  return weights.map((w) => {
+    const outF = w.b.length / w.r;
+    const bT = new Float32Array(w.b.length);
+    for (let o = 0; o < outF; o++) {
+      const row = o * w.r;
+      for (let j = 0; j < w.r; j++) bT[j * outF + o] = w.b[row + j]! * w.scale;
+    }
+    return { module: w.module, r: w.r, a: w.a.slice(), bT };
+  });
+}
+
 /**
  * Pooled adapter tensors, fed to every step as graph inputs: per module A [maxRank, slots, in] and
  * B [maxRank, slots, out] with the scale folded into B; ranks below maxRank are zero-padded. Rank-major, so a
@@ -51,28 +75,43 @@ export class LoraPool {
 
   /** Writes an adapter into a slot (1..slots-1); modules it does not name are zeroed. */
   load(slot: number, weights: SlotModuleWeights[]): void {
+    this.loadPacked(slot, packSlot(weights));
+  }
+
+  /** Writes packed weights into a slot: plane copies only; unused planes and modules are zeroed. */
+  loadPacked(slot: number, modules: PackedModule[]): void {
     if (!Number.isInteger(slot) || slot < 1 || slot >= this.slots) throw new RangeError(`slot ${slot}: must be in 1..${this.slots - 1}`);
-    this.clear(slot);
-    const seen = new Set<string>();
-    for (const w of weights) {
-      if (seen.has(w.module)) throw new RangeError(`module ${w.module} given twice for slot ${slot}`);
-      seen.add(w.module);
+    const byModule = new Map<string, PackedModule>();
+    for (const w of modules) {
       const m = this.info.get(w.module);
       if (!m) throw new RangeError(`module ${w.module} has no LoRA path in the serving graph`);
+      if (byModule.has(w.module)) throw new RangeError(`module ${w.module} given twice for slot ${slot}`);
       if (w.r > this.maxRank) throw new RangeError(`rank ${w.r} of ${w.module}: exceeds maxLoraRank ${this.maxRank}`);
-      if (w.a.length !== w.r * m.inFeatures || w.b.length !== m.outFeatures * w.r) {
+      if (w.a.length !== w.r * m.inFeatures || w.bT.length !== m.outFeatures * w.r) {
         throw new RangeError(`${w.module}: A/B sizes do not match rank ${w.r} and shape [${m.outFeatures}, ${m.inFeatures}]`);
       }
-      const { inFeatures: inF, outFeatures: outF } = m;
-      const poolA = this.a.get(w.module)!;
-      const poolB = this.b.get(w.module)!;
-      for (let j = 0; j < w.r; j++) {
-        poolA.set(w.a.subarray(j * inF, (j + 1) * inF), (j * this.slots + slot) * inF);
-        const bBase = (j * this.slots + slot) * outF;
-        for (let o = 0; o < outF; o++) poolB[bBase + o] = w.b[o * w.r + j]! * w.scale;
-      }
-      this.ranks[slot] = Math.max(this.ranks[slot]!, w.r);
+      byModule.set(w.module, w);
     }
+    let rank = 0;
+    for (const [module, m] of this.info) {
+      const w = byModule.get(module);
+      const r = w?.r ?? 0;
+      const a = this.a.get(module)!;
+      const b = this.b.get(module)!;
+      for (let j = 0; j < this.maxRank; j++) {
+        const aAt = (j * this.slots + slot) * m.inFeatures;
+        const bAt = (j * this.slots + slot) * m.outFeatures;
+        if (j < r) {
+          a.set(w!.a.subarray(j * m.inFeatures, (j + 1) * m.inFeatures), aAt);
+          b.set(w!.bT.subarray(j * m.outFeatures, (j + 1) * m.outFeatures), bAt);
+        } else {
+          a.fill(0, aAt, aAt + m.inFeatures);
+          b.fill(0, bAt, bAt + m.outFeatures);
+        }
+      }
+      rank = Math.max(rank, r);
+    }
+    this.ranks[slot] = rank;
   }
 
   /**

@@ -2,7 +2,7 @@ import ort from 'onnxruntime-node';
 import { LoraplexError, type ErrorCode } from '../errors.js';
 import { KvCache } from './kv-cache.js';
 import { ATTENTION_BLOCK } from '../../kernels/ops/nn.js';
-import { LoraPool, type SlotModuleWeights } from './lora-pool.js';
+import { LoraPool, type PackedModule } from './lora-pool.js';
 import type { ServingLayout } from '../models/graph.js';
 
 /** The only module that imports onnxruntime. Runs inside the engine worker (session.run blocks its thread). */
@@ -89,8 +89,8 @@ export class Runtime {
     return new Runtime(session, opts, cache, pool);
   }
 
-  setSlot(slot: number, weights: SlotModuleWeights[]): void {
-    this.pool.load(slot, weights);
+  setSlot(slot: number, modules: PackedModule[]): void {
+    this.pool.loadPacked(slot, modules);
   }
 
   clearSlot(slot: number): void {

@@ -12,6 +12,7 @@ import type { QuantOptions } from '../../kernels/quant/index.js';
 import { compileModel } from '../../src/engine/compile.js';
 import { Engine } from '../../src/engine/engine.js';
 import { makeModel } from '../../src/models/make.js';
+import { servingBench } from './serving.js';
 import type { ModelSpec } from '../../src/models/spec.js';
 
 const ROOT = process.env['LORAPLEX_BENCH_DIR'] ?? join(process.cwd(), '.cache', 'bench');
@@ -115,6 +116,8 @@ async function main(): Promise<void> {
   log(`decode batch 1 with allowSpinning: ${b1Spin.tokensPerSecond.toFixed(2)} tok/s`);
   await spinning.engine.close();
 
+  const serving = process.env['LORAPLEX_BENCH_SKIP_SERVING'] ? null : await servingBench(modelDir, ROOT, cacheDir, quant, THREADS, log);
+
   const weightBytes = decodeWeightBytes(compiled.spec, quant);
   const achieved = (weightBytes * b1.tokensPerSecond);
   const results = {
@@ -135,6 +138,7 @@ async function main(): Promise<void> {
       batch1AllowSpinningBandwidthRatio: +((weightBytes * b1Spin.tokensPerSecond) / bandwidth).toFixed(3),
     },
     prefill: { chunkTokens: prefillTokens, tokensPerSecond: +prefillTokensPerSecond.toFixed(1) },
+    serving,
     // Peak includes the cold start's quantization, which holds the whole float model; serving is the RSS after
     // a cached start, decoding at batch 8 with a 1024-token cache (8 rows).
     peakRssMiB: Math.round(process.resourceUsage().maxRSS / 1024),

@@ -15,6 +15,7 @@ import { makeClient, type ServiceClient } from '../../src/rpc/bridge.js';
 import { INTERNAL_MESSAGE, STATUS_BY_CODE, toStatus } from '../../src/rpc/status.js';
 import { AdapterService, AdapterState } from '../../src/gen/loraplex/v1/adapters_pb.js';
 import { FinishReason, GenerateRequestSchema, InferenceService } from '../../src/gen/loraplex/v1/inference_pb.js';
+import { reflect } from '../helpers/grpc.js';
 import { DELTAS, DEMO_ADAPTER, FLOOD_COUNT, startFakeServer, type FakeServer } from './fake-services.js';
 
 let server: FakeServer;
@@ -238,87 +239,16 @@ test('health: NOT_SERVING until setServing(true), for the server and each servic
   }
 });
 
-// A grpc-js client for the reflection protocol, its messages described by hand (the same for v1 and v1alpha).
-function reflectionProto(pkg: string): FileDescriptorProto {
-  const field = (name: string, number: number, type: Type, extra: { label?: Label; typeName?: string; oneofIndex?: number } = {}) => ({
-    name,
-    number,
-    type,
-    label: Label.OPTIONAL,
-    ...extra,
-  });
-  const oneof = { oneofIndex: 0 };
-  return create(FileDescriptorProtoSchema, {
-    name: `${pkg.replaceAll('.', '/')}/reflection.proto`,
-    package: pkg,
-    syntax: 'proto3',
-    messageType: [
-      {
-        name: 'ServerReflectionRequest',
-        field: [
-          field('host', 1, Type.STRING),
-          field('file_by_filename', 3, Type.STRING, oneof),
-          field('file_containing_symbol', 4, Type.STRING, oneof),
-          field('list_services', 7, Type.STRING, oneof),
-        ],
-        oneofDecl: [{ name: 'message_request' }],
-      },
-      {
-        name: 'ServerReflectionResponse',
-        field: [
-          field('valid_host', 1, Type.STRING),
-          field('file_descriptor_response', 4, Type.MESSAGE, { typeName: `.${pkg}.FileDescriptorResponse` }),
-          field('list_services_response', 6, Type.MESSAGE, { typeName: `.${pkg}.ListServiceResponse` }),
-          field('error_response', 7, Type.MESSAGE, { typeName: `.${pkg}.ErrorResponse` }),
-        ],
-      },
-      { name: 'FileDescriptorResponse', field: [field('file_descriptor_proto', 1, Type.BYTES, { label: Label.REPEATED })] },
-      { name: 'ListServiceResponse', field: [field('service', 1, Type.MESSAGE, { label: Label.REPEATED, typeName: `.${pkg}.ServiceResponse` })] },
-      { name: 'ServiceResponse', field: [field('name', 1, Type.STRING)] },
-      { name: 'ErrorResponse', field: [field('error_code', 1, Type.INT32), field('error_message', 2, Type.STRING)] },
-    ],
-  } as never);
-}
-
-interface ReflectionResponse {
-  fileDescriptorResponse?: { fileDescriptorProto: Uint8Array[] };
-  listServicesResponse?: { service: { name: string }[] };
-  errorResponse?: { errorCode: number; errorMessage: string };
-}
-
-async function reflect(pkg: string, request: Record<string, unknown>): Promise<ReflectionResponse> {
-  const registry = createFileRegistry(reflectionProto(pkg), () => undefined);
-  const req = registry.getMessage(`${pkg}.ServerReflectionRequest`)!;
-  const res = registry.getMessage(`${pkg}.ServerReflectionResponse`)!;
-  const client = new grpc.Client(server.address, grpc.credentials.createInsecure());
-  try {
-    const call = client.makeBidiStreamRequest(
-      `/${pkg}.ServerReflection/ServerReflectionInfo`,
-      (m: Message) => Buffer.from(toBinary(req, m)),
-      (b: Buffer) => fromBinary(res as DescMessage, b),
-    );
-    const first = new Promise<Message>((resolve, reject) => {
-      call.once('data', resolve);
-      call.once('error', reject);
-    });
-    call.write(create(req, request as never));
-    call.end();
-    return (await first) as unknown as ReflectionResponse;
-  } finally {
-    client.close();
-  }
-}
-
 for (const pkg of ['grpc.reflection.v1', 'grpc.reflection.v1alpha']) {
   test(`reflection (${pkg}): lists the services and describes them with their imports`, async () => {
-    const list = await reflect(pkg, { messageRequest: { case: 'listServices', value: '*' } });
+    const list = await reflect(server.address, pkg, { messageRequest: { case: 'listServices', value: '*' } });
     assert.deepEqual(list.listServicesResponse?.service.map((s) => s.name).sort(), [
       'grpc.health.v1.Health',
       'loraplex.v1.AdapterService',
       'loraplex.v1.InferenceService',
     ]);
 
-    const described = await reflect(pkg, { messageRequest: { case: 'fileContainingSymbol', value: 'loraplex.v1.AdapterService' } });
+    const described = await reflect(server.address, pkg, { messageRequest: { case: 'fileContainingSymbol', value: 'loraplex.v1.AdapterService' } });
     const files = described.fileDescriptorResponse!.fileDescriptorProto.map((b) => fromBinary(FileDescriptorProtoSchema, b));
     assert.deepEqual(files.map((f) => f.name).sort(), ['google/protobuf/timestamp.proto', 'loraplex/v1/adapters.proto']);
     // What a client (grpcurl) does with them: build a registry and use the types.
@@ -326,7 +256,7 @@ for (const pkg of ['grpc.reflection.v1', 'grpc.reflection.v1alpha']) {
     const registry = createFileRegistry(create(FileDescriptorSetSchema, { file: [...files].reverse() }));
     assert.equal(registry.getService('loraplex.v1.AdapterService')?.method['loadAdapter']?.output.typeName, 'loraplex.v1.LoadAdapterResponse');
 
-    const inference = await reflect(pkg, { messageRequest: { case: 'fileContainingSymbol', value: 'loraplex.v1.GenerateRequest' } });
+    const inference = await reflect(server.address, pkg, { messageRequest: { case: 'fileContainingSymbol', value: 'loraplex.v1.GenerateRequest' } });
     const [file] = inference.fileDescriptorResponse!.fileDescriptorProto.map((b) => fromBinary(FileDescriptorProtoSchema, b));
     assert.equal(file?.name, 'loraplex/v1/inference.proto');
     const generate = file!.service.find((s) => s.name === 'InferenceService')!.method.find((m) => m.name === 'Generate')!;
@@ -337,16 +267,16 @@ for (const pkg of ['grpc.reflection.v1', 'grpc.reflection.v1alpha']) {
     assert.equal(file!.messageType.length, GenerateRequestSchema.file.proto.messageType.length);
 
     // grpcurl fetches imports by file name.
-    const byName = await reflect(pkg, { messageRequest: { case: 'fileByFilename', value: 'google/protobuf/timestamp.proto' } });
+    const byName = await reflect(server.address, pkg, { messageRequest: { case: 'fileByFilename', value: 'google/protobuf/timestamp.proto' } });
     assert.deepEqual(
       byName.fileDescriptorResponse?.fileDescriptorProto.map((b) => fromBinary(FileDescriptorProtoSchema, b).name),
       ['google/protobuf/timestamp.proto'],
     );
-    const health = await reflect(pkg, { messageRequest: { case: 'fileContainingSymbol', value: 'grpc.health.v1.Health' } });
+    const health = await reflect(server.address, pkg, { messageRequest: { case: 'fileContainingSymbol', value: 'grpc.health.v1.Health' } });
     const healthFile = fromBinary(FileDescriptorProtoSchema, health.fileDescriptorResponse!.fileDescriptorProto[0]!);
     assert.deepEqual(healthFile.service[0]?.method.map((m) => m.name), ['Check', 'Watch', 'List']);
 
-    const missing = await reflect(pkg, { messageRequest: { case: 'fileContainingSymbol', value: 'loraplex.v1.Nope' } });
+    const missing = await reflect(server.address, pkg, { messageRequest: { case: 'fileContainingSymbol', value: 'loraplex.v1.Nope' } });
     assert.equal(missing.errorResponse?.errorCode, grpc.status.NOT_FOUND);
   });
 }
