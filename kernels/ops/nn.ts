@@ -128,14 +128,14 @@ export function gelu(g: Graph, x: Value, approximate: 'tanh' | 'none'): Value {
 
 /**
  * Per-row LoRA delta from pooled adapter tensors: rows pick their adapter by slot (slot 0 is all zeros).
- * The pools are rank-major, poolA [rank, slots, in] and poolB [rank, slots, out] (scale folded into B), so the
- * caller can feed only the first `rank` planes, the largest rank in the step, as one contiguous view.
- * x [batch, seq, in]; slot [batch]; rowScale [batch, 1, 1] multiplies each row's delta (a request's
- * adapter_scale) and is applied to the small [batch, seq, rank] intermediate.
+ * Pools are slot-major in PEFT's layout, poolA [slots, rank, in] and poolB [slots, out, rank], so loading an
+ * adapter is a plain copy; the transposes below fold into onnxruntime's FusedMatMul (no copy).
+ * x [batch, seq, in]; slot [batch]; rowScale [batch, 1, 1] (the adapter's lora_alpha / r times the request's
+ * adapter_scale) is applied to the small [batch, seq, rank] intermediate.
  */
 export function loraDelta(g: Graph, x: Value, poolA: Value, poolB: Value, slot: Value, rowScale: Value): Value {
-  const a = transpose(g, gather(g, poolA, slot, 1, 'lora_a_rows'), [1, 2, 0], 'lora_a_sel'); // [batch, in, rank]
-  const b = transpose(g, gather(g, poolB, slot, 1, 'lora_b_rows'), [1, 0, 2], 'lora_b_sel'); // [batch, rank, out]
+  const a = transpose(g, gather(g, poolA, slot, 0, 'lora_a_rows'), [0, 2, 1], 'lora_a_t'); // [batch, in, rank]
+  const b = transpose(g, gather(g, poolB, slot, 0, 'lora_b_rows'), [0, 2, 1], 'lora_b_t'); // [batch, rank, out]
   const xa = mul(g, matmul(g, x, a, 'lora_xa'), rowScale, 'lora_xa_scaled'); // [batch, seq, rank]
   return matmul(g, xa, b, 'lora_delta');
 }

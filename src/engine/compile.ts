@@ -10,7 +10,7 @@ import { f32ToF16Bits } from '../models/safetensors.js';
 import type { ModelSpec } from '../models/spec.js';
 
 /** Bump whenever the serving graph or a codec changes what it writes: old cache entries are then ignored. */
-export const ENGINE_VERSION = 'loraplex-engine-5';
+export const ENGINE_VERSION = 'loraplex-engine-6';
 
 export interface CompileOptions {
   quant: QuantOptions;

@@ -45,9 +45,9 @@ export class Engine {
 
   /** Packs on this thread and hands the buffers to the worker without a copy. */
   async setSlot(slot: number, weights: SlotModuleWeights[]): Promise<void> {
-    const modules = packSlot(weights);
-    const transfer = modules.flatMap((m) => [m.a.buffer as ArrayBuffer, m.bT.buffer as ArrayBuffer]);
-    await this.call({ type: 'setSlot', slot, modules }, transfer);
+    const packed = packSlot(weights);
+    const transfer = packed.modules.flatMap((m) => [m.a.buffer as ArrayBuffer, m.b.buffer as ArrayBuffer]);
+    await this.call({ type: 'setSlot', slot, packed }, transfer);
   }
 
   async clearSlot(slot: number): Promise<void> {

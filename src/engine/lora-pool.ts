@@ -8,46 +8,38 @@ export interface SlotModuleWeights {
   /** [out, r] */
   b: Float32Array;
   r: number;
-  /** lora_alpha / r (or / sqrt(r) with rsLoRA) times the request's adapter weight. */
+  /** lora_alpha / r (or / sqrt(r) with rsLoRA); the same for every module of one adapter. */
   scale: number;
 }
 
-/** One module of an adapter in the pool's layout: rank-major A [r, in] and B^T [r, out] with the scale folded in. */
-export interface PackedModule {
-  module: string;
-  r: number;
-  a: Float32Array;
-  bT: Float32Array;
+/** What crosses to the engine worker: PEFT-layout copies whose buffers are transferred, not cloned. */
+export interface PackedSlot {
+  scale: number;
+  modules: { module: string; r: number; a: Float32Array; b: Float32Array }[];
+}
+
+/** Copies the tensors (the caller keeps its own) so they can be transferred to the worker without a clone. */
+export function packSlot(weights: SlotModuleWeights[]): PackedSlot {
+  const scales = new Set(weights.map((w) => w.scale));
+  if (scales.size > 1) throw new RangeError('one slot holds one adapter: every module must have the same scale');
+  return { scale: weights[0]?.scale ?? 0, modules: weights.map((w) => ({ module: w.module, r: w.r, a: w.a.slice(), b: w.b.slice() })) };
 }
 
 /**
- * Converts PEFT-layout weights to the pool's layout. Runs on the caller's thread (the main thread), so the
- * engine worker only copies contiguous planes and the buffers can be transferred to it without a copy.
- */
-export function packSlot(weights: SlotModuleWeights[]): PackedModule[] {
-  return weights.map((w) => {
-    const outF = w.b.length / w.r;
-    const bT = new Float32Array(w.b.length);
-    for (let o = 0; o < outF; o++) {
-      const row = o * w.r;
-      for (let j = 0; j < w.r; j++) bT[j * outF + o] = w.b[row + j]! * w.scale;
-    }
-    return { module: w.module, r: w.r, a: w.a.slice(), bT };
-  });
-}
-
-/**
- * Pooled adapter tensors, fed to every step as graph inputs: per module A [maxRank, slots, in] and
- * B [maxRank, slots, out] with the scale folded into B; ranks below maxRank are zero-padded. Rank-major, so a
- * batch without adapters feeds only the first plane as one contiguous view and pays for rank 1, not maxRank. Slot 0 stays zero (the base model). Loading an
- * adapter into a slot is a copy into that slot's rows; nothing is reallocated.
+ * Pooled adapter tensors, fed to steps that use adapters: per module A [slots, maxRank, in] and
+ * B [slots, out, maxRank], each slot in PEFT's own layout (zero-padded to maxRank), so loading an adapter is
+ * a plain copy into its slot; the graph multiplies by A^T / B^T through transposes that onnxruntime fuses into
+ * the matmuls. The adapter's scaling is not folded in: it travels per row with the request's adapter_scale.
+ * Slot 0 stays zero (the base model). Steps where no row uses an adapter are fed tiny zero tensors instead
+ * (rank 1, one slot), so the base model pays almost nothing for the LoRA path.
  */
 export class LoraPool {
   readonly a = new Map<string, Float32Array>();
   readonly b = new Map<string, Float32Array>();
   private readonly info = new Map<string, LoraModuleInfo>();
-  /** Rank of the adapter in each slot (0 = empty). */
+  /** Rank and scaling of the adapter in each slot (0 = empty). */
   private readonly ranks: number[];
+  private readonly scales: number[];
 
   constructor(
     modules: LoraModuleInfo[],
@@ -55,10 +47,11 @@ export class LoraPool {
     readonly maxRank: number,
   ) {
     this.ranks = new Array<number>(slots).fill(0);
+    this.scales = new Array<number>(slots).fill(0);
     for (const m of modules) {
       this.info.set(m.module, m);
-      this.a.set(m.module, new Float32Array(slots * m.inFeatures * maxRank));
-      this.b.set(m.module, new Float32Array(slots * maxRank * m.outFeatures));
+      this.a.set(m.module, new Float32Array(slots * maxRank * m.inFeatures));
+      this.b.set(m.module, new Float32Array(slots * m.outFeatures * maxRank));
     }
   }
 
@@ -78,62 +71,64 @@ export class LoraPool {
     this.loadPacked(slot, packSlot(weights));
   }
 
-  /** Writes packed weights into a slot: plane copies only; unused planes and modules are zeroed. */
-  loadPacked(slot: number, modules: PackedModule[]): void {
+  loadPacked(slot: number, packed: PackedSlot): void {
     if (!Number.isInteger(slot) || slot < 1 || slot >= this.slots) throw new RangeError(`slot ${slot}: must be in 1..${this.slots - 1}`);
-    const byModule = new Map<string, PackedModule>();
-    for (const w of modules) {
+    const byModule = new Map<string, PackedSlot['modules'][number]>();
+    for (const w of packed.modules) {
       const m = this.info.get(w.module);
       if (!m) throw new RangeError(`module ${w.module} has no LoRA path in the serving graph`);
       if (byModule.has(w.module)) throw new RangeError(`module ${w.module} given twice for slot ${slot}`);
       if (w.r > this.maxRank) throw new RangeError(`rank ${w.r} of ${w.module}: exceeds maxLoraRank ${this.maxRank}`);
-      if (w.a.length !== w.r * m.inFeatures || w.bT.length !== m.outFeatures * w.r) {
+      if (w.a.length !== w.r * m.inFeatures || w.b.length !== m.outFeatures * w.r) {
         throw new RangeError(`${w.module}: A/B sizes do not match rank ${w.r} and shape [${m.outFeatures}, ${m.inFeatures}]`);
       }
       byModule.set(w.module, w);
     }
+    const R = this.maxRank;
     let rank = 0;
     for (const [module, m] of this.info) {
       const w = byModule.get(module);
-      const r = w?.r ?? 0;
       const a = this.a.get(module)!;
       const b = this.b.get(module)!;
-      for (let j = 0; j < this.maxRank; j++) {
-        const aAt = (j * this.slots + slot) * m.inFeatures;
-        const bAt = (j * this.slots + slot) * m.outFeatures;
-        if (j < r) {
-          a.set(w!.a.subarray(j * m.inFeatures, (j + 1) * m.inFeatures), aAt);
-          b.set(w!.bT.subarray(j * m.outFeatures, (j + 1) * m.outFeatures), bAt);
-        } else {
-          a.fill(0, aAt, aAt + m.inFeatures);
-          b.fill(0, bAt, bAt + m.outFeatures);
-        }
+      const aAt = slot * R * m.inFeatures;
+      const bAt = slot * m.outFeatures * R;
+      if (!w) {
+        a.fill(0, aAt, aAt + R * m.inFeatures);
+        b.fill(0, bAt, bAt + m.outFeatures * R);
+        continue;
       }
-      rank = Math.max(rank, r);
+      // A [r, in] is the first r rows of the slot's [R, in]; B [out, r] pads each row to R.
+      a.set(w.a, aAt);
+      a.fill(0, aAt + w.r * m.inFeatures, aAt + R * m.inFeatures);
+      if (w.r === R) b.set(w.b, bAt);
+      else {
+        b.fill(0, bAt, bAt + m.outFeatures * R);
+        for (let o = 0; o < m.outFeatures; o++) b.set(w.b.subarray(o * w.r, (o + 1) * w.r), bAt + o * R);
+      }
+      rank = Math.max(rank, w.r);
     }
     this.ranks[slot] = rank;
-  }
-
-  /**
-   * The rank planes a step feeds: 1 when no row uses an adapter (slot 0 rows get exact zeros either way), else
-   * maxRank. Never the largest rank in the step: the inner dim of the LoRA matmuls would then depend on which
-   * other requests share the batch, and a different summation length changes float rounding, so a request
-   * would not give the same tokens alone and in a mixed batch.
-   */
-  stepRank(slots: Iterable<number>): number {
-    for (const s of slots) if ((this.ranks[s] ?? 0) > 0) return this.maxRank;
-    return 1;
+    this.scales[slot] = packed.scale;
   }
 
   clear(slot: number): void {
+    const R = this.maxRank;
     for (const [module, m] of this.info) {
-      const a = this.a.get(module)!;
-      const b = this.b.get(module)!;
-      for (let j = 0; j < this.maxRank; j++) {
-        a.fill(0, (j * this.slots + slot) * m.inFeatures, (j * this.slots + slot + 1) * m.inFeatures);
-        b.fill(0, (j * this.slots + slot) * m.outFeatures, (j * this.slots + slot + 1) * m.outFeatures);
-      }
+      this.a.get(module)!.fill(0, slot * R * m.inFeatures, (slot + 1) * R * m.inFeatures);
+      this.b.get(module)!.fill(0, slot * m.outFeatures * R, (slot + 1) * m.outFeatures * R);
     }
     this.ranks[slot] = 0;
+    this.scales[slot] = 0;
+  }
+
+  /** True when any of these slots holds an adapter (the step needs the real pool). */
+  inUse(slots: Iterable<number>): boolean {
+    for (const s of slots) if ((this.ranks[s] ?? 0) > 0) return true;
+    return false;
+  }
+
+  /** The adapter's own scaling (lora_alpha / r) of a slot; 0 for an empty slot. */
+  scale(slot: number): number {
+    return this.scales[slot] ?? 0;
   }
 }

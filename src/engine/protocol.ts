@@ -1,11 +1,11 @@
-import type { PackedModule } from './lora-pool.js';
+import type { PackedSlot } from './lora-pool.js';
 import type { RuntimeOptions, StepRow } from './runtime.js';
 
 /** Messages between the engine client (main thread) and the engine worker. */
 export type EngineRequest =
   | { id: number; type: 'init'; opts: RuntimeOptions }
   | { id: number; type: 'step'; rows: StepRow[] }
-  | { id: number; type: 'setSlot'; slot: number; modules: PackedModule[] }
+  | { id: number; type: 'setSlot'; slot: number; packed: PackedSlot }
   | { id: number; type: 'clearSlot'; slot: number }
   | { id: number; type: 'close' };
 

@@ -2,7 +2,7 @@ import ort from 'onnxruntime-node';
 import { LoraplexError, type ErrorCode } from '../errors.js';
 import { KvCache } from './kv-cache.js';
 import { ATTENTION_BLOCK } from '../../kernels/ops/nn.js';
-import { LoraPool, type PackedModule } from './lora-pool.js';
+import { LoraPool, type PackedSlot } from './lora-pool.js';
 import type { ServingLayout } from '../models/graph.js';
 
 /** The only module that imports onnxruntime. Runs inside the engine worker (session.run blocks its thread). */
@@ -89,8 +89,8 @@ export class Runtime {
     return new Runtime(session, opts, cache, pool);
   }
 
-  setSlot(slot: number, modules: PackedModule[]): void {
-    this.pool.loadPacked(slot, modules);
+  setSlot(slot: number, packed: PackedSlot): void {
+    this.pool.loadPacked(slot, packed);
   }
 
   clearSlot(slot: number): void {
@@ -125,15 +125,21 @@ export class Runtime {
       input_ids: new ort.Tensor('int64', ids, [batch, seq]),
       past_len: i64((r) => r.pastLen),
       kv_rows: i64((r) => r.kvRow),
-      slot: i64((r) => r.slot),
-      lora_scale: new ort.Tensor('float32', Float32Array.from(rows, (r) => r.loraScale ?? 1), [batch]),
+      // A row whose slot is empty reads slot 0 (zeros either way), so adapter-free steps can use the small zero pool.
+      slot: i64((r) => (this.pool.inUse([r.slot]) ? r.slot : 0)),
+      // Each row's delta scale: the adapter's own scaling (lora_alpha / r) times the request's adapter_scale.
+      lora_scale: new ort.Tensor('float32', Float32Array.from(rows, (r) => this.pool.scale(r.slot) * (r.loraScale ?? 1)), [batch]),
     };
-    const rank = this.pool.stepRank(rows.map((r) => r.slot));
+    const withAdapters = this.pool.inUse(rows.map((r) => r.slot));
     for (const m of opts.layout.loraModules) {
-      const a = this.pool.a.get(m.module)!.subarray(0, rank * opts.slots * m.inFeatures);
-      const b = this.pool.b.get(m.module)!.subarray(0, rank * opts.slots * m.outFeatures);
-      feeds[`lora_a.${m.module}`] = new ort.Tensor('float32', a, [rank, opts.slots, m.inFeatures]);
-      feeds[`lora_b.${m.module}`] = new ort.Tensor('float32', b, [rank, opts.slots, m.outFeatures]);
+      if (withAdapters) {
+        feeds[`lora_a.${m.module}`] = new ort.Tensor('float32', this.pool.a.get(m.module)!, [opts.slots, opts.maxLoraRank, m.inFeatures]);
+        feeds[`lora_b.${m.module}`] = new ort.Tensor('float32', this.pool.b.get(m.module)!, [opts.slots, m.outFeatures, opts.maxLoraRank]);
+      } else {
+        // Every row is slot 0: one zero slot of rank 1 gives the same exact zeros at a fraction of the cost.
+        feeds[`lora_a.${m.module}`] = new ort.Tensor('float32', this.zeros(m.inFeatures), [1, 1, m.inFeatures]);
+        feeds[`lora_b.${m.module}`] = new ort.Tensor('float32', this.zeros(m.outFeatures), [1, m.outFeatures, 1]);
+      }
     }
     for (let l = 0; l < cache.numLayers; l++) {
       const v = cache.view(l, past);
@@ -146,6 +152,14 @@ export class Runtime {
     const newKv = out['new_kv']!.data as Float32Array;
     cache.append(newKv, rows.map((r) => r.kvRow), rows.map((r) => r.pastLen), seq);
     return { logits: out['logits']!.data as Float32Array, runMs };
+  }
+
+  private readonly zeroBuffers = new Map<number, Float32Array>();
+
+  private zeros(n: number): Float32Array {
+    let z = this.zeroBuffers.get(n);
+    if (!z) this.zeroBuffers.set(n, (z = new Float32Array(n)));
+    return z;
   }
 
   async release(): Promise<void> {

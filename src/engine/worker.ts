@@ -26,7 +26,7 @@ async function handle(req: EngineRequest): Promise<{ result: unknown; transfer?:
       return { result: { logits: own, runMs }, transfer: [own.buffer as ArrayBuffer] };
     }
     case 'setSlot':
-      need().setSlot(req.slot, req.modules);
+      need().setSlot(req.slot, req.packed);
       return { result: null };
     case 'clearSlot':
       need().clearSlot(req.slot);

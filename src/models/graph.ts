@@ -12,10 +12,10 @@ import type { HostTensor, ModelSpec, WeightSource } from './spec.js';
  *   past_len  [batch] int64          tokens already cached for each row (= position of the first new token)
  *   kv_rows   [batch] int64          cache row of each batch row
  *   slot      [batch] int64          adapter slot of each row (0 = base model)
- *   lora_scale [batch] float32       multiplier of each row's adapter delta (1 = as the adapter defines it)
+ *   lora_scale [batch] float32       each row's delta scale: lora_alpha / r times the request's adapter_scale
  *   past_key.L / past_value.L [window, rows, kvDim] float32   time-major cache views (window: a multiple of
  *                                    ATTENTION_BLOCK covering past_len + seq of every row), no copy
- *   lora_a.M [rank, slots, in], lora_b.M [rank, slots, out] float32 (scale folded into B) for each LoRA module M
+ *   lora_a.M [slots, rank, in], lora_b.M [slots, out, rank] float32 in PEFT layout for each LoRA module M
  * Outputs:
  *   logits [batch, vocab]            of each row's last new token
  *   new_kv [2*layers, batch, seq, kvDim]  the new keys (rotary applied) and values, layer by layer, for the caller to append
@@ -60,8 +60,8 @@ interface Ctx {
 
 /** The LoRA path of one module: x A_slot B_slot, from the pooled adapter inputs. */
 function loraPath(c: Ctx, x: Value, module: string, inF: number, out: number): Value {
-  const poolA = c.g.input(`lora_a.${module}`, 'float32', ['rank', 'slots', inF]);
-  const poolB = c.g.input(`lora_b.${module}`, 'float32', ['rank', 'slots', out]);
+  const poolA = c.g.input(`lora_a.${module}`, 'float32', ['slots', 'rank', inF]);
+  const poolB = c.g.input(`lora_b.${module}`, 'float32', ['slots', out, 'rank']);
   c.loraModules.push({ module, inFeatures: inF, outFeatures: out });
   return loraDelta(c.g, x, poolA, poolB, c.slot, c.rowScale);
 }

@@ -143,8 +143,8 @@ test('4-bit linear and per-row LoRA from pooled slots', async () => {
   adapters.forEach((ad, s) => {
     if (!ad) return;
     for (let j = 0; j < ad.r; j++) {
-      for (let i = 0; i < inF; i++) poolA[(j * slots + s) * inF + i] = ad.a[j * inF + i]!;
-      for (let o = 0; o < outF; o++) poolB[(j * slots + s) * outF + o] = ad.b[o * ad.r + j]! * ad.scale;
+      for (let i = 0; i < inF; i++) poolA[(s * rMax + j) * inF + i] = ad.a[j * inF + i]!;
+      for (let o = 0; o < outF; o++) poolB[(s * outF + o) * rMax + j] = ad.b[o * ad.r + j]!;
     }
   });
   const slotOfRow = [2, 0, 1];
@@ -153,8 +153,8 @@ test('4-bit linear and per-row LoRA from pooled slots', async () => {
   const g = new Graph('lora');
   const xv = g.input('x', 'float32', [batch, seq, inF]);
   const slot = g.input('slot', 'int64', [batch]);
-  const pa = g.input('pa', 'float32', [rMax, slots, inF]);
-  const pb = g.input('pb', 'float32', [rMax, slots, outF]);
+  const pa = g.input('pa', 'float32', [slots, rMax, inF]);
+  const pb = g.input('pb', 'float32', [slots, outF, rMax]);
   const base = quantizedLinear(quant)(g, xv, 'proj', { shape: [outF, inF], data: w }, null);
   g.output(base, 'base');
   const scale = reshape(g, g.input('scale', 'float32', [batch]), [-1, 1, 1]);
@@ -162,9 +162,10 @@ test('4-bit linear and per-row LoRA from pooled slots', async () => {
   const out = await runGraph(g, {
     x: { type: 'float32', data: x, dims: [batch, seq, inF] },
     slot: { type: 'int64', data: slotOfRow, dims: [batch] },
-    pa: { type: 'float32', data: poolA, dims: [rMax, slots, inF] },
-    pb: { type: 'float32', data: poolB, dims: [rMax, slots, outF] },
-    scale: { type: 'float32', data: Float32Array.from(rowScale), dims: [batch] },
+    pa: { type: 'float32', data: poolA, dims: [slots, rMax, inF] },
+    pb: { type: 'float32', data: poolB, dims: [slots, outF, rMax] },
+    // The pool holds PEFT's A and B; each row's scale is the adapter's scaling times the request's weight.
+    scale: { type: 'float32', data: Float32Array.from(slotOfRow, (s, b) => (adapters[s]?.scale ?? 0) * rowScale[b]!), dims: [batch] },
   });
   const wq = dequantizeLinear(quantizeLinear(w, outF, inF, quant, 'proj'));
   assert.ok(maxAbsDiff(out['base']!, ref.linear(x, wq, null, batch * seq, inF, outF)) < 1e-4);
