@@ -45,9 +45,22 @@ export class Engine {
 
   /** Packs on this thread and hands the buffers to the worker without a copy. */
   async setSlot(slot: number, weights: SlotModuleWeights[]): Promise<void> {
-    const packed = packSlot(weights);
+    const packed = packSlot(weights, (n) => this.takeStaging(n));
     const transfer = packed.modules.flatMap((m) => [m.a.buffer as ArrayBuffer, m.b.buffer as ArrayBuffer]);
-    await this.call({ type: 'setSlot', slot, packed }, transfer);
+    const returned = (await this.call({ type: 'setSlot', slot, packed }, transfer)) as ArrayBuffer[];
+    for (const b of returned) {
+      const list = this.staging.get(b.byteLength) ?? [];
+      if (list.length < 1024) list.push(b); // in practice one adapter's worth: buffers cycle through loads
+      this.staging.set(b.byteLength, list);
+    }
+  }
+
+  /** Staging buffers for setSlot, by byte length, recycled from the worker (already faulted in). */
+  private readonly staging = new Map<number, ArrayBuffer[]>();
+
+  private takeStaging(n: number): Float32Array {
+    const b = this.staging.get(n * 4)?.pop();
+    return b ? new Float32Array(b) : new Float32Array(n);
   }
 
   async clearSlot(slot: number): Promise<void> {

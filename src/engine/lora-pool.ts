@@ -18,11 +18,19 @@ export interface PackedSlot {
   modules: { module: string; r: number; a: Float32Array; b: Float32Array }[];
 }
 
-/** Copies the tensors (the caller keeps its own) so they can be transferred to the worker without a clone. */
-export function packSlot(weights: SlotModuleWeights[]): PackedSlot {
+/**
+ * Copies the tensors (the caller keeps its own) so they can be transferred to the worker without a clone.
+ * `take(n)` supplies recycled buffers of n floats, so repeated loads do not fault in fresh pages.
+ */
+export function packSlot(weights: SlotModuleWeights[], take: (n: number) => Float32Array = (n) => new Float32Array(n)): PackedSlot {
   const scales = new Set(weights.map((w) => w.scale));
   if (scales.size > 1) throw new RangeError('one slot holds one adapter: every module must have the same scale');
-  return { scale: weights[0]?.scale ?? 0, modules: weights.map((w) => ({ module: w.module, r: w.r, a: w.a.slice(), b: w.b.slice() })) };
+  const copy = (t: Float32Array) => {
+    const out = take(t.length);
+    out.set(t);
+    return out;
+  };
+  return { scale: weights[0]?.scale ?? 0, modules: weights.map((w) => ({ module: w.module, r: w.r, a: copy(w.a), b: copy(w.b) })) };
 }
 
 /**
@@ -53,6 +61,8 @@ export class LoraPool {
       this.a.set(m.module, new Float32Array(slots * maxRank * m.inFeatures));
       this.b.set(m.module, new Float32Array(slots * m.outFeatures * maxRank));
     }
+    // Touch every page now: a cold adapter load should pay for a copy, not for the kernel's page faults.
+    for (const t of [...this.a.values(), ...this.b.values()]) t.fill(0);
   }
 
   get modules(): LoraModuleInfo[] {

@@ -25,9 +25,12 @@ async function handle(req: EngineRequest): Promise<{ result: unknown; transfer?:
       const own = logits.byteOffset === 0 && logits.byteLength === logits.buffer.byteLength ? logits : logits.slice();
       return { result: { logits: own, runMs }, transfer: [own.buffer as ArrayBuffer] };
     }
-    case 'setSlot':
+    case 'setSlot': {
       need().setSlot(req.slot, req.packed);
-      return { result: null };
+      // Hand the staging buffers back for reuse by the next load.
+      const buffers = req.packed.modules.flatMap((m) => [m.a.buffer as ArrayBuffer, m.b.buffer as ArrayBuffer]);
+      return { result: buffers, transfer: buffers };
+    }
     case 'clearSlot':
       need().clearSlot(req.slot);
       return { result: null };
