@@ -149,15 +149,17 @@ test('Tokenize and GetModelInfo', async () => {
 test('a full queue answers RESOURCE_EXHAUSTED with a retry hint', async () => {
   const small = await startTestServer({ maxNumSeqs: 1, maxWaiting: 1 });
   try {
-    const first = collect(small.inference.generate({ prompt: text('Once upon a time'), sampling: greedy(60) }));
-    await new Promise((r) => setTimeout(r, 50));
+    // The first request is running (it has streamed a token) and holds the only row; the second waits.
+    const firstStream = small.inference.generate({ prompt: text('Once upon a time'), sampling: greedy(200) })[Symbol.asyncIterator]();
+    assert.equal((await firstStream.next()).done, false);
     const second = collect(small.inference.generate({ prompt: text('One day'), sampling: greedy(4) }));
-    await new Promise((r) => setTimeout(r, 20));
+    for (let i = 0; i < 200 && small.server.app.scheduler.stats().waiting < 1; i++) await new Promise((r) => setTimeout(r, 1));
     await assert.rejects(collect(small.inference.generate({ prompt: text('The cat'), sampling: greedy(4) })), (e) => {
       const err = e as grpc.ServiceError;
       return err.code === grpc.status.RESOURCE_EXHAUSTED && /maxWaiting 1/.test(err.details) && err.metadata.get('retry-after-ms').length === 1;
     });
-    assert.equal((await first).tokenIds.length, 60);
+    const first = collect({ [Symbol.asyncIterator]: () => firstStream });
+    assert.equal((await first).tokenIds.length, 199); // the first token was read above
     assert.equal((await second).tokenIds.length, 4);
   } finally {
     await small.close();
