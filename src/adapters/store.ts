@@ -1,10 +1,11 @@
-import { closeSync, existsSync, fsyncSync, mkdirSync, openSync, readdirSync, readFileSync, renameSync, rmSync, statSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { join, resolve } from 'node:path';
 import { LoraplexError, invalidArgument, notFound } from '../errors.js';
 import type { LoraModuleInfo } from '../models/graph.js';
 import type { ModelSpec } from '../models/spec.js';
 import { adapterPath, validateAdapterId } from './ids.js';
+import { fsyncDir } from '../models/safetensors.js';
 import { PeftFormatError, readPeftAdapter, writePeftAdapter, type PeftAdapter } from './peft.js';
 
 /**
@@ -38,20 +39,6 @@ const WEIGHTS = 'adapter_model.safetensors';
 
 const tag = () => `${process.pid}-${randomBytes(4).toString('hex')}`;
 const errno = (err: unknown): string | undefined => (err as NodeJS.ErrnoException | null)?.code;
-
-function fsyncDir(dir: string): void {
-  // Makes a rename durable; best effort (some platforms cannot open a directory).
-  try {
-    const fd = openSync(dir, 'r');
-    try {
-      fsyncSync(fd);
-    } finally {
-      closeSync(fd);
-    }
-  } catch {
-    /* best effort */
-  }
-}
 
 /** Sum of file sizes under dir (recursive; symlinks are not followed). */
 function treeBytes(dir: string): number {

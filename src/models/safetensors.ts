@@ -307,8 +307,9 @@ function buildHeader(tensors: TensorToWrite[], dtype: SafetensorsDtype, metadata
   return out;
 }
 
-function fsyncDir(dir: string): void {
-  // Makes the rename durable; some platforms cannot open a directory, which is harmless.
+/** Makes a rename in `dir` durable. */
+export function fsyncDir(dir: string): void {
+  // Some platforms cannot open a directory; some platforms cannot open a directory, which is harmless.
   try {
     const fd = openSync(dir, 'r');
     try {
