@@ -143,6 +143,13 @@ export async function startFakeServer(): Promise<FakeServer> {
     server,
     AdapterService,
     {
+      // The fake store holds one adapter: merging or exporting needs more, so these only report that.
+      async mergeAdapters() {
+        throw new LoraplexError('FAILED_PRECONDITION', 'the fake adapter store cannot merge');
+      },
+      async exportMergedModel() {
+        throw new LoraplexError('FAILED_PRECONDITION', 'the fake adapter store cannot export');
+      },
       async loadAdapter(req) {
         if (req.adapterId !== DEMO_ADAPTER) throw new LoraplexError('NOT_FOUND', `adapter_id "${req.adapterId}" is not in the adapter store`);
         return {

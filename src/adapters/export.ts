@@ -1,0 +1,123 @@
+import { copyFileSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { join } from 'node:path';
+import { randomBytes } from 'node:crypto';
+import { LoraplexError, invalidArgument } from '../errors.js';
+import { dequantizeLinear, quantizeLinear, type QuantOptions } from '../../kernels/quant/index.js';
+import { loadModelDir } from '../models/load.js';
+import { fsyncDir, writeShardedSafetensors, writeSafetensors, type TensorToWrite } from '../models/safetensors.js';
+import type { HostTensor, ModelSpec } from '../models/spec.js';
+import type { PeftAdapter } from './peft.js';
+
+/** Files of a Hugging Face model directory besides the weights that an export carries over when present. */
+const CARRIED = ['tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'generation_config.json', 'chat_template.jinja', 'chat_template.json', 'tokenizer.model'];
+const NAME_RE = /^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$/;
+const MAX_SHARD_BYTES = 2 * 1024 ** 3;
+
+export interface ExportSource {
+  adapterId: string;
+  adapter: PeftAdapter;
+  weight: number;
+}
+
+export interface ExportResult {
+  dir: string;
+  bytes: number;
+  seconds: number;
+}
+
+export function validateOutputName(name: string): string {
+  if (!NAME_RE.test(name) || name.includes('..')) {
+    throw invalidArgument(`output_name ${JSON.stringify(name.slice(0, 40))}: must be 1-128 characters of letters, digits, ".", "_", "-" and not start with "."`);
+  }
+  return name;
+}
+
+/** True for a linear layer's weight as the serving graph quantizes it (gpt2 Conv1D weights are [in, out]). */
+function linearModuleOf(spec: ModelSpec, name: string): string | null {
+  const re = spec.family === 'gpt2' ? /^(h\.\d+\.(?:attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj))\.weight$/ : /^(model\.layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj))\.weight$/;
+  return re.exec(name)?.[1] ?? null;
+}
+
+/**
+ * Writes base + weighted adapter deltas as a plain Hugging Face model directory: the served base, i.e. every
+ * linear weight quantized and dequantized with the served codec (exactly what the server computes with; the
+ * original weights when quant is none), plus Σ weight * scaling * B A. Other tensors are copied. Written into a
+ * temporary folder under exportRoot and renamed into place, so a crash never leaves a half model.
+ */
+export function exportMergedModel(modelDir: string, quant: QuantOptions, sources: ExportSource[], exportRoot: string, outputName: string, dtype: 'F16' | 'F32'): ExportResult {
+  const t0 = performance.now();
+  validateOutputName(outputName);
+  const dest = join(exportRoot, outputName);
+  if (existsSync(dest)) throw new LoraplexError('ALREADY_EXISTS', `output_name ${JSON.stringify(outputName)} already exists in the export root`);
+  const { spec, weights } = loadModelDir(modelDir);
+  const deltas = new Map<string, { adapter: PeftAdapter; weight: number; index: number }[]>();
+  for (const s of sources) {
+    s.adapter.modules.forEach((m, index) => {
+      const list = deltas.get(m.module) ?? [];
+      list.push({ adapter: s.adapter, weight: s.weight, index });
+      deltas.set(m.module, list);
+    });
+  }
+  const served = (name: string): HostTensor => {
+    const t = weights.get(name);
+    const module = linearModuleOf(spec, name);
+    if (!module) return t;
+    const conv = spec.family === 'gpt2'; // stored [in, out]; deltas are [out, in]
+    const [rows, cols] = t.shape as [number, number];
+    const [N, K] = conv ? [cols, rows] : [rows, cols];
+    let w = t.data; // [N, K] after the transpose below for Conv1D
+    if (conv) {
+      w = new Float32Array(N * K);
+      for (let i = 0; i < rows; i++) for (let j = 0; j < cols; j++) w[j * K + i] = t.data[i * cols + j]!;
+    }
+    if (quant.kind !== 'none') w = dequantizeLinear(quantizeLinear(w, N, K, quant, name));
+    else if (!conv) w = w.slice();
+    for (const d of deltas.get(module) ?? []) {
+      const m = d.adapter.modules[d.index]!;
+      const f = d.weight * d.adapter.scaling;
+      for (let o = 0; o < N; o++) {
+        for (let j = 0; j < m.r; j++) {
+          const bv = m.b[o * m.r + j]! * f;
+          if (bv === 0) continue;
+          const ao = j * K;
+          const wo = o * K;
+          for (let k = 0; k < K; k++) w[wo + k]! += bv * m.a[ao + k]!;
+        }
+      }
+    }
+    if (!conv) return { shape: t.shape, data: w };
+    const back = new Float32Array(rows * cols);
+    for (let i = 0; i < rows; i++) for (let j = 0; j < cols; j++) back[i * cols + j] = w[j * K + i]!;
+    return { shape: t.shape, data: back };
+  };
+  const tensors: TensorToWrite[] = weights.names().map((name) => ({ name, shape: weights.shape(name), data: () => served(name).data }));
+  const totalBytes = tensors.reduce((n, t) => n + t.shape.reduce((a, b) => a * b, 1) * (dtype === 'F16' ? 2 : 4), 0);
+
+  mkdirSync(exportRoot, { recursive: true });
+  const tmp = join(exportRoot, `.tmp-${outputName}-${randomBytes(4).toString('hex')}`);
+  mkdirSync(tmp);
+  try {
+    if (totalBytes > MAX_SHARD_BYTES) writeShardedSafetensors(tmp, tensors, dtype, MAX_SHARD_BYTES);
+    else writeSafetensors(join(tmp, 'model.safetensors'), tensors, dtype);
+    const config = JSON.parse(readFileSync(join(modelDir, 'config.json'), 'utf8')) as Record<string, unknown>;
+    config['torch_dtype'] = dtype === 'F16' ? 'float16' : 'float32';
+    writeFileSync(join(tmp, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
+    for (const f of CARRIED) if (existsSync(join(modelDir, f))) copyFileSync(join(modelDir, f), join(tmp, f));
+    const provenance = {
+      exportedBy: 'loraplex',
+      baseQuantization: quant,
+      adapters: sources.map((s) => ({ adapterId: s.adapterId, weight: s.weight, r: s.adapter.r, loraAlpha: s.adapter.alpha })),
+      specModelType: spec.modelType,
+    };
+    writeFileSync(join(tmp, 'loraplex_export.json'), `${JSON.stringify(provenance, null, 2)}\n`);
+    fsyncDir(tmp);
+    renameSync(tmp, dest);
+    fsyncDir(exportRoot);
+  } catch (e) {
+    rmSync(tmp, { recursive: true, force: true });
+    throw e;
+  }
+  let bytes = 0;
+  for (const f of ['model.safetensors']) if (existsSync(join(dest, f))) bytes += statSync(join(dest, f)).size;
+  return { dir: dest, bytes: bytes || totalBytes, seconds: (performance.now() - t0) / 1000 };
+}
