@@ -1,10 +1,16 @@
 import { mkdirSync } from 'node:fs';
-import * as grpc from '@grpc/grpc-js';
 import { AdapterManager } from './adapters/manager.js';
 import { AdapterStore } from './adapters/store.js';
 import { startEngine, type EngineSettings, type LoadedEngine } from './cli/common.js';
+import { settingDefault } from './config/parse.js';
 import type { Logger } from './obs/logger.js';
+import { startMetricsServer, type MetricsServer } from './obs/http.js';
+import { createMetrics, type Metrics } from './obs/metrics.js';
+import { createRequestLog } from './obs/requests.js';
+import { createAuthenticator } from './rpc/auth.js';
+import type { CallObserver } from './rpc/bridge.js';
 import { createRpcServer, type App } from './rpc/server.js';
+import { serverCredentials, tlsMode } from './rpc/tls.js';
 import { Scheduler } from './scheduler/scheduler.js';
 
 /** The composition root: config -> engine -> adapters -> scheduler -> rpc. No logic of its own. */
@@ -21,29 +27,89 @@ export interface ServerConfig extends EngineSettings {
   drainSeconds: number;
   /** Shown by GetModelInfo: the model directory, or 'demo'. */
   source: string;
+  /** Where merged models are exported. */
+  exportRoot: string;
+  /** 'required': every loraplex RPC needs an API key from apiKeysFile; 'disabled': everyone is LOCAL_PRINCIPAL. */
+  auth: 'required' | 'disabled';
+  /** A JSON/YAML keys file, or a directory of them (a mounted Secret); see src/rpc/auth.ts. */
+  apiKeysFile: string | null;
+  /** PEM files; cert + key = TLS, + clientCa = mutual TLS. */
+  tlsCert: string | null;
+  tlsKey: string | null;
+  tlsClientCa: string | null;
+  logLevel: string;
+  /** Include prompt and output text in logs. */
+  logPrompts: boolean;
+  /** Prometheus /metrics HTTP port; 0 = off. */
+  metricsPort: number;
+  /** How many tenants get their own metrics label (0 = none). */
+  maxTenantLabels: number;
+}
+
+/** Settings added after the first release: callers that build a ServerConfig by hand may leave them out. */
+type AddedSettings = 'exportRoot' | 'auth' | 'apiKeysFile' | 'tlsCert' | 'tlsKey' | 'tlsClientCa' | 'logLevel' | 'logPrompts' | 'metricsPort' | 'maxTenantLabels';
+
+/** What startServer takes: a ServerConfig whose later settings default as in the schema (src/config). */
+export type ServerConfigInput = Omit<ServerConfig, AddedSettings> & Partial<Pick<ServerConfig, AddedSettings>>;
+
+const ADDED_SETTINGS: readonly AddedSettings[] = ['exportRoot', 'auth', 'apiKeysFile', 'tlsCert', 'tlsKey', 'tlsClientCa', 'logLevel', 'logPrompts', 'metricsPort', 'maxTenantLabels'];
+
+/** Fills the added settings left out with the schema's defaults (auth 'required' included: it needs apiKeysFile). */
+export function withDefaults(cfg: ServerConfigInput): ServerConfig {
+  const out: Record<string, unknown> = { ...cfg };
+  for (const name of ADDED_SETTINGS) if (out[name] === undefined) out[name] = settingDefault(name);
+  return out as unknown as ServerConfig;
+}
+
+/** Extension points for the composition root's callers. */
+export interface ServerHooks {
+  /** Sees every loraplex RPC when it ends, besides the built-in request log and metrics. */
+  observer?: CallObserver;
+  /** The metrics to fill (tests pass their own); default: a new registry. */
+  metrics?: Metrics;
 }
 
 export interface RunningServer {
   port: number;
   app: App;
+  metrics: Metrics;
+  /** The /metrics HTTP port, or null when metricsPort is 0. */
+  metricsPort: number | null;
+  /** Re-reads the API keys file (SIGHUP); keeps the old keys and throws when the new file is broken. */
+  reloadApiKeys(): number;
   /** Health NOT_SERVING, finish running streams within drainSeconds, then stop. */
   drain(): Promise<void>;
   /** Immediate stop (tests). */
   close(): Promise<void>;
 }
 
-export async function startServer(cfg: ServerConfig, log: Logger): Promise<RunningServer> {
+export async function startServer(input: ServerConfigInput, log: Logger, hooks: ServerHooks = {}): Promise<RunningServer> {
+  const cfg = withDefaults(input);
+  // Keys and certificates are checked before anything slow, so a bad file fails the start at once.
+  const auth = createAuthenticator(cfg);
+  const credentials = serverCredentials(cfg);
   // The port answers at once (health NOT_SERVING, RPCs UNAVAILABLE) while the model loads.
-  const rpc = createRpcServer(log);
+  const metrics = hooks.metrics ?? createMetrics({ maxTenantLabels: cfg.maxTenantLabels });
+  const requestLog = createRequestLog({ log, metrics, logPrompts: cfg.logPrompts });
+  const extra = hooks.observer;
+  const observer: CallObserver = extra ? { onCallEnd: (info) => (requestLog.onCallEnd(info), extra.onCallEnd(info)) } : requestLog;
+  const rpc = createRpcServer(log, { authenticate: (md) => auth.authenticate(md), observer });
   const port = await new Promise<number>((resolve, reject) =>
-    rpc.server.bindAsync(`${cfg.host}:${cfg.port}`, grpc.ServerCredentials.createInsecure(), (err, p) => (err ? reject(err) : resolve(p))),
+    rpc.server.bindAsync(`${cfg.host}:${cfg.port}`, credentials, (err, p) => (err ? reject(err) : resolve(p))),
   );
-  log.info({ port, host: cfg.host }, 'listening; loading the model');
+  log.info({ port, host: cfg.host, auth: cfg.auth, tls: tlsMode(cfg) }, 'listening; loading the model');
+  let serving = false;
+  let metricsHttp: MetricsServer | null = null;
   let loaded: LoadedEngine;
   try {
+    if (cfg.metricsPort !== 0) {
+      metricsHttp = await startMetricsServer({ port: cfg.metricsPort, host: cfg.host, registry: metrics.registry, ready: () => serving });
+      log.info({ metricsPort: metricsHttp.port }, 'metrics listening');
+    }
     loaded = await startEngine(cfg);
   } catch (e) {
     rpc.server.forceShutdown();
+    await metricsHttp?.close();
     throw e;
   }
   const { engine, compiled, tokenizer, maxModelLen } = loaded;
@@ -59,6 +125,7 @@ export async function startServer(cfg: ServerConfig, log: Logger): Promise<Runni
     maxAdapterBytes: cfg.maxAdapterBytes,
     slotWriter: engine,
   });
+  metrics.attachAdapters(() => adapters.stats());
   const scheduler = new Scheduler(
     engine,
     adapters,
@@ -71,25 +138,33 @@ export async function startServer(cfg: ServerConfig, log: Logger): Promise<Runni
       eosTokenIds: compiled.spec.eosTokenIds,
     },
     (err) => log.error({ err }, 'engine step failed'),
+    metrics,
   );
   const app: App = { cfg, compiled, tokenizer, maxModelLen, adapters, scheduler };
   rpc.setApp(app);
   rpc.health.setServing(true);
+  serving = true;
   log.info({ port }, 'serving');
 
   let closed = false;
   const close = async () => {
     if (closed) return;
     closed = true;
+    serving = false;
     rpc.health.setServing(false);
     await scheduler.close();
     rpc.server.forceShutdown();
     await engine.close();
+    await metricsHttp?.close();
   };
   return {
     port,
     app,
+    metrics,
+    metricsPort: metricsHttp?.port ?? null,
+    reloadApiKeys: () => auth.reload(),
     async drain() {
+      serving = false;
       rpc.health.setServing(false);
       rpc.setDraining();
       log.info({ graceSeconds: cfg.drainSeconds }, 'draining');

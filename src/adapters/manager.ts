@@ -1,8 +1,11 @@
 import { performance } from 'node:perf_hooks';
-import { LoraplexError, failedPrecondition, notFound, resourceExhausted } from '../errors.js';
+import { LoraplexError, failedPrecondition, invalidArgument, notFound, resourceExhausted } from '../errors.js';
+import type { PeftAdapter } from './peft.js';
+import { mergeAdapters } from './merge.js';
+import { createHash } from 'node:crypto';
 import type { LoraModuleInfo } from '../models/graph.js';
 import type { ModelSpec } from '../models/spec.js';
-import { validateAdapterId } from './ids.js';
+import { displayId, parseAdapterKey } from './tenancy.js';
 import { AdapterRegistry, toInfo, type AdapterInfo, type AdapterRecord } from './registry.js';
 import { SlotTable, type Lease, type SlotWriter } from './slots.js';
 import type { AdapterLimits, AdapterStore } from './store.js';
@@ -13,6 +16,9 @@ import type { AdapterLimits, AdapterStore } from './store.js';
  * id has finished (a promise chain per id), so concurrent requests never load an adapter twice or put it into
  * two slots. Operations on different ids interleave; whatever they share (slot ownership, the registry) is
  * changed synchronously, between awaits.
+ *
+ * Adapters are named by their key (tenancy.ts: `id`, or `tenant~id`); the handlers scope the client's id
+ * into the caller's namespace before calling in here. Messages show only the id part.
  */
 
 export interface AdapterManagerOptions {
@@ -53,7 +59,13 @@ export interface AdapterStats {
 
 export type { AdapterInfo, Lease, SlotWriter };
 
-const quote = (id: string) => JSON.stringify(id);
+const quote = (key: string) => JSON.stringify(displayId(key));
+
+/** The key unchanged once both its parts are valid names (INVALID_ARGUMENT otherwise). */
+/** Keys of per-request mixes: '!' can start neither an adapter id nor a tenant, so they never collide. */
+const MIX_PREFIX = '!mix-';
+const MAX_MIX_RECIPES = 1024;
+const validKey = (key: string) => (key.startsWith(MIX_PREFIX) ? key : (parseAdapterKey(key), key));
 
 export class AdapterManager {
   private readonly store: AdapterStore;
@@ -68,6 +80,8 @@ export class AdapterManager {
   private readonly inflight = new Map<string, number>();
   /** lastUsed of adapters no longer in memory, so that listings keep it. */
   private readonly lastUsedOnDisk = new Map<string, number>();
+  /** Per-request mixes: key -> sources (scoped keys and weights), least recently defined first. */
+  private readonly mixes = new Map<string, { key: string; weight: number }[]>();
   private counters = { loads: 0, evictions: 0, hits: 0, misses: 0, loadSecondsTotal: 0 };
 
   constructor(opts: AdapterManagerOptions) {
@@ -95,7 +109,7 @@ export class AdapterManager {
    * are pinned or serving requests.
    */
   async load(adapterId: string, opts: { pin?: boolean } = {}): Promise<{ info: AdapterInfo; loadSeconds: number }> {
-    const id = validateAdapterId(adapterId);
+    const id = validKey(adapterId);
     return this.serial(id, async () => {
       const pin = opts.pin ?? false;
       const existing = this.registry.get(id);
@@ -117,14 +131,14 @@ export class AdapterManager {
    * in the store; INVALID_ARGUMENT when the stored adapter is unusable.
    */
   async tryAcquire(adapterId: string): Promise<Lease | null> {
-    const id = validateAdapterId(adapterId);
+    const id = validKey(adapterId);
     // Fast path, no queueing: already in a slot and nothing else going on for this id.
     const hot = this.registry.get(id);
     if (hot && hot.state === 'active' && !this.inflight.has(id)) return this.hit(hot);
     return this.serial(id, async () => {
       let rec = this.registry.get(id);
       if (rec && rec.state === 'active') return this.hit(rec);
-      if (!rec && !this.store.has(id)) throw this.missing(id);
+      if (!rec && !this.exists(id)) throw this.missing(id);
       // Nothing is loaded for a request that could not run now: waiting adapters would otherwise push each
       // other out of memory on every retry.
       if (!this.slots.available()) return null;
@@ -146,7 +160,7 @@ export class AdapterManager {
    * requests use it; NOT_FOUND when it is neither in memory nor in the store.
    */
   async unload(adapterId: string, opts: { deleteFromStore?: boolean } = {}): Promise<AdapterInfo> {
-    const id = validateAdapterId(adapterId);
+    const id = validKey(adapterId);
     return this.serial(id, async () => {
       const rec = this.registry.get(id);
       if (!rec) {
@@ -171,7 +185,7 @@ export class AdapterManager {
   /** Every adapter in the store or in memory, sorted by id. Reads the store's directory each call. */
   list(): AdapterInfo[] {
     const ids = new Set(this.store.list());
-    for (const r of this.registry.values()) ids.add(r.adapterId);
+    for (const r of this.registry.values()) if (!r.adapterId.startsWith(MIX_PREFIX)) ids.add(r.adapterId);
     return [...ids].sort().map((id) => {
       const rec = this.registry.get(id);
       return rec ? toInfo(rec) : this.storedInfo(id);
@@ -179,7 +193,7 @@ export class AdapterManager {
   }
 
   info(adapterId: string): AdapterInfo {
-    const id = validateAdapterId(adapterId);
+    const id = validKey(adapterId);
     const rec = this.registry.get(id);
     if (rec) return toInfo(rec);
     if (!this.store.has(id)) throw this.missing(id);
@@ -206,7 +220,63 @@ export class AdapterManager {
 
   // --- internals -------------------------------------------------------------------------------------
 
-  /** Runs fn after every earlier operation on this id has settled; the id counts as busy until fn settles. */
+  /**
+   * An adapter's tensors for merging or export: from memory, or read from the store (without taking a memory
+   * slot of the LRU). Callers must not modify them.
+   */
+  async tensors(adapterId: string): Promise<PeftAdapter> {
+    const id = validKey(adapterId);
+    return this.serial(id, async () => {
+      const rec = this.registry.get(id);
+      if (rec?.adapter) return rec.adapter;
+      if (!this.store.has(id)) throw this.missing(id);
+      return this.store.read(id, this.spec, this.limits);
+    });
+  }
+
+  /** Writes a new adapter into the store (atomically; ALREADY_EXISTS when the id is taken) and returns its info. */
+  async create(adapterId: string, adapter: PeftAdapter): Promise<AdapterInfo> {
+    const id = validKey(adapterId);
+    return this.serial(id, async () => {
+      if (adapter.r > this.limits.maxLoraRank) {
+        throw invalidArgument(`adapter_id ${quote(id)}: rank ${adapter.r} exceeds maxLoraRank ${this.limits.maxLoraRank}`);
+      }
+      if (this.registry.get(id) || this.store.has(id)) throw new LoraplexError('ALREADY_EXISTS', `adapter_id ${quote(id)} already exists`);
+      this.store.write(id, adapter);
+      return this.storedInfo(id);
+    });
+  }
+
+  /**
+   * A weighted mix of adapters as one virtual adapter: their exact cat merge (rank = sum of ranks), built when
+   * a request first needs it and then held and slotted like any loaded adapter; LRU eviction just drops it
+   * (it is rebuilt from the sources on the next use). Never written to the store, never listed. Returns its key.
+   */
+  defineMix(sources: { key: string; weight: number }[]): string {
+    for (const s of sources) validKey(s.key);
+    const canonical = [...sources].sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0)).map((s) => `${s.key}\u0000${s.weight}`).join('\u0001');
+    const key = `${MIX_PREFIX}${createHash('sha256').update(canonical).digest('hex').slice(0, 24)}`;
+    this.mixes.delete(key);
+    this.mixes.set(key, sources);
+    // Bounded recipes (tiny); the tensors themselves live in the registry under the maxCpuLoras LRU.
+    while (this.mixes.size > MAX_MIX_RECIPES) this.mixes.delete(this.mixes.keys().next().value!);
+    return key;
+  }
+
+  /** Reads a stored adapter, or builds a mix from its sources (from memory when loaded, else the store). */
+  private readAdapter(id: string): PeftAdapter {
+    const mix = this.mixes.get(id);
+    if (!mix) return this.store.read(id, this.spec, this.limits);
+    const adapters = mix.map((s) => ({ adapterId: s.key, weight: s.weight, adapter: this.registry.get(s.key)?.adapter ?? this.store.read(s.key, this.spec, this.limits) }));
+    const merged = mergeAdapters(adapters, { method: 'cat' });
+    if (merged.r > this.limits.maxLoraRank) throw invalidArgument(`adapters: the mix has rank ${merged.r} (the sum of the ranks), over maxLoraRank ${this.limits.maxLoraRank}`);
+    return merged;
+  }
+
+  private exists(id: string): boolean {
+    return this.mixes.has(id) || this.store.has(id);
+  }
+
   private serial<T>(id: string, fn: () => Promise<T>): Promise<T> {
     this.inflight.set(id, (this.inflight.get(id) ?? 0) + 1);
     const prev = this.chains.get(id) ?? Promise.resolve();
@@ -261,7 +331,7 @@ export class AdapterManager {
     }
 
     const t0 = performance.now();
-    const adapter = this.store.read(id, this.spec, this.limits);
+    const adapter = this.readAdapter(id);
     const seconds = (performance.now() - t0) / 1000;
 
     const clears = victims.map((v) => {
@@ -290,7 +360,7 @@ export class AdapterManager {
   private drop(rec: AdapterRecord): Promise<void> {
     const cleared = this.slots.vacate(rec);
     this.registry.remove(rec);
-    if (rec.lastUsed !== null) this.lastUsedOnDisk.set(rec.adapterId, rec.lastUsed);
+    if (rec.lastUsed !== null && !rec.adapterId.startsWith(MIX_PREFIX)) this.lastUsedOnDisk.set(rec.adapterId, rec.lastUsed);
     return cleared;
   }
 

@@ -1,10 +1,11 @@
 import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
-import { join, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { LoraplexError, invalidArgument, notFound } from '../errors.js';
 import type { LoraModuleInfo } from '../models/graph.js';
 import type { ModelSpec } from '../models/spec.js';
-import { adapterPath, validateAdapterId } from './ids.js';
+import { validateAdapterId } from './ids.js';
+import { adapterKeyPath, displayId, isTenantName, parseAdapterKey, TENANT_SEPARATOR } from './tenancy.js';
 import { fsyncDir } from '../models/safetensors.js';
 import { PeftFormatError, readPeftAdapter, writePeftAdapter, type PeftAdapter } from './peft.js';
 
@@ -12,6 +13,10 @@ import { PeftFormatError, readPeftAdapter, writePeftAdapter, type PeftAdapter } 
  * The adapter store: one PEFT directory per adapter under a root, `<root>/<adapterId>/adapter_config.json +
  * adapter_model.safetensors`. The ONLY module that touches adapter files. Nothing is cached: the directory is
  * the truth, so an adapter copied in (or written by a training job) is visible to the very next call.
+ *
+ * Adapters are named by their key (tenancy.ts): `id` lives at `<root>/<id>/`, `tenant~id` at
+ * `<root>/<tenant>/<id>/`. A root directory with an adapter_config.json is an adapter, never a tenant's
+ * namespace. Messages show only the id part, so they read the same in every namespace.
  */
 
 export interface AdapterLimits {
@@ -65,28 +70,58 @@ export class AdapterStore {
     }
   }
 
-  /** The directory of an adapter (validated id, always a direct child of the root). It may not exist. */
+  /** The directory of an adapter key (validated, always inside the root). It may not exist. */
   dir(id: string): string {
-    return adapterPath(this.root, id);
+    return adapterKeyPath(this.root, id);
   }
 
-  /** Ids of the directories under the root that hold an adapter_config.json, sorted. Read fresh each call. */
+  /**
+   * Keys of every adapter (a directory holding an adapter_config.json) in the flat layout and in every
+   * tenant's namespace, sorted. Read fresh each call.
+   */
   list(): string[] {
-    const ids: string[] = [];
-    for (const e of readdirSync(this.root, { withFileTypes: true })) {
-      if (!(e.isDirectory() || e.isSymbolicLink())) continue;
-      try {
-        validateAdapterId(e.name);
-      } catch {
-        continue; // scratch directories and names a client could never ask for
+    const keys: string[] = [];
+    for (const name of this.childDirs(this.root)) {
+      if (existsSync(join(this.root, name, CONFIG))) keys.push(name);
+      else if (isTenantName(name)) {
+        for (const id of this.childDirs(join(this.root, name))) {
+          if (existsSync(join(this.root, name, id, CONFIG))) keys.push(`${name}${TENANT_SEPARATOR}${id}`);
+        }
       }
-      if (existsSync(join(this.root, e.name, CONFIG))) ids.push(e.name);
     }
-    return ids.sort();
+    return keys.sort();
+  }
+
+  /** Names of the subdirectories of dir that are valid adapter ids (scratch names start with '.'). */
+  private childDirs(dir: string): string[] {
+    let entries;
+    try {
+      entries = readdirSync(dir, { withFileTypes: true });
+    } catch (err) {
+      if (dir !== this.root && (errno(err) === 'ENOENT' || errno(err) === 'ENOTDIR')) return []; // a tenant dir removed meanwhile
+      throw err;
+    }
+    return entries
+      .filter((e) => (e.isDirectory() || e.isSymbolicLink()) && !e.name.startsWith('.'))
+      .map((e) => e.name)
+      .filter((name) => {
+        try {
+          validateAdapterId(name);
+          return true;
+        } catch {
+          return false; // names a client could never ask for
+        }
+      });
   }
 
   has(id: string): boolean {
-    return existsSync(join(this.dir(id), CONFIG));
+    return this.namespaceUsable(id) && existsSync(join(this.dir(id), CONFIG));
+  }
+
+  /** False when the key's tenant directory is itself an (un-namespaced) adapter: it holds no tenant's adapters. */
+  private namespaceUsable(key: string): boolean {
+    const { tenant } = parseAdapterKey(key);
+    return tenant === '' || !existsSync(join(this.root, tenant, CONFIG));
   }
 
   /** Bytes on disk of the adapter's directory; NOT_FOUND when it is not in the store. */
@@ -142,8 +177,8 @@ export class AdapterStore {
   }
 
   private readOnce(id: string, dir: string, spec: ModelSpec, limits: AdapterLimits): PeftAdapter {
-    const name = `adapter_id ${JSON.stringify(id)}`;
-    if (!existsSync(join(dir, CONFIG))) throw this.missing(id);
+    const name = `adapter_id ${JSON.stringify(displayId(id))}`;
+    if (!this.has(id)) throw this.missing(id);
 
     const declared = this.describe(id).r;
     if (declared !== null && declared > limits.maxLoraRank) {
@@ -160,7 +195,7 @@ export class AdapterStore {
     } catch (err) {
       if (err instanceof PeftFormatError) {
         // Client-visible: the file and the rule, never the server's paths.
-        const detail = err.detail.split(dir + '/').join('').split(dir).join(id);
+        const detail = err.detail.split(dir + '/').join('').split(dir).join(displayId(id));
         throw invalidArgument(`${name}: ${err.file ? `${err.file}: ` : ''}${detail}`, err);
       }
       if (errno(err) === 'ENOENT') throw this.missing(id); // deleted while we read it
@@ -190,8 +225,15 @@ export class AdapterStore {
    */
   write(id: string, adapter: PeftAdapter, opts: { overwrite?: boolean } = {}): void {
     const dir = this.dir(id);
-    if (!opts.overwrite && existsSync(dir)) throw this.exists(id);
+    if (!this.namespaceUsable(id)) {
+      throw new LoraplexError('FAILED_PRECONDITION', `tenant ${JSON.stringify(parseAdapterKey(id).tenant)}: the adapter root holds an un-namespaced adapter of that name; move it away`);
+    }
+    // Never replace a flat-layout directory that is not an adapter: it may be a tenant's whole namespace.
+    const mayReplace = () => opts.overwrite === true && (parseAdapterKey(id).tenant !== '' || existsSync(join(dir, CONFIG)));
+    if (existsSync(dir) && !mayReplace()) throw this.exists(id);
+    // Temp files stay in the root (same file system, so the rename is atomic; startup sweeps them).
     const tmp = join(this.root, `${TMP_PREFIX}${id}-${tag()}`);
+    mkdirSync(dirname(dir), { recursive: true });
     try {
       writePeftAdapter(tmp, adapter);
       for (let attempt = 0; ; attempt++) {
@@ -201,12 +243,13 @@ export class AdapterStore {
         } catch (err) {
           const code = errno(err);
           if (code !== 'ENOTEMPTY' && code !== 'EEXIST' && code !== 'ENOTDIR') throw err;
-          if (!opts.overwrite) throw this.exists(id);
+          if (!mayReplace()) throw this.exists(id);
           if (attempt >= 3) throw err;
           this.moveAsideAndRemove(dir);
         }
       }
-      fsyncDir(this.root);
+      fsyncDir(dirname(dir));
+      if (dirname(dir) !== this.root) fsyncDir(this.root);
     } finally {
       rmSync(tmp, { recursive: true, force: true });
     }
@@ -215,7 +258,8 @@ export class AdapterStore {
   /** Removes an adapter: renamed to a tombstone first (atomic), then deleted. NOT_FOUND when absent. */
   delete(id: string): void {
     const dir = this.dir(id);
-    if (!existsSync(dir)) throw this.missing(id);
+    // Only adapters: in the flat layout a directory without a config may be a tenant's namespace.
+    if (!this.has(id)) throw this.missing(id);
     if (!this.moveAsideAndRemove(dir)) throw this.missing(id);
   }
 
@@ -228,17 +272,18 @@ export class AdapterStore {
       if (errno(err) === 'ENOENT') return false;
       throw err;
     }
-    fsyncDir(this.root);
+    fsyncDir(dirname(dir));
+    if (dirname(dir) !== this.root) fsyncDir(this.root);
     rmSync(tomb, { recursive: true, force: true });
     return true;
   }
 
   private missing(id: string): LoraplexError {
-    return notFound(`adapter_id ${JSON.stringify(id)} is not in the adapter store`);
+    return notFound(`adapter_id ${JSON.stringify(displayId(id))} is not in the adapter store`);
   }
 
   private exists(id: string): LoraplexError {
-    return new LoraplexError('ALREADY_EXISTS', `adapter_id ${JSON.stringify(id)} already exists in the adapter store`);
+    return new LoraplexError('ALREADY_EXISTS', `adapter_id ${JSON.stringify(displayId(id))} already exists in the adapter store`);
   }
 }
 

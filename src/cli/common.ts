@@ -1,14 +1,14 @@
-import { homedir, availableParallelism } from 'node:os';
-import { join } from 'node:path';
+import { availableParallelism } from 'node:os';
 import type { QuantKind, QuantOptions } from '../../kernels/quant/index.js';
 import { compileModel, type CompiledModel } from '../engine/compile.js';
 import { Engine } from '../engine/engine.js';
 import { loadTokenizer, type Tokenizer } from '../tokenizer/index.js';
+import { cacheDirDefault, QUANT_KINDS } from '../config/schema.js';
 import { num, str } from './args.js';
 
-export const QUANT_FLAG_KINDS: readonly QuantKind[] = ['none', 'int4', 'nf4', 'int8'];
+export const QUANT_FLAG_KINDS: readonly QuantKind[] = QUANT_KINDS;
 
-/** Flags shared by every command that runs the model. */
+/** Flags shared by every command that runs the model (`serve` reads its settings from src/config instead). */
 export const engineFlags = {
   model: { type: 'string' },
   quant: { type: 'string' },
@@ -39,7 +39,7 @@ export interface EngineSettings {
 }
 
 export function defaultCacheDir(): string {
-  return process.env['LORAPLEX_CACHE_DIR'] ?? join(process.env['XDG_CACHE_HOME'] ?? join(homedir(), '.cache'), 'loraplex');
+  return process.env['LORAPLEX_CACHE_DIR'] || cacheDirDefault(process.env);
 }
 
 export function engineSettings(v: Record<string, unknown>, modelDir: string): EngineSettings {

@@ -1,54 +1,43 @@
 import { existsSync } from 'node:fs';
-import { join, resolve } from 'node:path';
+import { join } from 'node:path';
 import { makeModel } from '../models/make.js';
 import { createLogger } from '../obs/logger.js';
 import { startServer, type ServerConfig } from '../main.js';
-import { num, parse } from './args.js';
-import { defaultCacheDir, engineFlags, engineSettings } from './common.js';
+import { ConfigError, resolveConfig, serveUsage, wantsHelp } from '../config/parse.js';
+import { ApiKeysError } from '../rpc/auth.js';
+import { TlsConfigError } from '../rpc/tls.js';
 
-export const SERVE_USAGE = `loraplex serve [--model DIR] [--host H] [--port P] [--adapter-root DIR] [--max-loras N]
-    [--max-cpu-loras N] [--max-lora-rank R] [--max-num-seqs N] [--max-waiting N] [--max-model-len N]
-    [--quant none|int4|nf4|int8] [--threads N] [--drain-seconds S] [--log-level L]`;
+export const SERVE_USAGE = `loraplex serve [--config FILE] [--model DIR] [--port P] [--auth required|disabled] [--api-keys-file PATH] ...
+    (loraplex serve --help lists every setting, its flag, environment variable and default)`;
 
 /** Without --model: a small random-weight llama, generated once into the cache, so `npm start` works anywhere. */
-async function demoModel(log: ReturnType<typeof createLogger>): Promise<string> {
-  const dir = join(defaultCacheDir(), 'demo-model-llama-small');
+async function ensureDemoModel(dir: string, log: ReturnType<typeof createLogger>): Promise<void> {
   if (!existsSync(join(dir, 'config.json'))) {
     log.info({ dir }, 'generating the demo model (random weights, first start only)');
     await makeModel({ arch: 'llama', size: 'small', outDir: dir, seed: 1 });
   }
   log.warn({ dir }, 'serving a DEMO model with random weights: its text is gibberish. Serve a real Hugging Face model directory with --model DIR');
-  return dir;
 }
 
 export async function serveCommand(argv: string[]): Promise<void> {
-  const v = parse(argv, {
-    ...engineFlags,
-    host: { type: 'string' },
-    port: { type: 'string' },
-    'adapter-root': { type: 'string' },
-    'max-cpu-loras': { type: 'string' },
-    'max-waiting': { type: 'string' },
-    'max-adapter-bytes': { type: 'string' },
-    'max-new-tokens-default': { type: 'string' },
-    'drain-seconds': { type: 'string' },
-    'log-level': { type: 'string' },
-  });
-  const log = createLogger({ level: typeof v['log-level'] === 'string' ? v['log-level'] : undefined });
-  const modelDir = typeof v['model'] === 'string' ? resolve(v['model']) : await demoModel(log);
-  const cfg: ServerConfig = {
-    ...engineSettings(v, modelDir),
-    host: typeof v['host'] === 'string' ? v['host'] : '0.0.0.0',
-    port: num(v, 'port', 50051, { integer: true, min: 0, max: 65535 }),
-    adapterRoot: resolve(typeof v['adapter-root'] === 'string' ? v['adapter-root'] : 'adapters'),
-    maxCpuLoras: num(v, 'max-cpu-loras', 16, { integer: true, min: 1, max: 4096 }),
-    maxWaiting: num(v, 'max-waiting', 256, { integer: true, min: 1, max: 1 << 20 }),
-    maxAdapterBytes: num(v, 'max-adapter-bytes', 512 * 1024 * 1024, { integer: true, min: 1024 }),
-    maxNewTokensDefault: num(v, 'max-new-tokens-default', 256, { integer: true, min: 1 }),
-    drainSeconds: num(v, 'drain-seconds', 30, { min: 0, max: 3600 }),
-    source: typeof v['model'] === 'string' ? modelDir : 'demo',
-  };
-  const server = await startServer(cfg, log);
+  if (wantsHelp(argv)) {
+    // cli/main.ts keeps a started server running forever; help must end the process itself, once written.
+    process.stdout.write(serveUsage(), () => process.exit(0));
+    return;
+  }
+  const { config: cfg, configFile, settings } = resolveConfig({ argv }); // ConfigError (a UsageError): exit 2, one message
+  const log = createLogger({ level: cfg.logLevel });
+  const from = Object.fromEntries([...settings].filter(([, r]) => r.source !== 'default').map(([name, r]) => [name, r.source]));
+  log.info({ configFile, setFrom: from }, 'configuration');
+  if (cfg.source === 'demo') await ensureDemoModel(cfg.modelDir, log);
+  let server;
+  try {
+    server = await startServer(cfg satisfies ServerConfig, log);
+  } catch (err) {
+    // A keys file or certificate that cannot be used is a configuration error like any other: exit 2.
+    if (err instanceof ApiKeysError || err instanceof TlsConfigError) throw new ConfigError([err.message]);
+    throw err;
+  }
   let draining = false;
   const onSignal = (signal: string) => {
     if (draining) return;
@@ -64,4 +53,12 @@ export async function serveCommand(argv: string[]): Promise<void> {
   };
   process.on('SIGTERM', () => onSignal('SIGTERM'));
   process.on('SIGINT', () => onSignal('SIGINT'));
+  // Rotated keys (a Secret update) take effect without a restart; a broken file keeps the old keys.
+  process.on('SIGHUP', () => {
+    try {
+      log.info({ keys: server.reloadApiKeys() }, 'API keys reloaded');
+    } catch (err) {
+      log.error({ err: err instanceof Error ? err.message : String(err) }, 'API keys reload failed; keeping the old keys');
+    }
+  });
 }

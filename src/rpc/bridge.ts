@@ -19,7 +19,8 @@ import {
 } from '@bufbuild/protobuf';
 import type { GenService, GenServiceMethods } from '@bufbuild/protobuf/codegenv2';
 import { LoraplexError } from '../errors.js';
-import { toStatus, type ErrorLogger } from './status.js';
+import { LOCAL_PRINCIPAL, type Principal } from '../adapters/tenancy.js';
+import { STATUS_BY_CODE, toStatus, type ErrorLogger } from './status.js';
 
 /** What a handler knows about its call besides the request. */
 export interface CallContext {
@@ -36,6 +37,27 @@ export interface CallContext {
   readonly signal: AbortSignal;
   /** The client's address, `host:port`. */
   readonly peer: string;
+  /** Who is calling: from the API key, or LOCAL_PRINCIPAL (tenant '', admin) when auth is disabled. */
+  readonly principal: Principal;
+}
+
+/** What an observer learns about one finished call. */
+export interface CallEndInfo {
+  /** The gRPC path. */
+  method: string;
+  /** The final status: OK, the error's status, or CANCELLED / DEADLINE_EXCEEDED when the client left. */
+  code: grpc.status;
+  /** From the call's arrival to the handler settling. */
+  seconds: number;
+  /** Null when the call failed before a context existed (authentication). */
+  ctx: CallContext | null;
+  /** The error behind a non-OK code (for logs; the client saw only its status). */
+  error?: unknown;
+}
+
+/** Sees every call of the services it is registered with, once, when it ends (metrics, access logs). */
+export interface CallObserver {
+  onCallEnd(info: CallEndInfo): void;
 }
 
 export type UnaryHandler<I extends DescMessage, O extends DescMessage> = (
@@ -84,6 +106,13 @@ export type ServiceClient<S> = S extends GenService<infer M> ? Client<M> : never
 export interface AddServiceOptions {
   /** Gets the detail of every error the client sees only as INTERNAL. */
   onError?: ErrorLogger;
+  /**
+   * Runs before the handler of every method, on the call's metadata; throwing (UNAUTHENTICATED) fails the
+   * call without running the handler. Without it every call is LOCAL_PRINCIPAL.
+   */
+  authenticate?: (metadata: grpc.Metadata) => Principal;
+  /** Told about every call once it has ended. Must not throw (a throw goes to onError, never to the call). */
+  observer?: CallObserver;
 }
 
 const definitions = new WeakMap<DescService, grpc.ServiceDefinition>();
@@ -140,10 +169,10 @@ export function addService<M extends GenServiceMethods>(
     if (typeof handler !== 'function') throw new Error(`${desc.typeName}: no handler for ${method.localName}`);
     switch (method.methodKind) {
       case 'unary':
-        handlers[method.name] = unaryHandler(method, handler as UnaryHandler<DescMessage, DescMessage>, options.onError);
+        handlers[method.name] = unaryHandler(method, handler as UnaryHandler<DescMessage, DescMessage>, options);
         break;
       case 'server_streaming':
-        handlers[method.name] = streamingHandler(method, handler as ServerStreamingHandler<DescMessage, DescMessage>, options.onError);
+        handlers[method.name] = streamingHandler(method, handler as ServerStreamingHandler<DescMessage, DescMessage>, options);
         break;
       default:
         throw new Error(`${methodPath(method)}: ${method.methodKind} methods are not supported`);
@@ -156,7 +185,7 @@ export function addService<M extends GenServiceMethods>(
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
 /** The context of one call; `finish()` detaches it once the handler has settled. */
-function callContext(call: grpc.ServerUnaryCall<Message, Message> | grpc.ServerWritableStream<Message, Message>, path: string) {
+function callContext(call: grpc.ServerUnaryCall<Message, Message> | grpc.ServerWritableStream<Message, Message>, path: string, principal: Principal) {
   const controller = new AbortController();
   const raw = call.getDeadline();
   const deadlineMs = raw instanceof Date ? raw.getTime() : raw;
@@ -172,7 +201,7 @@ function callContext(call: grpc.ServerUnaryCall<Message, Message> | grpc.ServerW
     else if (ms <= MAX_TIMER_MS) timer = setTimeout(expire, ms);
   }
   call.on('cancelled', onCancelled);
-  const ctx: CallContext = { method: path, metadata: call.metadata, deadline, signal: controller.signal, peer: call.getPeer() };
+  const ctx: CallContext = { method: path, metadata: call.metadata, deadline, signal: controller.signal, peer: call.getPeer(), principal };
   const finish = () => {
     clearTimeout(timer);
     call.off('cancelled', onCancelled);
@@ -186,10 +215,56 @@ function causeOf(err: unknown, signal: AbortSignal): unknown {
   return err;
 }
 
-function unaryHandler(method: DescMethod, handler: UnaryHandler<DescMessage, DescMessage>, log?: ErrorLogger): grpc.handleUnaryCall<Message, Message> {
+/**
+ * Authenticates a call and reports its end to the observer, once: principal() gives the caller or the
+ * status the call fails with; then ok() or fail() when the handler settles.
+ */
+function callTracker(path: string, metadata: grpc.Metadata, options: AddServiceOptions) {
+  const t0 = performance.now();
+  const log = options.onError;
+  const report = (info: Omit<CallEndInfo, 'method' | 'seconds'>) => {
+    if (!options.observer) return;
+    try {
+      options.observer.onCallEnd({ method: path, seconds: (performance.now() - t0) / 1000, ...info });
+    } catch (err) {
+      log?.(err, path);
+    }
+  };
+  return {
+    principal(): { principal: Principal } | { status: grpc.ServerErrorResponse } {
+      if (!options.authenticate) return { principal: LOCAL_PRINCIPAL };
+      try {
+        return { principal: options.authenticate(metadata) };
+      } catch (err) {
+        const status = toStatus(err, path, log);
+        report({ code: status.code ?? grpc.status.UNKNOWN, ctx: null, error: err });
+        return { status };
+      }
+    },
+    /** The handler succeeded. */
+    ok(ctx: CallContext): void {
+      // If the client had already gone (cancel, deadline), that is how the call ended for it.
+      const reason: unknown = ctx.signal.aborted ? ctx.signal.reason : undefined;
+      const code = reason instanceof LoraplexError ? STATUS_BY_CODE[reason.code] : grpc.status.OK;
+      report({ code, ctx, ...(code !== grpc.status.OK ? { error: reason } : {}) });
+    },
+    /** The handler failed: the status the client gets. */
+    fail(ctx: CallContext, err: unknown): grpc.ServerErrorResponse {
+      const cause = causeOf(err, ctx.signal);
+      const status = toStatus(cause, path, log);
+      report({ code: status.code ?? grpc.status.UNKNOWN, ctx, error: cause });
+      return status;
+    },
+  };
+}
+
+function unaryHandler(method: DescMethod, handler: UnaryHandler<DescMessage, DescMessage>, options: AddServiceOptions): grpc.handleUnaryCall<Message, Message> {
   const path = methodPath(method);
   return (call, callback) => {
-    const { ctx, finish } = callContext(call, path);
+    const tracker = callTracker(path, call.metadata, options);
+    const auth = tracker.principal();
+    if ('status' in auth) return callback(auth.status);
+    const { ctx, finish } = callContext(call, path, auth.principal);
     Promise.resolve()
       .then(() => {
         ctx.signal.throwIfAborted();
@@ -199,11 +274,12 @@ function unaryHandler(method: DescMethod, handler: UnaryHandler<DescMessage, Des
       .then(
         (response) => {
           finish();
+          tracker.ok(ctx);
           callback(null, response);
         },
         (err: unknown) => {
           finish();
-          callback(toStatus(causeOf(err, ctx.signal), path, log));
+          callback(tracker.fail(ctx, err));
         },
       );
   };
@@ -212,20 +288,27 @@ function unaryHandler(method: DescMethod, handler: UnaryHandler<DescMessage, Des
 function streamingHandler(
   method: DescMethod,
   handler: ServerStreamingHandler<DescMessage, DescMessage>,
-  log?: ErrorLogger,
+  options: AddServiceOptions,
 ): grpc.handleServerStreamingCall<Message, Message> {
   const path = methodPath(method);
   return (call) => {
-    const { ctx, finish } = callContext(call, path);
-    pump(call, method.output, handler, ctx, log).then(
+    const tracker = callTracker(path, call.metadata, options);
+    const auth = tracker.principal();
+    if ('status' in auth) {
+      call.emit('error', auth.status);
+      return;
+    }
+    const { ctx, finish } = callContext(call, path, auth.principal);
+    pump(call, method.output, handler, ctx, options.onError).then(
       () => {
         finish();
+        tracker.ok(ctx);
         if (!ctx.signal.aborted) call.end();
       },
       (err: unknown) => {
         finish();
         // Sets the status and ends the call (grpc-js's ServerWritableStream listens for its own 'error').
-        call.emit('error', toStatus(causeOf(err, ctx.signal), path, log));
+        call.emit('error', tracker.fail(ctx, err));
       },
     );
   };

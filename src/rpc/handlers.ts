@@ -1,8 +1,12 @@
 import type { CallContext, ServiceImpl } from './bridge.js';
-import type { AdapterService } from '../gen/loraplex/v1/adapters_pb.js';
+import { ExportDtype, MajoritySignMethod, MergeMethod, type AdapterService, type WeightedAdapter } from '../gen/loraplex/v1/adapters_pb.js';
+import { mergeAdapters, type MergeMethod as DomainMergeMethod } from '../adapters/merge.js';
+import { exportMergedModel, validateOutputName } from '../adapters/export.js';
+import { invalidArgument } from '../errors.js';
 import { FinishReason, type InferenceService } from '../gen/loraplex/v1/inference_pb.js';
 import { LoraplexError } from '../errors.js';
-import { validateAdapterId } from '../adapters/ids.js';
+import { asSeenBy, requireAdmin, scopeAdapterId, visibleAdapters, type Principal } from '../adapters/tenancy.js';
+import { annotate } from '../obs/requests.js';
 import { promptIds, validateGenerate, type GenerateLimits } from '../validate/generate.js';
 import { adapterInfo, generateInput, promptInput } from './convert.js';
 import type { App } from './server.js';
@@ -35,24 +39,39 @@ export function inferenceHandlers(state: AppState): ServiceImpl<(typeof Inferenc
   return {
     async *generate(req, ctx: CallContext) {
       const app = state.ready();
-      const valid = validateGenerate(generateInput(req), app.tokenizer, limits(app));
-      const events = app.scheduler.submit({ ...valid, signal: ctx.signal });
-      for await (const e of events) {
-        if (e.type === 'token') {
-          yield { event: { case: 'delta', value: { text: e.text, tokenIds: e.tokenIds } } };
-        } else {
-          yield {
-            event: {
-              case: 'finished',
-              value: {
-                finishReason: e.reason === 'stop' ? FinishReason.STOP : FinishReason.LENGTH,
-                promptTokens: e.promptTokens,
-                generatedTokens: e.generatedTokens,
-                timings: e.timings,
+      const input = generateInput(req);
+      if (req.adapters.length > 0 && req.adapterId !== '') throw invalidArgument('adapters: set either adapter_id or adapters (a mix), not both');
+      const valid = validateGenerate(input, app.tokenizer, limits(app));
+      const adapterId = req.adapters.length > 0 ? mixKey(app, ctx.principal, req.adapters) : valid.adapterId === null ? null : scopeAdapterId(ctx.principal, valid.adapterId);
+      const logText = app.cfg.logPrompts;
+      annotate(ctx, { adapterId: req.adapterId || null, ...(req.adapters.length ? { mixOf: req.adapters.length } : {}), promptTokens: valid.promptIds.length, ...(logText ? { prompt: input.prompt } : {}) });
+      const events = app.scheduler.submit({ ...valid, adapterId, signal: ctx.signal, ...(ctx.principal.tenant ? { tenant: ctx.principal.tenant } : {}) });
+      let generated = 0;
+      let text = '';
+      try {
+        for await (const e of events) {
+          if (e.type === 'token') {
+            generated += e.tokenIds.length;
+            if (logText) text += e.text;
+            yield { event: { case: 'delta', value: { text: e.text, tokenIds: e.tokenIds } } };
+          } else {
+            annotate(ctx, { finishReason: e.reason, timings: e.timings });
+            yield {
+              event: {
+                case: 'finished',
+                value: {
+                  finishReason: e.reason === 'stop' ? FinishReason.STOP : FinishReason.LENGTH,
+                  promptTokens: e.promptTokens,
+                  generatedTokens: e.generatedTokens,
+                  timings: e.timings,
+                },
               },
-            },
-          };
+            };
+          }
         }
+      } finally {
+        // Also on cancel: the request log line says how far it got.
+        annotate(ctx, { generatedTokens: generated, ...(logText ? { text } : {}) });
       }
     },
 
@@ -95,21 +114,103 @@ export function inferenceHandlers(state: AppState): ServiceImpl<(typeof Inferenc
 
 export function adapterHandlers(state: AppState): ServiceImpl<(typeof AdapterService)['method']> {
   return {
-    async loadAdapter(req) {
+    async loadAdapter(req, ctx) {
       const app = state.ready();
-      const { info, loadSeconds } = await app.adapters.load(validateAdapterId(req.adapterId), { pin: req.pin });
-      return { adapter: adapterInfo(info), loadSeconds };
+      annotate(ctx, { adapterId: req.adapterId });
+      const { info, loadSeconds } = await app.adapters.load(scopeAdapterId(ctx.principal, req.adapterId), { pin: req.pin });
+      return { adapter: adapterInfo(asSeenBy(ctx.principal, info)!), loadSeconds };
     },
-    async unloadAdapter(req) {
+    async unloadAdapter(req, ctx) {
       const app = state.ready();
-      const info = await app.adapters.unload(validateAdapterId(req.adapterId), { deleteFromStore: req.deleteFromStore });
-      return { adapter: adapterInfo(info) };
+      annotate(ctx, { adapterId: req.adapterId });
+      const info = await app.adapters.unload(scopeAdapterId(ctx.principal, req.adapterId), { deleteFromStore: req.deleteFromStore });
+      return { adapter: adapterInfo(asSeenBy(ctx.principal, info)!) };
     },
-    listAdapters() {
+    listAdapters(_req, ctx) {
       const app = state.ready();
-      return { adapters: app.adapters.list().map(adapterInfo) };
+      return { adapters: visibleAdapters(ctx.principal, app.adapters.list()).map(adapterInfo) };
+    },
+
+    async mergeAdapters(req, ctx) {
+      const app = state.ready();
+      const t0 = performance.now();
+      const newId = scopeAdapterId(ctx.principal, req.newAdapterId);
+      annotate(ctx, { adapterId: req.newAdapterId });
+      const method = MERGE_METHODS[req.method];
+      if (!method) throw invalidArgument(`method: set one of ${Object.values(MERGE_METHODS).join(', ')}`);
+      const sources = await weightedSources(app, ctx.principal, req.sources, 'sources');
+      const merged = mergeAdapters(sources, {
+        method,
+        ...(req.svdRank !== undefined ? { svdRank: req.svdRank } : {}),
+        ...(req.svdClamp !== undefined ? { svdClamp: req.svdClamp } : {}),
+        ...(req.density !== undefined ? { density: req.density } : {}),
+        majoritySignMethod: req.majoritySignMethod === MajoritySignMethod.FREQUENCY ? 'frequency' : 'total',
+        ...(req.seed !== undefined ? { seed: Number(BigInt.asUintN(53, req.seed)) } : {}),
+      });
+      const info = await app.adapters.create(newId, merged);
+      return { adapter: adapterInfo(asSeenBy(ctx.principal, info)!), mergeSeconds: (performance.now() - t0) / 1000 };
+    },
+
+    async exportMergedModel(req, ctx) {
+      const app = state.ready();
+      // Writes a whole model onto the server's disk: a model-wide operation.
+      requireAdmin(ctx.principal, 'ExportMergedModel');
+      const name = validateOutputName(req.outputName);
+      if (req.adapters.length === 0) throw invalidArgument('adapters: give at least one adapter to merge into the base');
+      const sources = await weightedSources(app, ctx.principal, req.adapters, 'adapters');
+      const dtype = req.dtype === ExportDtype.FLOAT32 ? 'F32' : 'F16';
+      const r = exportMergedModel(app.cfg.modelDir, app.cfg.quant, sources, app.cfg.exportRoot, name, dtype);
+      return { outputName: name, bytes: BigInt(r.bytes), seconds: r.seconds };
     },
   };
+}
+
+const MERGE_METHODS: Partial<Record<MergeMethod, DomainMergeMethod>> = {
+  [MergeMethod.LINEAR]: 'linear',
+  [MergeMethod.CAT]: 'cat',
+  [MergeMethod.SVD]: 'svd',
+  [MergeMethod.TIES]: 'ties',
+  [MergeMethod.DARE_LINEAR]: 'dare_linear',
+  [MergeMethod.DARE_TIES]: 'dare_ties',
+};
+
+function checkWeights(list: WeightedAdapter[], field: string): void {
+  if (list.length > 64) throw invalidArgument(`${field}: ${list.length} adapters exceed the limit of 64`);
+  list.forEach((w, i) => {
+    const weight = w.weight ?? 1;
+    if (!Number.isFinite(weight) || Math.abs(weight) > 1000) throw invalidArgument(`${field}[${i}].weight ${weight}: must be a finite number in [-1000, 1000]`);
+  });
+}
+
+/** Weighted adapters of a request in the caller's namespace, their tensors loaded (NOT_FOUND for a missing one). */
+async function weightedSources(app: App, principal: Principal, list: WeightedAdapter[], field: string) {
+  checkWeights(list, field);
+  return Promise.all(
+    list.map(async (w) => {
+      const key = scopeAdapterId(principal, w.adapterId);
+      return { adapterId: key, weight: w.weight ?? 1, adapter: await app.adapters.tensors(key) };
+    }),
+  );
+}
+
+/**
+ * A per-request mix: the key of a virtual adapter that is the exact cat merge of the sources (built on first use,
+ * cached with the loaded adapters). NOT_FOUND for a missing source; INVALID_ARGUMENT when the ranks add up to more
+ * than maxLoraRank (the mix must fit one slot).
+ */
+function mixKey(app: App, principal: Principal, list: WeightedAdapter[]): string {
+  checkWeights(list, 'adapters');
+  const seen = new Set<string>();
+  let rank = 0;
+  const sources = list.map((w) => {
+    const key = scopeAdapterId(principal, w.adapterId);
+    if (seen.has(key)) throw invalidArgument(`adapters: adapter_id "${w.adapterId}" is given twice; give it once with the summed weight`);
+    seen.add(key);
+    rank += app.adapters.info(key).rank;
+    return { key, weight: w.weight ?? 1 };
+  });
+  if (rank > app.cfg.maxLoraRank) throw invalidArgument(`adapters: the mix has rank ${rank} (the sum of the ranks), over maxLoraRank ${app.cfg.maxLoraRank}`);
+  return app.adapters.defineMix(sources);
 }
 
 export const unavailable = (why: string) => new LoraplexError('UNAVAILABLE', why);

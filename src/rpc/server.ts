@@ -7,7 +7,8 @@ import type { ServerConfig } from '../main.js';
 import type { Logger } from '../obs/logger.js';
 import type { Scheduler } from '../scheduler/scheduler.js';
 import type { Tokenizer } from '../tokenizer/index.js';
-import { addService } from './bridge.js';
+import { addService, type CallObserver } from './bridge.js';
+import type { Principal } from '../adapters/tenancy.js';
 import { adapterHandlers, inferenceHandlers, unavailable } from './handlers.js';
 import { createHealth, type Health } from './health.js';
 import { addReflection } from './reflection.js';
@@ -30,11 +31,19 @@ export interface RpcServer {
   setDraining(): void;
 }
 
+export interface RpcServerOptions {
+  /** Runs before every loraplex RPC (auth.ts); health and reflection stay open for probes and tools. */
+  authenticate?: (metadata: grpc.Metadata) => Principal;
+  /** Sees every loraplex RPC when it ends (metrics, access logs). */
+  observer?: CallObserver;
+}
+
 /**
  * The grpc-js server with loraplex's services, health and reflection. It is created before the model loads,
- * so the port answers at once: health says NOT_SERVING and RPCs get UNAVAILABLE until setApp.
+ * so the port answers at once: health says NOT_SERVING and RPCs get UNAVAILABLE until setApp (after
+ * authentication: an unauthenticated call learns nothing, not even that the server is loading).
  */
-export function createRpcServer(log: Logger): RpcServer {
+export function createRpcServer(log: Logger, options: RpcServerOptions = {}): RpcServer {
   const server = new grpc.Server({
     'grpc.max_receive_message_length': 16 * 1024 * 1024,
     'grpc.keepalive_permit_without_calls': 1,
@@ -49,8 +58,9 @@ export function createRpcServer(log: Logger): RpcServer {
     },
   };
   const onError = (err: unknown, method: string) => log.error({ err, method }, 'internal error');
-  addService(server, InferenceService, inferenceHandlers(state), { onError });
-  addService(server, AdapterService, adapterHandlers(state), { onError });
+  const serviceOptions = { onError, ...(options.authenticate ? { authenticate: options.authenticate } : {}), ...(options.observer ? { observer: options.observer } : {}) };
+  addService(server, InferenceService, inferenceHandlers(state), serviceOptions);
+  addService(server, AdapterService, adapterHandlers(state), serviceOptions);
   const health = createHealth();
   health.addTo(server);
   addReflection(server);

@@ -46,6 +46,8 @@ export interface GenerationRequest {
   adapterScale: number;
   /** Fires when the client cancels or its deadline passes; reason is a LoraplexError. */
   signal?: AbortSignal;
+  /** Who the request is for, for metrics and logs only (never for scheduling). */
+  tenant?: string;
 }
 
 export type GenerationEvent =
@@ -65,9 +67,34 @@ interface Entry {
   arrived: number;
   admitted: number | null;
   firstToken: number | null;
+  lastToken: number | null;
   lease: AdapterLease | null;
   /** Set when the entry must leave at the next step (cancel, deadline, drain). */
   abort: LoraplexError | null;
+}
+
+/**
+ * What the scheduler reports for metrics (src/obs/metrics.ts implements it). Called on the loop, so each
+ * callback must be quick and must not throw (a throw is passed to onError, never to a request).
+ */
+export interface SchedulerObserver {
+  /** One engine step; `batch` = rows in it (1 for a prefill). */
+  observeStep(kind: 'prefill' | 'decode', seconds: number, batch: number): void;
+  /** After each loop turn, and when the loop goes idle. */
+  setQueue(state: { running: number; waiting: number; rowsUsed: number; rowsFree: number }): void;
+  /** A request leaves after having been admitted: finished, or aborted / failed ('aborted'). */
+  observeRequest(done: {
+    adapterId: string | null;
+    tenant?: string | undefined;
+    outcome: FinishReason | 'aborted';
+    promptTokens: number;
+    generatedTokens: number;
+    queueSeconds: number;
+    timeToFirstTokenSeconds: number | null;
+    totalSeconds: number;
+  }): void;
+  /** The gap between two consecutive sampled tokens of one sequence. */
+  observeInterToken(seconds: number): void;
 }
 
 export interface SchedulerStats {
@@ -102,6 +129,8 @@ export class Scheduler {
     private readonly tokenizer: Tokenizer,
     readonly opts: SchedulerOptions,
     private readonly onError: (err: unknown) => void = () => undefined,
+    /** Settable after construction, so a server built elsewhere can be instrumented (tests). */
+    public observer?: SchedulerObserver,
   ) {
     this.freeRows = Array.from({ length: opts.maxNumSeqs }, (_, i) => opts.maxNumSeqs - 1 - i);
     this.loopDone = this.loop();
@@ -120,7 +149,7 @@ export class Scheduler {
       throw err;
     }
     const seq = new Sequence(req.promptIds, req.params, this.tokenizer, 0, this.opts.eosTokenIds, this.opts.maxModelLen);
-    const entry: Entry = { seq, req, events: new EventQueue(), arrived: performance.now(), admitted: null, firstToken: null, lease: null, abort: null };
+    const entry: Entry = { seq, req, events: new EventQueue(), arrived: performance.now(), admitted: null, firstToken: null, lastToken: null, lease: null, abort: null };
     if (req.signal) {
       const onAbort = () => this.abortEntry(entry, req.signal!.reason);
       if (req.signal.aborted) onAbort();
@@ -170,6 +199,7 @@ export class Scheduler {
   private async loop(): Promise<void> {
     while (!this.stopped) {
       if (!this.waiting.length && !this.running.length) {
+        this.reportQueue();
         await new Promise<void>((resolve) => (this.wake = resolve));
         continue;
       }
@@ -184,6 +214,7 @@ export class Scheduler {
         this.onError(err);
         for (const e of [...this.running]) this.finishEntry(e, new LoraplexError('INTERNAL', 'internal error', { cause: err }));
       }
+      this.reportQueue();
       if (!this.running.some((e) => !e.seq.done) && this.waiting.length) {
         // Waiting only for a slot: yield so releases and cancellations can happen.
         await new Promise((r) => setTimeout(r, 1));
@@ -259,7 +290,9 @@ export class Scheduler {
     const decoding = this.running.filter((e) => !e.seq.prefilling && !e.seq.done && !e.abort);
     if (!decoding.length) return;
     const rows: StepRow[] = decoding.map((e) => ({ kvRow: e.seq.kvRow, slot: e.seq.slot, pastLen: e.seq.pastLen, tokens: e.seq.nextInput(1), loraScale: e.req.adapterScale }));
+    const t0 = performance.now();
     const { logits } = await this.engine.step(rows);
+    this.notify((o) => o.observeStep('decode', (performance.now() - t0) / 1000, rows.length));
     this.stepCount++;
     this.lastDecodeBatch = rows.length;
     const V = this.engine.vocabSize;
@@ -273,7 +306,9 @@ export class Scheduler {
     const e = this.running.find((x) => x.seq.prefilling && !x.abort);
     if (!e) return;
     const tokens = e.seq.nextInput(this.opts.prefillChunk);
+    const t0 = performance.now();
     const { logits } = await this.engine.step([{ kvRow: e.seq.kvRow, slot: e.seq.slot, pastLen: e.seq.pastLen, tokens, loraScale: e.req.adapterScale }]);
+    this.notify((o) => o.observeStep('prefill', (performance.now() - t0) / 1000, 1));
     this.stepCount++;
     e.seq.advance(tokens.length);
     if (!e.seq.prefilling) this.deliver(e, logits);
@@ -283,9 +318,31 @@ export class Scheduler {
     if (e.abort) return;
     const ev = e.seq.accept(logits);
     if (!ev) return;
-    if (e.firstToken === null) e.firstToken = performance.now();
+    const now = performance.now();
+    if (e.firstToken === null) e.firstToken = now;
+    if (ev.tokenId !== null) {
+      const last = e.lastToken;
+      if (last !== null) this.notify((o) => o.observeInterToken((now - last) / 1000));
+      e.lastToken = now;
+    }
     if (ev.tokenId !== null || ev.text) e.events.push({ type: 'token', tokenIds: ev.tokenId === null ? [] : [ev.tokenId], text: ev.text });
     if (e.seq.done) this.finishEntry(e, null);
+  }
+
+  private reportQueue(): void {
+    const rowsFree = this.freeRows.length;
+    this.notify((o) => o.setQueue({ running: this.running.length, waiting: this.waiting.length, rowsUsed: this.opts.maxNumSeqs - rowsFree, rowsFree }));
+  }
+
+  /** Observer failures go to onError: metrics must never fail a request. */
+  private notify(fn: (o: SchedulerObserver) => void): void {
+    const o = this.observer;
+    if (!o) return;
+    try {
+      fn(o);
+    } catch (err) {
+      this.onError(new Error('scheduler observer failed', { cause: err }));
+    }
   }
 
   private finishEntry(e: Entry, error: LoraplexError | null): void {
@@ -296,11 +353,23 @@ export class Scheduler {
     e.seq.kvRow = -1;
     e.lease?.release();
     e.lease = null;
+    const now = performance.now();
+    this.notify((o) =>
+      o.observeRequest({
+        adapterId: e.req.adapterId,
+        tenant: e.req.tenant,
+        outcome: error ? 'aborted' : (e.seq.finishReason ?? 'length'),
+        promptTokens: e.seq.promptIds.length,
+        generatedTokens: e.seq.tokenIds.length,
+        queueSeconds: ((e.admitted ?? now) - e.arrived) / 1000,
+        timeToFirstTokenSeconds: e.firstToken === null ? null : (e.firstToken - e.arrived) / 1000,
+        totalSeconds: (now - e.arrived) / 1000,
+      }),
+    );
     if (error) {
       e.events.end(error);
       return;
     }
-    const now = performance.now();
     e.events.push({
       type: 'finished',
       reason: e.seq.finishReason ?? 'length',

@@ -1,3 +1,4 @@
+import * as grpc from '@grpc/grpc-js';
 import { pino } from 'pino';
 import { startServer, type RunningServer, type ServerConfig } from '../../src/main.js';
 import { makeClient } from '../../src/rpc/bridge.js';
@@ -15,8 +16,22 @@ export interface TestServer {
   close(): Promise<void>;
 }
 
-/** A real loraplex server on 127.0.0.1 (a free port) with the real engine, and typed clients. */
-export async function startTestServer(overrides: Partial<ServerConfig> = {}, quant: QuantOptions = { kind: 'int4', blockSize: 32, accuracyLevel: 4 }): Promise<TestServer> {
+export interface TestServerOptions {
+  /** For the typed clients (default: plaintext); e.g. TLS with the test CA. */
+  credentials?: grpc.ChannelCredentials;
+  /** e.g. grpc.ssl_target_name_override. */
+  channelOptions?: grpc.ChannelOptions;
+}
+
+/**
+ * A real loraplex server on 127.0.0.1 (a free port) with the real engine, and typed clients. Auth is disabled
+ * unless overrides say otherwise (then the clients must send keys themselves).
+ */
+export async function startTestServer(
+  overrides: Partial<ServerConfig> = {},
+  quant: QuantOptions = { kind: 'int4', blockSize: 32, accuracyLevel: 4 },
+  options: TestServerOptions = {},
+): Promise<TestServer> {
   const adapterRoot = overrides.adapterRoot ?? tempDir('adapters');
   const cfg: ServerConfig = {
     modelDir: STORIES,
@@ -38,12 +53,23 @@ export async function startTestServer(overrides: Partial<ServerConfig> = {}, qua
     maxNewTokensDefault: 32,
     drainSeconds: 5,
     source: STORIES,
+    exportRoot: tempDir('exports'),
+    auth: 'disabled',
+    apiKeysFile: null,
+    tlsCert: null,
+    tlsKey: null,
+    tlsClientCa: null,
+    logLevel: 'silent',
+    logPrompts: false,
+    metricsPort: 0,
+    maxTenantLabels: 0,
     ...overrides,
   };
   const server = await startServer(cfg, pino({ level: 'silent' }));
   const address = `127.0.0.1:${server.port}`;
-  const inference = makeClient(InferenceService, address);
-  const adapters = makeClient(AdapterService, address);
+  const clientOptions = { ...(options.credentials ? { credentials: options.credentials } : {}), ...(options.channelOptions ? { channelOptions: options.channelOptions } : {}) };
+  const inference = makeClient(InferenceService, address, clientOptions);
+  const adapters = makeClient(AdapterService, address, clientOptions);
   return {
     server,
     address,

@@ -1,0 +1,230 @@
+/**
+ * The one prom-client Registry with every loraplex metric. Names: prefix `loraplex_`, unit in the name; labels
+ * are bounded (method and status names, step kind, adapter state, at most `maxTenantLabels` tenants) and never
+ * carry an adapter id. The scheduler, the RPC observer and the adapter manager feed it through the methods
+ * below; nothing here imports them (obs sits below every layer it measures).
+ */
+import { status as GrpcStatus } from '@grpc/grpc-js';
+import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
+
+/** The adapter figures metrics read at scrape time; AdapterManager.stats() has this shape. */
+export interface AdapterCounts {
+  stored: number;
+  loaded: number;
+  active: number;
+  memoryBytes: number;
+  loads: number;
+  evictions: number;
+  slotEvictions: number;
+  hits: number;
+  misses: number;
+  loadSecondsTotal: number;
+}
+
+export type StepKind = 'prefill' | 'decode';
+
+/** One request leaving the scheduler after it was admitted (it held a KV row). */
+export interface RequestDone {
+  adapterId: string | null;
+  tenant?: string | undefined;
+  /** 'stop' / 'length' when it finished; 'aborted' when cancelled, timed out, drained or failed. */
+  outcome: 'stop' | 'length' | 'aborted';
+  promptTokens: number;
+  generatedTokens: number;
+  /** Submit to admission (a KV row and an adapter slot). */
+  queueSeconds: number;
+  /** Submit to first token; null when no token was produced. */
+  timeToFirstTokenSeconds: number | null;
+  /** Submit to the end. */
+  totalSeconds: number;
+}
+
+export interface QueueState {
+  running: number;
+  waiting: number;
+  rowsUsed: number;
+  rowsFree: number;
+}
+
+export interface Metrics {
+  readonly registry: Registry;
+  /** One finished RPC: `method` as a short name (`Generate`) or a gRPC path; `code` a grpc status. */
+  observeCall(method: string, code: GrpcStatus | string, seconds: number): void;
+  /** One engine step; `batch` = rows in it. */
+  observeStep(kind: StepKind, seconds: number, batch: number): void;
+  setQueue(state: QueueState): void;
+  observeRequest(done: RequestDone): void;
+  /** The gap between two consecutive tokens of one sequence. */
+  observeInterToken(seconds: number): void;
+  /** Reads adapter figures at every scrape (one call per scrape). */
+  attachAdapters(stats: () => AdapterCounts): void;
+}
+
+export interface MetricsOptions {
+  /** 0 = no tenant label on the token counters; else at most this many tenants, the rest as "other". */
+  maxTenantLabels: number;
+  /** Process and Node metrics (default true; off for unit tests that count series). */
+  defaultMetrics?: boolean;
+}
+
+/** CPU LLM serving spans milliseconds (a decode step) to minutes (a long request behind a queue). */
+const LATENCY_BUCKETS = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300];
+const TOKEN_GAP_BUCKETS = [0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1, 2, 5];
+const STEP_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1, 2, 5, 10];
+const REQUEST_BUCKETS = [0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600];
+const BATCH_BUCKETS = [1, 2, 4, 8, 16, 32, 64, 128, 256, 512];
+
+export const OTHER_TENANT = 'other';
+/** Requests without a tenant, when tenant labels are on. */
+export const NO_TENANT = 'none';
+const MAX_LABEL_CHARS = 64;
+const METHOD_NAME = /^[A-Za-z][A-Za-z0-9_]{0,63}$/;
+
+/** `/loraplex.v1.InferenceService/Generate` -> `Generate`; anything odd -> `other` (labels stay bounded). */
+export function shortMethod(method: string): string {
+  const name = method.slice(method.lastIndexOf('/') + 1);
+  return METHOD_NAME.test(name) ? name : 'other';
+}
+
+/** grpc status number -> its name (`NOT_FOUND`); a name passes through if it is one. */
+export function statusName(code: GrpcStatus | string): string {
+  if (typeof code === 'number') return GrpcStatus[code] ?? 'UNKNOWN';
+  return code in GrpcStatus && Number.isNaN(Number(code)) ? code : 'UNKNOWN';
+}
+
+export function createMetrics(opts: MetricsOptions): Metrics {
+  const registry = new Registry();
+  const registers = [registry];
+  if (opts.defaultMetrics ?? true) {
+    collectDefaultMetrics({ register: registry, prefix: 'loraplex_' });
+    // Gauges named like counters (promtool rejects them); the same figures exist by type without `_total`.
+    for (const n of ['nodejs_active_handles_total', 'nodejs_active_requests_total', 'nodejs_active_resources_total']) registry.removeSingleMetric(`loraplex_${n}`);
+  }
+
+  const rpcRequests = new Counter({ name: 'loraplex_rpc_requests_total', help: 'Finished RPCs by method and gRPC status.', labelNames: ['method', 'code'] as const, registers });
+  const rpcDuration = new Histogram({ name: 'loraplex_rpc_duration_seconds', help: 'RPC handling time, arrival to status.', labelNames: ['method'] as const, buckets: REQUEST_BUCKETS, registers });
+
+  const queueSeconds = new Histogram({ name: 'loraplex_request_queue_seconds', help: 'Generate requests: submit to admission (KV row and adapter slot).', buckets: LATENCY_BUCKETS, registers });
+  const ttft = new Histogram({ name: 'loraplex_time_to_first_token_seconds', help: 'Generate requests: submit to first token.', buckets: LATENCY_BUCKETS, registers });
+  const interToken = new Histogram({ name: 'loraplex_inter_token_latency_seconds', help: 'Gap between consecutive tokens of one sequence.', buckets: TOKEN_GAP_BUCKETS, registers });
+  const requestSeconds = new Histogram({ name: 'loraplex_request_duration_seconds', help: 'Generate requests that finished (stop or length): submit to last token.', buckets: REQUEST_BUCKETS, registers });
+
+  const tenants = opts.maxTenantLabels > 0;
+  const tokenLabels = tenants ? (['tenant'] as const) : ([] as const);
+  const promptTokens = new Counter({ name: 'loraplex_prompt_tokens_total', help: 'Prompt tokens of admitted Generate requests.', labelNames: tokenLabels, registers });
+  const generatedTokens = new Counter({ name: 'loraplex_generated_tokens_total', help: 'Tokens sampled for Generate requests.', labelNames: tokenLabels, registers });
+
+  const running = new Gauge({ name: 'loraplex_sequences_running', help: 'Sequences holding a KV cache row (prefilling or decoding).', registers });
+  const waiting = new Gauge({ name: 'loraplex_sequences_waiting', help: 'Requests waiting for a KV row or an adapter slot.', registers });
+  const rowsUsed = new Gauge({ name: 'loraplex_kv_cache_rows_used', help: 'KV cache rows in use.', registers });
+  const rowsFree = new Gauge({ name: 'loraplex_kv_cache_rows_free', help: 'KV cache rows free.', registers });
+  const batchSize = new Histogram({ name: 'loraplex_decode_batch_size', help: 'Rows per decode step.', buckets: BATCH_BUCKETS, registers });
+  const stepSeconds = new Histogram({ name: 'loraplex_engine_step_seconds', help: 'Engine forward step time by kind.', labelNames: ['kind'] as const, buckets: STEP_BUCKETS, registers });
+  // Both kinds exist from the start, so rate() has a series before the first request.
+  stepSeconds.zero({ kind: 'prefill' });
+  stepSeconds.zero({ kind: 'decode' });
+
+  // Adapter figures: read once per scrape from the getter, cached briefly because each metric collects alone.
+  let adapterStats: (() => AdapterCounts) | null = null;
+  let cached: { at: number; value: AdapterCounts } | null = null;
+  const read = (): AdapterCounts | null => {
+    if (!adapterStats) return null;
+    const now = performance.now();
+    if (!cached || now - cached.at > 500) cached = { at: now, value: adapterStats() };
+    return cached.value;
+  };
+  const total = (name: string, help: string, pick: (s: AdapterCounts) => number) =>
+    new Counter({
+      name,
+      help,
+      registers,
+      collect() {
+        const s = read();
+        if (!s) return;
+        // The manager keeps the running total; a counter cannot be set, so reset and add it.
+        this.reset();
+        this.inc(pick(s));
+      },
+    });
+  new Gauge({
+    name: 'loraplex_adapters',
+    help: 'Adapters by state: stored (on disk only), loaded (in memory, no slot), active (in a slot).',
+    labelNames: ['state'] as const,
+    registers,
+    collect() {
+      const s = read();
+      if (!s) return;
+      this.set({ state: 'stored' }, s.stored);
+      this.set({ state: 'loaded' }, s.loaded);
+      this.set({ state: 'active' }, s.active);
+    },
+  });
+  new Gauge({
+    name: 'loraplex_adapter_memory_bytes',
+    help: 'Bytes of adapter tensors held in memory.',
+    registers,
+    collect() {
+      const s = read();
+      if (s) this.set(s.memoryBytes);
+    },
+  });
+  total('loraplex_adapter_loads_total', 'Adapter reads from the store.', (s) => s.loads);
+  total('loraplex_adapter_evictions_total', 'Adapters dropped from memory by the LRU.', (s) => s.evictions);
+  total('loraplex_adapter_slot_evictions_total', 'Slots taken from an idle adapter for another one.', (s) => s.slotEvictions);
+  total('loraplex_adapter_cache_hits_total', 'Acquisitions that found the adapter already in a slot.', (s) => s.hits);
+  total('loraplex_adapter_cache_misses_total', 'Acquisitions that had to load the adapter or copy it into a slot.', (s) => s.misses);
+  total('loraplex_adapter_load_seconds_total', 'Time spent loading adapters from the store.', (s) => s.loadSecondsTotal);
+
+  // First come, first labelled: a bounded set of tenants, the rest share one series.
+  const seenTenants = new Set<string>();
+  const tenantLabel = (tenant: string | undefined): string => {
+    if (!tenant) return NO_TENANT;
+    const t = tenant.slice(0, MAX_LABEL_CHARS);
+    if (seenTenants.has(t)) return t;
+    if (seenTenants.size < opts.maxTenantLabels) {
+      seenTenants.add(t);
+      return t;
+    }
+    return OTHER_TENANT;
+  };
+
+  return {
+    registry,
+    observeCall(method, code, seconds) {
+      const m = shortMethod(method);
+      rpcRequests.inc({ method: m, code: statusName(code) });
+      rpcDuration.observe({ method: m }, seconds);
+    },
+    observeStep(kind, seconds, batch) {
+      stepSeconds.observe({ kind }, seconds);
+      if (kind === 'decode') batchSize.observe(batch);
+    },
+    setQueue(s) {
+      running.set(s.running);
+      waiting.set(s.waiting);
+      rowsUsed.set(s.rowsUsed);
+      rowsFree.set(s.rowsFree);
+    },
+    observeRequest(d) {
+      if (tenants) {
+        const tenant = tenantLabel(d.tenant);
+        promptTokens.inc({ tenant }, d.promptTokens);
+        generatedTokens.inc({ tenant }, d.generatedTokens);
+      } else {
+        promptTokens.inc(d.promptTokens);
+        generatedTokens.inc(d.generatedTokens);
+      }
+      queueSeconds.observe(d.queueSeconds);
+      if (d.timeToFirstTokenSeconds !== null) ttft.observe(d.timeToFirstTokenSeconds);
+      // Aborted requests would drag the end-to-end figure down by however early they left.
+      if (d.outcome !== 'aborted') requestSeconds.observe(d.totalSeconds);
+    },
+    observeInterToken(seconds) {
+      interToken.observe(seconds);
+    },
+    attachAdapters(stats) {
+      adapterStats = stats;
+      cached = null;
+    },
+  };
+}
