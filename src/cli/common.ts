@@ -36,6 +36,8 @@ export interface EngineSettings {
   maxLoraRank: number;
   prefillChunk: number;
   allowSpinning: boolean;
+  /** onnxruntime execution provider; default cpu. */
+  executionProvider?: 'cpu' | 'cuda';
 }
 
 export function defaultCacheDir(): string {
@@ -87,6 +89,7 @@ export async function startEngine(s: EngineSettings): Promise<LoadedEngine> {
       slots: s.maxLoras + 1,
       maxLoraRank: s.maxLoraRank,
       intraOpThreads: s.threads,
+      executionProviders: [s.executionProvider ?? 'cpu'],
       allowSpinning: s.allowSpinning,
     }),
     loadTokenizer(s.modelDir),

@@ -329,6 +329,7 @@ function toServerConfig(settings: ReadonlyMap<string, Resolved>, configFile: str
     source: model ?? 'demo',
     quant,
     threads: v('threads'),
+    executionProvider: v<'cpu' | 'cuda'>('executionProvider'),
     cacheDir,
     maxModelLen: v('maxModelLen'),
     maxNumSeqs: v('maxNumSeqs'),

@@ -63,6 +63,7 @@ export const SETTINGS: readonly Setting[] = [
   setting({ name: 'blockSize', type: 'int', values: [16, 32, 64, 128, 256], default: null, defaultText: '32 (64 for nf4)', description: 'quantization block size' }),
   setting({ name: 'accuracyLevel', type: 'int', min: 0, max: 4, default: 4, description: 'MatMulNBits accuracy level for int4/int8 (4 = int8 activations, fast; 0 = float32)' }),
   setting({ name: 'asymmetric', type: 'bool', default: false, description: 'asymmetric int4/int8 quantization (with zero points)' }),
+  setting({ name: 'executionProvider', type: 'enum', values: ['cpu', 'cuda'], default: 'cpu', description: 'onnxruntime execution provider; cuda needs onnxruntime-node installed with its CUDA 12 libraries (ONNXRUNTIME_NODE_INSTALL=cuda12)' }),
   setting({ name: 'threads', type: 'int', min: 1, max: 256, default: () => Math.min(2, availableParallelism()), defaultText: 'min(2, CPUs)', description: 'onnxruntime intra-op threads' }),
   setting({ name: 'cacheDir', type: 'path', default: cacheDirDefault, defaultText: '$XDG_CACHE_HOME/loraplex or ~/.cache/loraplex', description: 'quantized graph cache' }),
   setting({ name: 'maxModelLen', type: 'int', min: 2, max: 1 << 20, default: null, defaultText: "the model's", description: 'tokens per sequence (prompt + generated)' }),

@@ -75,3 +75,19 @@ test('make-model writes a servable gpt2 model; --adapter applies a PEFT adapter 
   assert.deepEqual(tuned.promptIds, base.promptIds);
   assert.notDeepEqual(tuned.tokenIds, base.tokenIds);
 });
+
+test('serve with a missing execution provider stops with one clear startup error', async () => {
+  const r = await loraplex('serve', '--model', STORIES, '--execution-provider', 'cuda', '--auth', 'disabled', '--port', '0', '--metrics-port', '0', '--adapter-root', tempDir('ep-adapters'));
+  assert.equal(r.code, 1);
+  assert.match(r.stderr, /loraplex: execution provider cuda could not be loaded .* install onnxruntime-node with ONNXRUNTIME_NODE_INSTALL=cuda12/);
+});
+
+test('serve --help prints the settings; an invalid setting stops startup with one message naming it', async () => {
+  const help = await loraplex('serve', '--help');
+  assert.equal(help.code, 0);
+  assert.match(help.stdout, /--max-loras/);
+  assert.match(help.stdout, /LORAPLEX_MAX_LORAS/);
+  const bad = await loraplex('serve', '--max-loras', '0', '--auth', 'disabled');
+  assert.equal(bad.code, 2);
+  assert.match(bad.stderr, /--max-loras 0 \(flag\): must be an integer in \[1, 256\]/);
+});
