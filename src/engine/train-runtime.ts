@@ -1,0 +1,73 @@
+import ort from 'onnxruntime-node';
+import { EngineError } from './runtime.js';
+
+/**
+ * Runs the training graph (forward + LoRA gradients) on onnxruntime. The trainer keeps the LoRA parameters as
+ * Float32Arrays and feeds them every step (inputs from JS typed arrays are not copied); the gradients come back
+ * as new arrays. Lives in the engine layer: the one place that talks to onnxruntime.
+ */
+export interface TrainParam {
+  module: string;
+  r: number;
+  inFeatures: number;
+  outFeatures: number;
+  a: Float32Array;
+  b: Float32Array;
+}
+
+export interface TrainBatch {
+  batch: number;
+  seq: number;
+  /** [batch, seq] */
+  inputIds: BigInt64Array;
+  /** [batch, seq], -100 = ignored */
+  labels: BigInt64Array;
+}
+
+export class TrainRuntime {
+  private constructor(private readonly session: ort.InferenceSession) {}
+
+  static async create(modelPath: string, threads: number): Promise<TrainRuntime> {
+    const session = await ort.InferenceSession.create(modelPath, {
+      intraOpNumThreads: threads,
+      interOpNumThreads: 1,
+      graphOptimizationLevel: 'all',
+      extra: { session: { intra_op: { allow_spinning: '0' } } },
+    });
+    return new TrainRuntime(session);
+  }
+
+  private feeds(batch: TrainBatch, params: TrainParam[]): Record<string, ort.Tensor> {
+    if (batch.inputIds.length !== batch.batch * batch.seq || batch.labels.length !== batch.batch * batch.seq) {
+      throw new EngineError('training batch: input_ids and labels must both be [batch, seq]', 'INVALID_ARGUMENT');
+    }
+    const feeds: Record<string, ort.Tensor> = {
+      input_ids: new ort.Tensor('int64', batch.inputIds, [batch.batch, batch.seq]),
+      labels: new ort.Tensor('int64', batch.labels, [batch.batch, batch.seq]),
+    };
+    for (const p of params) {
+      feeds[`lora_a.${p.module}`] = new ort.Tensor('float32', p.a, [p.r, p.inFeatures]);
+      feeds[`lora_b.${p.module}`] = new ort.Tensor('float32', p.b, [p.outFeatures, p.r]);
+    }
+    return feeds;
+  }
+
+  /** Loss and the gradient of every LoRA tensor for one micro-batch. */
+  async step(batch: TrainBatch, params: TrainParam[]): Promise<{ loss: number; grads: { a: Float32Array; b: Float32Array }[] }> {
+    const out = await this.session.run(this.feeds(batch, params));
+    return {
+      loss: (out['loss']!.data as Float32Array)[0]!,
+      grads: params.map((p) => ({ a: out[`grad_a.${p.module}`]!.data as Float32Array, b: out[`grad_b.${p.module}`]!.data as Float32Array })),
+    };
+  }
+
+  /** Loss only (eval); onnxruntime runs just the nodes the fetched output needs. */
+  async loss(batch: TrainBatch, params: TrainParam[]): Promise<number> {
+    const out = await this.session.run(this.feeds(batch, params), ['loss']);
+    return (out['loss']!.data as Float32Array)[0]!;
+  }
+
+  async release(): Promise<void> {
+    await this.session.release();
+  }
+}
