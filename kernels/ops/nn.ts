@@ -139,3 +139,27 @@ export function loraDelta(g: Graph, x: Value, poolA: Value, poolB: Value, slot: 
   const xa = mul(g, matmul(g, x, a, 'lora_xa'), rowScale, 'lora_xa_scaled'); // [batch, seq, rank]
   return matmul(g, xa, b, 'lora_delta');
 }
+
+/**
+ * Plain causal self-attention over one sequence batch (training: no cache). q [batch, seq, heads*headDim],
+ * k/v [batch, seq, kvHeads*headDim] (rotary applied); causal [seq, seq] additive mask. Grouped-query heads
+ * broadcast in the matmuls, so their gradients sum back over the group.
+ */
+export function causalAttention(g: Graph, dims: AttentionDims, q: Value, k: Value, v: Value, causal: Value): Value {
+  const { numHeads, numKvHeads, headDim } = dims;
+  const group = numHeads / numKvHeads;
+  const scaledQ = mul(g, q, g.scalar(1 / Math.sqrt(headDim)), 'q_scaled');
+  const q5 = transpose(g, reshape(g, scaledQ, [0, 0, numKvHeads, group, headDim], 'q5'), [0, 2, 3, 1, 4], 'q_t'); // [b, kvh, grp, s, hd]
+  const kT = transpose(g, reshape(g, k, [0, 0, numKvHeads, 1, headDim], 'k5'), [0, 2, 3, 4, 1], 'k_t'); // [b, kvh, 1, hd, s]
+  const vT = transpose(g, reshape(g, v, [0, 0, numKvHeads, 1, headDim], 'v5'), [0, 2, 3, 1, 4], 'v_t'); // [b, kvh, 1, s, hd]
+  const probs = softmax(g, add(g, matmul(g, q5, kT, 'scores'), causal, 'scores_masked'), -1, 'probs');
+  const out = matmul(g, probs, vT, 'ctx'); // [b, kvh, grp, s, hd]
+  return reshape(g, transpose(g, out, [0, 3, 1, 2, 4], 'ctx_t'), [0, 0, numHeads * headDim], 'attn_out');
+}
+
+/** Additive causal mask [seq, seq] for a batch of ids [batch, seq]. */
+export function causalMask(g: Graph, ids: Value): Value {
+  const positions = range(g, dimOf(g, ids, 1, 'seq_len'), 'seq_positions');
+  const keep = compare(g, 'LessOrEqual', reshape(g, positions, [1, -1], 'key_pos'), reshape(g, positions, [-1, 1], 'query_pos'), 'causal_keep');
+  return additiveMask(g, keep, 'causal_mask');
+}

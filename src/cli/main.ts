@@ -3,12 +3,14 @@ import { UsageError } from './args.js';
 import { GENERATE_USAGE, generateCommand } from './generate.js';
 import { MAKE_MODEL_USAGE, makeModelCommand } from './make-model.js';
 import { SERVE_USAGE, serveCommand } from './serve.js';
+import { TRAIN_USAGE, trainCommand } from './train.js';
 
 const USAGE = `loraplex: serve and fine-tune many LoRA adapters on one 4-bit base model
 
 Commands:
   ${SERVE_USAGE}
   ${GENERATE_USAGE}
+  ${TRAIN_USAGE}
   ${MAKE_MODEL_USAGE}
 `;
 
@@ -20,6 +22,9 @@ async function main(argv: string[]): Promise<number> {
       return new Promise<number>(() => undefined); // runs until a signal drains it
     case 'generate':
       await generateCommand(rest);
+      return 0;
+    case 'train':
+      await trainCommand(rest);
       return 0;
     case 'make-model':
       await makeModelCommand(rest);

@@ -17,7 +17,7 @@ export interface TrainParam {
 
 export interface TrainBatch {
   batch: number;
-  seq: number;
+  seqLength: number;
   /** [batch, seq] */
   inputIds: BigInt64Array;
   /** [batch, seq], -100 = ignored */
@@ -38,12 +38,12 @@ export class TrainRuntime {
   }
 
   private feeds(batch: TrainBatch, params: TrainParam[]): Record<string, ort.Tensor> {
-    if (batch.inputIds.length !== batch.batch * batch.seq || batch.labels.length !== batch.batch * batch.seq) {
+    if (batch.inputIds.length !== batch.batch * batch.seqLength || batch.labels.length !== batch.batch * batch.seqLength) {
       throw new EngineError('training batch: input_ids and labels must both be [batch, seq]', 'INVALID_ARGUMENT');
     }
     const feeds: Record<string, ort.Tensor> = {
-      input_ids: new ort.Tensor('int64', batch.inputIds, [batch.batch, batch.seq]),
-      labels: new ort.Tensor('int64', batch.labels, [batch.batch, batch.seq]),
+      input_ids: new ort.Tensor('int64', batch.inputIds, [batch.batch, batch.seqLength]),
+      labels: new ort.Tensor('int64', batch.labels, [batch.batch, batch.seqLength]),
     };
     for (const p of params) {
       feeds[`lora_a.${p.module}`] = new ort.Tensor('float32', p.a, [p.r, p.inFeatures]);

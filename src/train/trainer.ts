@@ -1,0 +1,167 @@
+import { mkdirSync } from 'node:fs';
+import { join } from 'node:path';
+import { writeOnnxModel } from '../../kernels/onnx.js';
+import type { QuantOptions } from '../../kernels/quant/index.js';
+import { TrainRuntime, type TrainParam } from '../engine/train-runtime.js';
+import { buildTrainingGraph } from '../models/train-graph.js';
+import type { ModelSpec, WeightSource } from '../models/spec.js';
+import type { PeftAdapter } from '../adapters/peft.js';
+import { LoraplexError } from '../errors.js';
+import { buildDataset, microBatchesOfStep, planSteps, type CollateTokenizer, type MicroBatch, type PackedDataset } from './collate.js';
+import type { TrainConfig } from './config.js';
+import type { TrainData } from './data.js';
+import { initLora, loraParams } from './init.js';
+import { AdamW, clipGradNorm } from './optimizer.js';
+import { lrAt, warmupStepsFor } from './schedule.js';
+import { latestCheckpoint, readCheckpoint, writeCheckpoint, type MetricsRecord } from './checkpoint.js';
+
+/**
+ * One training run: packed data -> training graph (frozen 4-bit base + LoRA gradients) -> AdamW with schedule,
+ * clipping and accumulation -> eval and checkpoints -> the trained PEFT adapter. Resumes from the job
+ * directory's latest checkpoint; the data position and the parameters come back exactly.
+ */
+export interface TrainRunOptions {
+  spec: ModelSpec;
+  weights: WeightSource;
+  tokenizer: CollateTokenizer;
+  quant: QuantOptions;
+  config: TrainConfig;
+  data: TrainData;
+  /** Checkpoints and the compiled training graph go here. */
+  jobDir: string;
+  threads: number;
+  /** Written into adapter_config.json. */
+  baseModelNameOrPath: string | null;
+  onEvent?: (e: TrainEvent) => void;
+  signal?: AbortSignal;
+}
+
+export type TrainEvent =
+  | { type: 'progress'; step: number; totalSteps: number; epoch: number; loss: number; learningRate: number; gradNorm: number; tokensPerSecond: number; etaSeconds: number }
+  | { type: 'eval'; step: number; evalLoss: number; perplexity: number }
+  | { type: 'checkpoint'; step: number; dir: string };
+
+export interface TrainResult {
+  adapter: PeftAdapter;
+  steps: number;
+  trainLoss: number;
+  evalLoss: number | null;
+  /** Eval loss before the first step (the base model with B = 0). */
+  initialEvalLoss: number | null;
+  tokensPerSecond: number;
+  metrics: MetricsRecord[];
+}
+
+function params(adapter: PeftAdapter): TrainParam[] {
+  return adapter.modules.map((m) => ({ module: m.module, r: m.r, inFeatures: m.inFeatures, outFeatures: m.outFeatures, a: m.a, b: m.b }));
+}
+
+async function evalLoss(rt: TrainRuntime, ds: PackedDataset, adapter: PeftAdapter): Promise<number | null> {
+  let sum = 0;
+  let targets = 0;
+  for (const mb of ds.evalBatches()) {
+    if (mb.numTargets === 0) continue;
+    sum += (await rt.loss(mb, params(adapter))) * mb.numTargets;
+    targets += mb.numTargets;
+  }
+  return targets ? sum / targets : null;
+}
+
+export async function runTraining(o: TrainRunOptions): Promise<TrainResult> {
+  const { config, spec } = o;
+  const ds = buildDataset(o.data, o.tokenizer, config);
+  const plan = planSteps(ds.microBatchesPerEpoch, config);
+  const warmup = warmupStepsFor(config.warmupSteps, config.warmupRatio, plan.totalSteps);
+  mkdirSync(o.jobDir, { recursive: true });
+
+  let adapter = initLora(spec, config.lora, config.seed, { baseModelNameOrPath: o.baseModelNameOrPath });
+  let startStep = 0;
+  let metrics: MetricsRecord[] = [];
+  const resumeFrom = latestCheckpoint(o.jobDir);
+  const resumed = resumeFrom ? readCheckpoint(resumeFrom, spec) : null;
+  if (resumed) {
+    adapter = resumed.adapter;
+    startStep = resumed.step;
+    metrics = resumed.metrics;
+  }
+  const optimizer = new AdamW(loraParams(adapter), { lr: config.learningRate, betas: config.betas, eps: config.eps, weightDecay: config.weightDecay });
+  if (resumed) optimizer.loadState(resumed.optimizer);
+
+  const { graph } = buildTrainingGraph(spec, o.weights, {
+    quant: o.quant,
+    modules: adapter.modules.map((m) => ({ module: m.module, inFeatures: m.inFeatures, outFeatures: m.outFeatures })),
+    r: adapter.r,
+    scaling: adapter.scaling,
+  });
+  const { modelPath } = writeOnnxModel(graph.toOnnx(), join(o.jobDir, 'graph'), 'train');
+  const rt = await TrainRuntime.create(modelPath, o.threads);
+  try {
+    const initialEvalLoss = startStep === 0 ? await evalLoss(rt, ds, adapter) : (metrics.find((m) => m['initialEvalLoss'] !== undefined)?.['initialEvalLoss'] as number | null) ?? null;
+    if (startStep === 0 && initialEvalLoss !== null) metrics.push({ step: 0, evalLoss: initialEvalLoss, initialEvalLoss });
+    const t0 = performance.now();
+    let tokens = 0;
+    let lastLoss = NaN;
+    let lastEval: number | null = initialEvalLoss;
+    const grads = adapter.modules.flatMap((m) => [new Float32Array(m.a.length), new Float32Array(m.b.length)]);
+    for (let step = startStep; step < plan.totalSteps; step++) {
+      if (o.signal?.aborted) throw new LoraplexError('CANCELLED', 'training cancelled');
+      const { epoch, batchIndices } = microBatchesOfStep(step, plan, config.gradientAccumulationSteps);
+      const order = ds.epochOrder(epoch);
+      const batches: MicroBatch[] = batchIndices.map((i) => ds.microBatch(epoch, i, order)).filter((b) => b.numTargets > 0);
+      const totalTargets = batches.reduce((n, b) => n + b.numTargets, 0);
+      for (const gbuf of grads) gbuf.fill(0);
+      let loss = 0;
+      for (const mb of batches) {
+        // Each micro-batch's loss is a mean over its targets: weight it by its share of the step's targets.
+        const w = mb.numTargets / totalTargets;
+        const r = await rt.step(mb, params(adapter));
+        loss += r.loss * w;
+        r.grads.forEach((gr, i) => {
+          const ga = grads[2 * i]!;
+          const gb = grads[2 * i + 1]!;
+          for (let k = 0; k < ga.length; k++) ga[k]! += gr.a[k]! * w;
+          for (let k = 0; k < gb.length; k++) gb[k]! += gr.b[k]! * w;
+        });
+        tokens += mb.rows * mb.seqLength;
+      }
+      const gradNorm = clipGradNorm(grads, config.maxGradNorm);
+      const lr = lrAt(step, { schedule: config.schedule, baseLr: config.learningRate, warmupSteps: warmup, totalSteps: plan.totalSteps });
+      // A non-finite gradient skips the update instead of poisoning the adapter.
+      if (Number.isFinite(gradNorm)) optimizer.step(grads, lr);
+      lastLoss = loss;
+      const seconds = (performance.now() - t0) / 1000;
+      const tokensPerSecond = tokens / Math.max(seconds, 1e-9);
+      const done = step + 1 - startStep;
+      const etaSeconds = (seconds / done) * (plan.totalSteps - step - 1);
+      const rec: MetricsRecord = { step: step + 1, loss, learningRate: lr, gradNorm, tokensPerSecond };
+      o.onEvent?.({ type: 'progress', step: step + 1, totalSteps: plan.totalSteps, epoch, loss, learningRate: lr, gradNorm, tokensPerSecond, etaSeconds });
+      if (config.evalEvery > 0 && (step + 1) % config.evalEvery === 0) {
+        lastEval = await evalLoss(rt, ds, adapter);
+        if (lastEval !== null) {
+          rec['evalLoss'] = lastEval;
+          o.onEvent?.({ type: 'eval', step: step + 1, evalLoss: lastEval, perplexity: Math.exp(lastEval) });
+        }
+      }
+      metrics.push(rec);
+      if (config.checkpointEvery > 0 && (step + 1) % config.checkpointEvery === 0 && step + 1 < plan.totalSteps) {
+        const next = microBatchesOfStep(step + 1, plan, config.gradientAccumulationSteps);
+        const dir = writeCheckpoint(o.jobDir, { step: step + 1, epoch: next.epoch, batchIndex: next.batchIndices[0] ?? 0, adapter, optimizer: optimizer.state(), rng: null, config, metrics }, { keep: config.keepCheckpoints });
+        o.onEvent?.({ type: 'checkpoint', step: step + 1, dir });
+      }
+    }
+    const finalEval = await evalLoss(rt, ds, adapter);
+    if (finalEval !== null) lastEval = finalEval;
+    const seconds = (performance.now() - t0) / 1000;
+    return {
+      adapter,
+      steps: plan.totalSteps,
+      trainLoss: lastLoss,
+      evalLoss: lastEval,
+      initialEvalLoss,
+      tokensPerSecond: tokens / Math.max(seconds, 1e-9),
+      metrics,
+    };
+  } finally {
+    await rt.release();
+  }
+}

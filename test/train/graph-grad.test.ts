@@ -1,0 +1,116 @@
+import { test } from 'node:test';
+import assert from 'node:assert/strict';
+import ort from 'onnxruntime-node';
+import { serializeModel } from '../../kernels/onnx.js';
+import { dequantizeLinear, quantizeLinear, type QuantOptions } from '../../kernels/quant/index.js';
+import { referenceForward, type ReferenceLora } from '../../kernels/reference/transformer.js';
+import { buildTrainingGraph } from '../../src/models/train-graph.js';
+import { loadModelDir } from '../../src/models/load.js';
+import { makeModel } from '../../src/models/make.js';
+import { linearModules } from '../../src/adapters/peft.js';
+import type { HostTensor, ModelSpec, WeightSource } from '../../src/models/spec.js';
+import { randomFloats } from '../helpers/ort.js';
+import { tempDir } from '../helpers/engine.js';
+
+/** The weights the training graph computes with: linears dequantized with the same codec, the rest as stored. */
+function trainedBase(spec: ModelSpec, w: WeightSource, quant: QuantOptions): { spec: ModelSpec; get: (n: string) => HostTensor | undefined } {
+  const linear = spec.family === 'gpt2' ? /\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$/ : /\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$/;
+  const dq = (t: HostTensor, transposeIt: boolean): HostTensor => {
+    if (quant.kind === 'none') return t;
+    const [r0, c0] = t.shape as [number, number];
+    const tr = (d: Float32Array, r: number, c: number) => {
+      const o = new Float32Array(r * c);
+      for (let i = 0; i < r; i++) for (let j = 0; j < c; j++) o[j * r + i] = d[i * c + j]!;
+      return o;
+    };
+    const wNK = transposeIt ? tr(t.data, r0, c0) : t.data;
+    const [N, K] = transposeIt ? [c0, r0] : [r0, c0];
+    const deq = dequantizeLinear(quantizeLinear(wNK, N, K, quant, 'w'));
+    return { shape: t.shape, data: transposeIt ? tr(deq, N, K) : deq };
+  };
+  const headName = spec.family === 'gpt2' ? 'wte.weight' : !spec.tieWordEmbeddings && w.has('lm_head.weight') ? 'lm_head.weight' : 'model.embed_tokens.weight';
+  const head = dq(w.get(headName), false);
+  return {
+    spec: { ...spec, tieWordEmbeddings: false },
+    get: (name) => {
+      if (name === 'lm_head.weight') return head;
+      if (!w.has(name)) return undefined;
+      const t = w.get(name);
+      return linear.test(name) ? dq(t, spec.family === 'gpt2') : t;
+    },
+  };
+}
+
+function crossEntropy(logits: Float32Array, labels: number[], vocab: number): number {
+  let sum = 0;
+  let count = 0;
+  labels.forEach((label, t) => {
+    if (label < 0) return;
+    let max = -Infinity;
+    for (let v = 0; v < vocab; v++) max = Math.max(max, logits[t * vocab + v]!);
+    let z = 0;
+    for (let v = 0; v < vocab; v++) z += Math.exp(logits[t * vocab + v]! - max);
+    sum -= logits[t * vocab + label]! - max - Math.log(z);
+    count++;
+  });
+  return sum / count;
+}
+
+for (const [arch, quant] of [['llama', { kind: 'none' }], ['llama', { kind: 'int4', blockSize: 32, accuracyLevel: 0 }], ['gpt2', { kind: 'int4', blockSize: 32, accuracyLevel: 0 }]] as [string, QuantOptions][]) {
+  test(`whole tiny ${arch} (${quant.kind}): LoRA gradients of the training graph match finite differences of the plain-TS forward`, async () => {
+    const dir = tempDir(`train-${arch}`);
+    await makeModel({ arch: arch as 'llama' | 'gpt2', size: 'tiny', outDir: dir, seed: 5 });
+    const { spec, weights } = loadModelDir(dir);
+    const r = 2;
+    const scaling = 1.5;
+    const modules = linearModules(spec).filter((m, i) => i % 3 === 0).map((m) => ({ module: m.module, inFeatures: m.inFeatures, outFeatures: m.outFeatures }));
+    const { graph } = buildTrainingGraph(spec, weights, { quant, modules, r, scaling });
+    const session = await ort.InferenceSession.create(serializeModel(graph.toOnnx()), { intraOpNumThreads: 1, extra: { session: { intra_op: { allow_spinning: '0' } } } });
+    const seq = 7;
+    const ids = [1, 17, 40, 99, 5, 250, 3];
+    const labels = [17, 40, -100, 5, 250, 3, 8];
+    const lora = modules.map((m, i) => ({ ...m, a: randomFloats(r * m.inFeatures, 100 + i, 0.3), b: randomFloats(m.outFeatures * r, 200 + i, 0.3) }));
+    const feeds: Record<string, ort.Tensor> = {
+      input_ids: new ort.Tensor('int64', BigInt64Array.from(ids.map(BigInt)), [1, seq]),
+      labels: new ort.Tensor('int64', BigInt64Array.from(labels.map(BigInt)), [1, seq]),
+    };
+    for (const m of lora) {
+      feeds[`lora_a.${m.module}`] = new ort.Tensor('float32', m.a, [r, m.inFeatures]);
+      feeds[`lora_b.${m.module}`] = new ort.Tensor('float32', m.b, [m.outFeatures, r]);
+    }
+    const out = await session.run(feeds);
+    await session.release();
+    const base = trainedBase(spec, weights, quant);
+    const loss = (l: typeof lora) => {
+      const refLora: ReferenceLora[] = l.map((m) => ({ module: m.module, a: m.a, b: m.b, r, scale: scaling }));
+      return crossEntropy(referenceForward(base.spec, base.get, ids, { lora: refLora }), labels, spec.vocabSize);
+    };
+    assert.ok(Math.abs((out['loss']!.data as Float32Array)[0]! - loss(lora)) < 1e-4, 'loss equals the reference');
+    // Central differences on a sample of A and B entries of every trained module, in float64 on the reference.
+    let worst = 0;
+    let scale = 0;
+    for (const [mi, m] of lora.entries()) {
+      for (const which of ['a', 'b'] as const) {
+        const grad = out[`grad_${which}.${m.module}`]!.data as Float32Array;
+        const t = m[which];
+        for (let k = 0; k < 3; k++) {
+          const idx = (k * 7919 + mi * 31) % t.length;
+          const h = 1e-3;
+          const orig = t[idx]!;
+          t[idx] = orig + h;
+          const hi = t[idx]!; // the step as float32 really stores it
+          const up = loss(lora);
+          t[idx] = orig - h;
+          const lo = t[idx]!;
+          const down = loss(lora);
+          t[idx] = orig;
+          const fd = (up - down) / (hi - lo);
+          worst = Math.max(worst, Math.abs(fd - grad[idx]!));
+          scale = Math.max(scale, Math.abs(fd));
+        }
+      }
+    }
+    // float32 graph vs float64 finite differences (step 1e-3, float32 weights): 1e-3 of the largest gradient.
+    assert.ok(worst <= 2e-3 * scale + 1e-5, `max |grad - fd| ${worst} vs max |fd| ${scale}`);
+  });
+}
