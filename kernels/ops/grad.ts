@@ -134,8 +134,8 @@ export function unbroadcast(g: Graph, d: Value, x: Value, hint = 'unbroadcast'):
     const kept = reduceSum(g, d, axes, true, d.shape.map((v, i) => (axes.includes(i) ? 1 : v)), `${hint}_keep`);
     return lead === 0 ? kept : like(g, 'Squeeze', [kept, g.ints([...Array(lead).keys()])], x.shape, undefined, hint, d.dtype);
   }
-  // Leading axes first (static), then the axes where x is 1 at run time, kept: the result is x's shape without
-  // a Reshape (ORT 1.30's FuseContiguousReshapes fails on Reshape(ReduceSum(.., Shape(x)), Shape(x)) chains).
+  // Leading axes first (static), then the axes where x is 1 at run time, kept: that is x's shape already, so no
+  // Reshape to Shape(x) (see reshapeLike for the ORT fusion bug such a Reshape can trigger).
   const d1 = lead === 0 ? d : reduceSum(g, d, [...Array(lead).keys()], false, d.shape.slice(lead), `${hint}_lead`);
   const isOne = like(g, 'Equal', [shapeTensor(g, x), g.ints([1])], [x.shape.length], undefined, `${hint}_is1`, 'bool');
   const nz = like(g, 'NonZero', [isOne], [1, '?'], undefined, `${hint}_nz`, 'int64');

@@ -13,6 +13,7 @@ import { compileModel } from '../../src/engine/compile.js';
 import { Engine } from '../../src/engine/engine.js';
 import { makeModel } from '../../src/models/make.js';
 import { servingBench } from './serving.js';
+import { trainingBench } from './training.js';
 import type { ModelSpec } from '../../src/models/spec.js';
 
 const ROOT = process.env['LORAPLEX_BENCH_DIR'] ?? join(process.cwd(), '.cache', 'bench');
@@ -118,6 +119,8 @@ async function main(): Promise<void> {
 
   const serving = process.env['LORAPLEX_BENCH_SKIP_SERVING'] ? null : await servingBench(modelDir, ROOT, cacheDir, quant, THREADS, log);
 
+  const training = process.env['LORAPLEX_BENCH_SKIP_TRAINING'] ? null : await trainingBench(modelDir, THREADS, log);
+
   const weightBytes = decodeWeightBytes(compiled.spec, quant);
   const achieved = (weightBytes * b1.tokensPerSecond);
   const results = {
@@ -139,6 +142,7 @@ async function main(): Promise<void> {
     },
     prefill: { chunkTokens: prefillTokens, tokensPerSecond: +prefillTokensPerSecond.toFixed(1) },
     serving,
+    training,
     // Peak includes the cold start's quantization, which holds the whole float model; serving is the RSS after
     // a cached start, decoding at batch 8 with a 1024-token cache (8 rows).
     peakRssMiB: Math.round(process.resourceUsage().maxRSS / 1024),

@@ -9,7 +9,7 @@ import assert from 'node:assert/strict';
 import { Graph, type Value } from '../../kernels/ir.js';
 import { gradients, quantizedLinearOp } from '../../kernels/autodiff.js';
 import { add, matmul, mul, transpose, unary } from '../../kernels/ops/basic.js';
-import { rmsNorm, swiglu } from '../../kernels/ops/nn.js';
+import { attentionContext, cachedAttention, rmsNorm, swiglu } from '../../kernels/ops/nn.js';
 import { crossEntropy, crossEntropyLoss } from '../../kernels/ops/loss.js';
 import { dequantizeLinear, emitLinear, quantizeLinear } from '../../kernels/quant/index.js';
 import * as R from '../../kernels/reference/grad.js';
@@ -17,8 +17,8 @@ import { maxAbsDiff, randomFloats, runGraph, type Feed } from '../helpers/ort.js
 
 const TOL = 1e-3;
 
-function weightedSum(g: Graph, y: Value, r: Float32Array): Value {
-  const w = g.op1('Mul', [y, g.constant('r', 'float32', [r.length], r)], { dtype: 'float32', shape: y.shape }, undefined, undefined, 'weighted');
+function weightedSum(g: Graph, y: Value, r: Float32Array, dims = [r.length]): Value {
+  const w = g.op1('Mul', [y, g.constant('r', 'float32', dims, r)], { dtype: 'float32', shape: y.shape }, undefined, undefined, 'weighted');
   return g.op1('ReduceSum', [w], { dtype: 'float32', shape: [] }, { keepdims: 0 }, undefined, 'loss');
 }
 
@@ -218,4 +218,73 @@ test('composite: RMSNorm -> int4 gate + LoRA, nf4 up -> SwiGLU -> int4 head (pad
   // Lean: one dequantized copy per frozen weight, none for the norm weight's gradient.
   assert.equal(nodes.filter((n) => n.raw && n.opType === 'DequantizeLinear').length, 2);
   assert.equal(nodes.filter((n) => n.raw && n.opType === 'Gather').length, 1); // the nf4 table lookup
+});
+
+test('cached attention of nn.ts (Gather, ScatterND, grouped-query MatMul broadcast, Softmax): d/dq, dk, dv vs finite differences', async () => {
+  const heads = 4, kvHeads = 2, hd = 4, kvDim = kvHeads * hd, rows = 3, window = 8, batch = 2, seq = 2;
+  const pastLens = [3, 1];
+  const kvRows = [2, 0];
+  const q = randomFloats(batch * seq * heads * hd, 41);
+  const k = randomFloats(batch * seq * kvDim, 42);
+  const v = randomFloats(batch * seq * kvDim, 43);
+  const pk = randomFloats(window * rows * kvDim, 44);
+  const pv = randomFloats(window * rows * kvDim, 45);
+  const rw = randomFloats(batch * seq * heads * hd, 46);
+  const positions = pastLens.flatMap((p) => [p, p + 1]);
+  const g = new Graph('attn_grad');
+  const pos = g.input('positions', 'int64', ['batch', 'seq']);
+  const kr = g.input('kv_rows', 'int64', ['batch']);
+  const qv = g.input('q', 'float32', ['batch', 'seq', heads * hd]);
+  const kv = g.input('k', 'float32', ['batch', 'seq', kvDim]);
+  const vv = g.input('v', 'float32', ['batch', 'seq', kvDim]);
+  const pkv = g.input('pk', 'float32', ['window', rows, kvDim]);
+  const pvv = g.input('pv', 'float32', ['window', rows, kvDim]);
+  const y = cachedAttention(g, { numHeads: heads, numKvHeads: kvHeads, headDim: hd }, qv, kv, vv, pkv, pvv, kr, attentionContext(g, pos, pkv));
+  const loss = weightedSum(g, y, rw, [batch, seq, heads * hd]);
+  const [dq, dk, dv] = gradients(g, loss, [qv, kv, vv]);
+  g.output(dq!, 'dq', [batch, seq, heads * hd]);
+  g.output(dk!, 'dk', [batch, seq, kvDim]);
+  g.output(dv!, 'dv', [batch, seq, kvDim]);
+  const out = await runGraph(g, {
+    positions: { type: 'int64', data: positions, dims: [batch, seq] }, kv_rows: { type: 'int64', data: kvRows, dims: [batch] },
+    q: f32(q, [batch, seq, heads * hd]), k: f32(k, [batch, seq, kvDim]), v: f32(v, [batch, seq, kvDim]),
+    pk: f32(pk, [window, rows, kvDim]), pv: f32(pv, [window, rows, kvDim]),
+  });
+  // float64 reference: row b's keys are its cached rows 0..p-1 then its new tokens.
+  const q64 = Float64Array.from(q), k64 = Float64Array.from(k), v64 = Float64Array.from(v);
+  const forward = () => {
+    let total = 0;
+    for (let b = 0; b < batch; b++) {
+      const p = pastLens[b]!;
+      const key = (t: number, h: number, d: number, src: Float64Array, cache: Float32Array) =>
+        t < p ? cache[(t * rows + kvRows[b]!) * kvDim + h * hd + d]! : src[(b * seq + t - p) * kvDim + h * hd + d]!;
+      for (let s = 0; s < seq; s++) {
+        for (let h = 0; h < heads; h++) {
+          const kh = Math.floor(h / (heads / kvHeads));
+          const scores: number[] = [];
+          for (let t = 0; t <= p + s; t++) {
+            let dot = 0;
+            for (let d = 0; d < hd; d++) dot += q64[((b * seq + s) * heads + h) * hd + d]! * key(t, kh, d, k64, pk);
+            scores.push(dot / Math.sqrt(hd));
+          }
+          const m = Math.max(...scores);
+          const e = scores.map((x) => Math.exp(x - m));
+          const z = e.reduce((a, b2) => a + b2, 0);
+          for (let d = 0; d < hd; d++) {
+            let o = 0;
+            e.forEach((w, t) => { o += (w / z) * key(t, kh, d, v64, pv); });
+            total += o * rw[((b * seq + s) * heads + h) * hd + d]!;
+          }
+        }
+      }
+    }
+    return total;
+  };
+  const errors: string[] = [];
+  for (const [name, t] of [['dq', q64], ['dk', k64], ['dv', v64]] as const) {
+    const rel = R.relError(out[name]!, R.numericGradient(forward, t));
+    errors.push(`${name} ${rel.toExponential(2)}`);
+    assert.ok(rel < TOL, `attention ${name}: rel error ${rel}`);
+  }
+  console.log(`cached attention: max rel errors ${errors.join(', ')}`);
 });

@@ -231,6 +231,12 @@ test('ReduceSum / ReduceMean (axes, keepdims, all, run-time count)', async () =>
   await rs('ReduceMean axes [-1] keepdims 1', [-1], 1, true, f('x', [2, 3, 4], 124), [2, 3, 1]);
   await rs('ReduceMean symbolic [n,4] axes [0]', [0], 0, true, f('x', [3, 4], 125, 1, ['n', 4]), [4]);
   await rs('ReduceMean all keepdims 1', null, 1, true, f('x', [3, 4], 126), [1, 1]);
+  await check('ReduceSum run-time axes keepdims 1', [f('x', [2, 3, 4], 127), ints('axes', [1], [1])],
+    (g, v) => g.op1('ReduceSum', [v['x']!, v['axes']!], { dtype: 'float32', shape: [2, 1, 4] }, { keepdims: 1 }), (v) => R.reduce(v['x']!, [1], true));
+  await check('ReduceMean run-time axes keepdims 1', [f('x', [2, 3, 4], 128), ints('axes', [2], [0, 2])],
+    (g, v) => g.op1('ReduceMean', [v['x']!, v['axes']!], { dtype: 'float32', shape: [1, 3, 1] }, { keepdims: 1 }), (v) => R.reduce(v['x']!, [0, 2], true, true));
+  await check('ReduceSum empty axes, noop', [f('x', [2, 3], 129)],
+    (g, v) => g.op1('ReduceSum', [v['x']!, g.ints([])], { dtype: 'float32', shape: [2, 3] }, { keepdims: 1, noop_with_empty_axes: 1 }), (v) => v['x']!);
 });
 
 test('SimplifiedLayerNormalization (RMSNorm), LayerNormalization, Gelu', async () => {
