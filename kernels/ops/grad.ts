@@ -261,16 +261,28 @@ function quantizedLinearRule(a: GradArgs): (Value | null)[] {
   if (a.needs.some((n, i) => n && i > 0)) unsupported(node, 'the quantized weight is frozen (gradient w.r.t. x only)');
   if (!a.needs[0]) return [];
   const x = input(node, 0);
-  const w = dequantizedWeight(g, q);
+  const w = dequantizedWeight(g, q, dy(a));
   return [like(g, 'MatMul', [dy(a), w], x.shape, undefined, 'dx')];
 }
 
-/** W [N, K] float32 from q's packed initializers, built once per graph (every backward use shares it). */
-export function dequantizedWeight(g: Graph, q: QuantizedLinear): Value {
+/**
+ * W [N, K] float32 from q's packed initializers, built once per graph (every backward use shares it).
+ * With `after`, the dequantization takes a data dependency on it (its scales plus an exact 0 derived from it):
+ * otherwise every layer's float weight depends on initializers only, onnxruntime computes them all at the start
+ * of the run and the whole float32 model stays alive through the forward pass.
+ */
+export function dequantizedWeight(g: Graph, q: QuantizedLinear, after?: Value): Value {
   return g.once(`grad:dq:${q.namePrefix}`, () => {
     const out = g.fresh(`${q.namePrefix}.w_deq`);
     const dq = emitDequantizedWeight(q, out);
     for (const t of dq.tensors) g.addInitializer(t);
+    const deq = dq.nodes.find((n) => n.opType === 'DequantizeLinear');
+    if (after && deq) {
+      const zero = g.op1('Mul', [g.op1('ReduceMax', [after], { dtype: 'float32', shape: [] }, { keepdims: 0 }, undefined, `${q.namePrefix}.after_max`), g.scalar(0)], { dtype: 'float32', shape: [] }, undefined, undefined, `${q.namePrefix}.after_zero`);
+      const scale = g.fresh(`${q.namePrefix}.scale_after`);
+      g.emit([{ opType: 'Add', name: g.fresh(`${q.namePrefix}.scale_after_node`), inputs: [deq.inputs[1]!, zero.name], outputs: [scale] }]);
+      deq.inputs[1] = scale;
+    }
     g.emit(dq.nodes);
     return { name: out, dtype: 'float32' as const, shape: [q.N, q.K] };
   });

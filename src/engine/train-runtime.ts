@@ -32,7 +32,10 @@ export class TrainRuntime {
       intraOpNumThreads: threads,
       interOpNumThreads: 1,
       graphOptimizationLevel: 'all',
-      extra: { session: { intra_op: { allow_spinning: '0' } } },
+      extra: {
+        session: { intra_op: { allow_spinning: '0' } },
+        ...(process.env['LORAPLEX_TRAIN_NO_FOLD'] ? { optimization: { disable_specified_optimizers: 'ConstantFolding' } } : {}),
+      },
     });
     return new TrainRuntime(session);
   }
