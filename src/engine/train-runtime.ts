@@ -32,10 +32,7 @@ export class TrainRuntime {
       intraOpNumThreads: threads,
       interOpNumThreads: 1,
       graphOptimizationLevel: 'all',
-      extra: {
-        session: { intra_op: { allow_spinning: '0' } },
-        ...(process.env['LORAPLEX_TRAIN_NO_FOLD'] ? { optimization: { disable_specified_optimizers: 'ConstantFolding' } } : {}),
-      },
+      extra: { session: { intra_op: { allow_spinning: '0' } } },
     });
     return new TrainRuntime(session);
   }
