@@ -12,6 +12,8 @@ import type { CallObserver } from './rpc/bridge.js';
 import { createRpcServer, type App } from './rpc/server.js';
 import { serverCredentials, tlsMode } from './rpc/tls.js';
 import { Scheduler } from './scheduler/scheduler.js';
+import { JobManager } from './train/jobs.js';
+import { WorkerRunner } from './train/runner.js';
 
 /** The composition root: config -> engine -> adapters -> scheduler -> rpc. No logic of its own. */
 export interface ServerConfig extends EngineSettings {
@@ -44,15 +46,25 @@ export interface ServerConfig extends EngineSettings {
   metricsPort: number;
   /** How many tenants get their own metrics label (0 = none). */
   maxTenantLabels: number;
+  /** Training data files; Train paths are relative to it and never leave it. */
+  dataRoot: string;
+  /** Training job records and checkpoints; jobs found running or queued here resume on start. */
+  jobRoot: string;
+  /** onnxruntime intra-op threads of the training worker. */
+  trainThreads: number;
+  /** Jobs waiting behind the running one before Train says RESOURCE_EXHAUSTED. */
+  maxQueuedTrainJobs: number;
 }
 
 /** Settings added after the first release: callers that build a ServerConfig by hand may leave them out. */
-type AddedSettings = 'exportRoot' | 'auth' | 'apiKeysFile' | 'tlsCert' | 'tlsKey' | 'tlsClientCa' | 'logLevel' | 'logPrompts' | 'metricsPort' | 'maxTenantLabels';
+type AddedSettings =
+  | 'exportRoot' | 'auth' | 'apiKeysFile' | 'tlsCert' | 'tlsKey' | 'tlsClientCa' | 'logLevel' | 'logPrompts' | 'metricsPort' | 'maxTenantLabels'
+  | 'dataRoot' | 'jobRoot' | 'trainThreads' | 'maxQueuedTrainJobs';
 
 /** What startServer takes: a ServerConfig whose later settings default as in the schema (src/config). */
 export type ServerConfigInput = Omit<ServerConfig, AddedSettings> & Partial<Pick<ServerConfig, AddedSettings>>;
 
-const ADDED_SETTINGS: readonly AddedSettings[] = ['exportRoot', 'auth', 'apiKeysFile', 'tlsCert', 'tlsKey', 'tlsClientCa', 'logLevel', 'logPrompts', 'metricsPort', 'maxTenantLabels'];
+const ADDED_SETTINGS: readonly AddedSettings[] = ['exportRoot', 'auth', 'apiKeysFile', 'tlsCert', 'tlsKey', 'tlsClientCa', 'logLevel', 'logPrompts', 'metricsPort', 'maxTenantLabels', 'dataRoot', 'jobRoot', 'trainThreads', 'maxQueuedTrainJobs'];
 
 /** Fills the added settings left out with the schema's defaults (auth 'required' included: it needs apiKeysFile). */
 export function withDefaults(cfg: ServerConfigInput): ServerConfig {
@@ -140,11 +152,29 @@ export async function startServer(input: ServerConfigInput, log: Logger, hooks: 
     (err) => log.error({ err }, 'engine step failed'),
     metrics,
   );
-  const app: App = { cfg, compiled, tokenizer, maxModelLen, adapters, scheduler };
+  // Training runs in its own worker thread (its own onnxruntime session and trainThreads), so serving keeps
+  // the engine worker and the event loop. The job root is created on the first job, not here.
+  const jobs = new JobManager({
+    jobRoot: cfg.jobRoot,
+    runner: new WorkerRunner({ modelDir: cfg.modelDir, quant: cfg.quant, threads: cfg.trainThreads, baseModelNameOrPath: cfg.source === 'demo' ? null : cfg.source }),
+    writeAdapter: (key, adapter) => adapters.create(key, adapter),
+    maxQueued: cfg.maxQueuedTrainJobs,
+    log,
+    onStep: (loss, tps) => metrics.observeTrainStep(loss, tps),
+    onRunEnd: () => metrics.observeTrainIdle(),
+  });
+  metrics.attachTrainJobs(() => jobs.counts());
+  const app: App = { cfg, compiled, tokenizer, maxModelLen, adapters, scheduler, jobs };
   rpc.setApp(app);
   rpc.health.setServing(true);
   serving = true;
   log.info({ port }, 'serving');
+  try {
+    jobs.recover();
+  } catch (err) {
+    // Serving goes on; the job root's problem shows here and in every Train call.
+    log.error({ err, jobRoot: cfg.jobRoot }, 'reading the training jobs failed');
+  }
 
   let closed = false;
   const close = async () => {
@@ -152,6 +182,8 @@ export async function startServer(input: ServerConfigInput, log: Logger, hooks: 
     closed = true;
     serving = false;
     rpc.health.setServing(false);
+    // The running job stops at its next step and stays `running` on disk: the next start resumes it.
+    await jobs.close();
     await scheduler.close();
     rpc.server.forceShutdown();
     await engine.close();
@@ -168,7 +200,7 @@ export async function startServer(input: ServerConfigInput, log: Logger, hooks: 
       rpc.health.setServing(false);
       rpc.setDraining();
       log.info({ graceSeconds: cfg.drainSeconds }, 'draining');
-      await scheduler.drain(cfg.drainSeconds * 1000);
+      await Promise.all([scheduler.drain(cfg.drainSeconds * 1000), jobs.close()]);
       await new Promise<void>((resolve) => rpc.server.tryShutdown(() => resolve()));
       await close();
       log.info('stopped');

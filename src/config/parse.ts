@@ -355,6 +355,10 @@ function toServerConfig(settings: ReadonlyMap<string, Resolved>, configFile: str
     logPrompts: v('logPrompts'),
     metricsPort: v('metricsPort'),
     maxTenantLabels: v('maxTenantLabels'),
+    dataRoot: v('dataRoot'),
+    jobRoot: v('jobRoot'),
+    trainThreads: v('trainThreads'),
+    maxQueuedTrainJobs: v('maxQueuedTrainJobs'),
   };
 }
 

@@ -77,6 +77,11 @@ export const SETTINGS: readonly Setting[] = [
   setting({ name: 'maxLoraRank', type: 'int', min: 1, max: 1024, default: 16, description: 'largest adapter rank' }),
   setting({ name: 'maxAdapterBytes', type: 'int', min: 1024, max: Number.MAX_SAFE_INTEGER, default: 512 * MIB, defaultText: '536870912 (512 MiB)', description: 'largest adapter directory on disk, in bytes' }),
   setting({ name: 'exportRoot', type: 'path', default: 'exports', defaultText: './exports', description: 'where merged models are exported' }),
+  // --- training
+  setting({ name: 'dataRoot', type: 'path', default: 'train-data', defaultText: './train-data', description: 'training data files (Train paths are relative to it and never leave it)' }),
+  setting({ name: 'jobRoot', type: 'path', default: 'train-jobs', defaultText: './train-jobs', description: 'training jobs (records, checkpoints); jobs found running or queued here resume on start' }),
+  setting({ name: 'trainThreads', type: 'int', min: 1, max: 256, default: 1, description: 'onnxruntime intra-op threads of the training worker (serving keeps --threads)' }),
+  setting({ name: 'maxQueuedTrainJobs', type: 'int', min: 0, max: 1 << 16, default: 8, description: 'training jobs waiting behind the running one before RESOURCE_EXHAUSTED' }),
   // --- serving
   setting({ name: 'host', type: 'string', default: '0.0.0.0', description: 'gRPC listen address' }),
   setting({ name: 'port', type: 'int', min: 0, max: 65535, default: 50051, description: 'gRPC port (0 picks a free one; the log says which)' }),

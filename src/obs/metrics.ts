@@ -58,7 +58,17 @@ export interface Metrics {
   observeInterToken(seconds: number): void;
   /** Reads adapter figures at every scrape (one call per scrape). */
   attachAdapters(stats: () => AdapterCounts): void;
+  /** One optimizer step of a training job. */
+  observeTrainStep(loss: number, tokensPerSecond: number): void;
+  /** No job is training any more (its throughput goes to 0). */
+  observeTrainIdle(): void;
+  /** Reads training jobs by state at every scrape. */
+  attachTrainJobs(counts: () => TrainJobCounts): void;
 }
+
+/** Training jobs by state; JobManager.counts() has this shape. */
+export type TrainJobCounts = Record<(typeof TRAIN_JOB_STATES)[number], number>;
+export const TRAIN_JOB_STATES = ['queued', 'running', 'succeeded', 'failed', 'cancelled'] as const;
 
 export interface MetricsOptions {
   /** 0 = no tenant label on the token counters; else at most this many tenants, the rest as "other". */
@@ -175,6 +185,22 @@ export function createMetrics(opts: MetricsOptions): Metrics {
   total('loraplex_adapter_cache_misses_total', 'Acquisitions that had to load the adapter or copy it into a slot.', (s) => s.misses);
   total('loraplex_adapter_load_seconds_total', 'Time spent loading adapters from the store.', (s) => s.loadSecondsTotal);
 
+  // Training: a job's figures, not per job (a job id is no label); state is one of five.
+  let trainCounts: (() => TrainJobCounts) | null = null;
+  new Gauge({
+    name: 'loraplex_train_jobs',
+    help: 'Training jobs known to the server, by state.',
+    labelNames: ['state'] as const,
+    registers,
+    collect() {
+      const c = trainCounts?.();
+      for (const state of TRAIN_JOB_STATES) this.set({ state }, c?.[state] ?? 0);
+    },
+  });
+  const trainSteps = new Counter({ name: 'loraplex_train_steps_total', help: 'Optimizer steps done by training jobs.', registers });
+  const trainLoss = new Gauge({ name: 'loraplex_train_last_loss', help: 'Training loss of the latest optimizer step.', registers });
+  const trainTps = new Gauge({ name: 'loraplex_train_tokens_per_second', help: 'Training throughput of the running job, tokens per second.', registers });
+
   // First come, first labelled: a bounded set of tenants, the rest share one series.
   const seenTenants = new Set<string>();
   const tenantLabel = (tenant: string | undefined): string => {
@@ -225,6 +251,17 @@ export function createMetrics(opts: MetricsOptions): Metrics {
     attachAdapters(stats) {
       adapterStats = stats;
       cached = null;
+    },
+    observeTrainStep(loss, tokensPerSecond) {
+      trainSteps.inc();
+      if (Number.isFinite(loss)) trainLoss.set(loss);
+      if (Number.isFinite(tokensPerSecond)) trainTps.set(tokensPerSecond);
+    },
+    observeTrainIdle() {
+      trainTps.set(0);
+    },
+    attachTrainJobs(counts) {
+      trainCounts = counts;
     },
   };
 }

@@ -7,6 +7,7 @@ import type { Server } from '@grpc/grpc-js';
 import { HealthImplementation, type ServingStatus } from 'grpc-health-check';
 import { AdapterService } from '../gen/loraplex/v1/adapters_pb.js';
 import { InferenceService } from '../gen/loraplex/v1/inference_pb.js';
+import { TrainService } from '../gen/loraplex/v1/train_pb.js';
 
 export const HEALTH_SERVICE = 'grpc.health.v1.Health';
 
@@ -18,7 +19,7 @@ export interface Health {
   addTo(server: Server): void;
 }
 
-export function createHealth(services: readonly { readonly typeName: string }[] = [InferenceService, AdapterService]): Health {
+export function createHealth(services: readonly { readonly typeName: string }[] = [InferenceService, AdapterService, TrainService]): Health {
   const names = ['', ...services.map((s) => s.typeName)];
   const status = (serving: boolean): ServingStatus => (serving ? 'SERVING' : 'NOT_SERVING');
   const impl = new HealthImplementation(Object.fromEntries(names.map((name) => [name, status(false)])));

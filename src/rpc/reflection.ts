@@ -11,8 +11,9 @@ import { FileDescriptorProtoSchema } from '@bufbuild/protobuf/wkt';
 import { service as healthService } from 'grpc-health-check';
 import { file_loraplex_v1_adapters } from '../gen/loraplex/v1/adapters_pb.js';
 import { file_loraplex_v1_inference } from '../gen/loraplex/v1/inference_pb.js';
+import { file_loraplex_v1_train } from '../gen/loraplex/v1/train_pb.js';
 
-export const LORAPLEX_FILES: readonly DescFile[] = [file_loraplex_v1_inference, file_loraplex_v1_adapters];
+export const LORAPLEX_FILES: readonly DescFile[] = [file_loraplex_v1_inference, file_loraplex_v1_adapters, file_loraplex_v1_train];
 
 type PackageDefinition = ConstructorParameters<typeof ReflectionService>[0];
 

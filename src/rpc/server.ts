@@ -3,6 +3,8 @@ import type { AdapterManager } from '../adapters/manager.js';
 import type { CompiledModel } from '../engine/compile.js';
 import { AdapterService } from '../gen/loraplex/v1/adapters_pb.js';
 import { InferenceService } from '../gen/loraplex/v1/inference_pb.js';
+import { TrainService } from '../gen/loraplex/v1/train_pb.js';
+import type { JobManager } from '../train/jobs.js';
 import type { ServerConfig } from '../main.js';
 import type { Logger } from '../obs/logger.js';
 import type { Scheduler } from '../scheduler/scheduler.js';
@@ -12,6 +14,7 @@ import type { Principal } from '../adapters/tenancy.js';
 import { adapterHandlers, inferenceHandlers, unavailable } from './handlers.js';
 import { createHealth, type Health } from './health.js';
 import { addReflection } from './reflection.js';
+import { trainHandlers } from './train-handlers.js';
 
 /** Everything the handlers use, available once the model is loaded. */
 export interface App {
@@ -21,6 +24,7 @@ export interface App {
   maxModelLen: number;
   adapters: AdapterManager;
   scheduler: Scheduler;
+  jobs: JobManager;
 }
 
 export interface RpcServer {
@@ -61,6 +65,7 @@ export function createRpcServer(log: Logger, options: RpcServerOptions = {}): Rp
   const serviceOptions = { onError, ...(options.authenticate ? { authenticate: options.authenticate } : {}), ...(options.observer ? { observer: options.observer } : {}) };
   addService(server, InferenceService, inferenceHandlers(state), serviceOptions);
   addService(server, AdapterService, adapterHandlers(state), serviceOptions);
+  addService(server, TrainService, trainHandlers(state), serviceOptions);
   const health = createHealth();
   health.addTo(server);
   addReflection(server);

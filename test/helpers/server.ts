@@ -4,6 +4,7 @@ import { startServer, type RunningServer, type ServerConfig } from '../../src/ma
 import { makeClient } from '../../src/rpc/bridge.js';
 import { AdapterService } from '../../src/gen/loraplex/v1/adapters_pb.js';
 import { InferenceService, type GenerateResponse } from '../../src/gen/loraplex/v1/inference_pb.js';
+import { TrainService } from '../../src/gen/loraplex/v1/train_pb.js';
 import type { QuantOptions } from '../../kernels/quant/index.js';
 import { STORIES, tempDir } from './engine.js';
 
@@ -13,6 +14,10 @@ export interface TestServer {
   adapterRoot: string;
   inference: ReturnType<typeof makeClient<(typeof InferenceService)['method']>>;
   adapters: ReturnType<typeof makeClient<(typeof AdapterService)['method']>>;
+  train: ReturnType<typeof makeClient<(typeof TrainService)['method']>>;
+  /** The training roots (temporary unless overridden). */
+  dataRoot: string;
+  jobRoot: string;
   close(): Promise<void>;
 }
 
@@ -63,6 +68,10 @@ export async function startTestServer(
     logPrompts: false,
     metricsPort: 0,
     maxTenantLabels: 0,
+    dataRoot: tempDir('train-data'),
+    jobRoot: tempDir('train-jobs'),
+    trainThreads: 1,
+    maxQueuedTrainJobs: 8,
     ...overrides,
   };
   const server = await startServer(cfg, pino({ level: 'silent' }));
@@ -70,15 +79,20 @@ export async function startTestServer(
   const clientOptions = { ...(options.credentials ? { credentials: options.credentials } : {}), ...(options.channelOptions ? { channelOptions: options.channelOptions } : {}) };
   const inference = makeClient(InferenceService, address, clientOptions);
   const adapters = makeClient(AdapterService, address, clientOptions);
+  const train = makeClient(TrainService, address, clientOptions);
   return {
     server,
     address,
     adapterRoot,
     inference,
     adapters,
+    train,
+    dataRoot: cfg.dataRoot,
+    jobRoot: cfg.jobRoot,
     async close() {
       inference.close();
       adapters.close();
+      train.close();
       await server.close();
     },
   };

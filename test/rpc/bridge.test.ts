@@ -227,7 +227,7 @@ test('health: NOT_SERVING until setServing(true), for the server and each servic
       client['Check']!({ service }, (err: grpc.ServiceError | null, res: { status: string }) => (err ? reject(err) : resolve(res.status))),
     );
   try {
-    assert.deepEqual(server.health.services, ['', 'loraplex.v1.InferenceService', 'loraplex.v1.AdapterService']);
+    assert.deepEqual(server.health.services, ['', 'loraplex.v1.InferenceService', 'loraplex.v1.AdapterService', 'loraplex.v1.TrainService']);
     for (const name of server.health.services) assert.equal(await check(name), 'NOT_SERVING');
     server.health.setServing(true);
     for (const name of server.health.services) assert.equal(await check(name), 'SERVING');
@@ -246,6 +246,7 @@ for (const pkg of ['grpc.reflection.v1', 'grpc.reflection.v1alpha']) {
       'grpc.health.v1.Health',
       'loraplex.v1.AdapterService',
       'loraplex.v1.InferenceService',
+      'loraplex.v1.TrainService',
     ]);
 
     const described = await reflect(server.address, pkg, { messageRequest: { case: 'fileContainingSymbol', value: 'loraplex.v1.AdapterService' } });

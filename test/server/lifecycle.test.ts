@@ -43,7 +43,7 @@ test('loraplex serve: NOT_SERVING while loading, SERVING when ready, reflection;
     assert.equal(await healthCheck(address), 'SERVING');
     assert.equal(await healthCheck(address, 'loraplex.v1.InferenceService'), 'SERVING');
     const list = await reflect(address, 'grpc.reflection.v1', { messageRequest: { case: 'listServices', value: '*' } });
-    assert.deepEqual(list.listServicesResponse?.service.map((s) => s.name).sort(), ['grpc.health.v1.Health', 'loraplex.v1.AdapterService', 'loraplex.v1.InferenceService']);
+    assert.deepEqual(list.listServicesResponse?.service.map((s) => s.name).sort(), ['grpc.health.v1.Health', 'loraplex.v1.AdapterService', 'loraplex.v1.InferenceService', 'loraplex.v1.TrainService']);
 
     const client = makeClient(InferenceService, address);
     const stream = client.generate({ prompt: { case: 'text', value: 'hello' }, sampling: { maxNewTokens: 400, temperature: 0 } });

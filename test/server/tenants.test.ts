@@ -15,6 +15,7 @@ import { serviceDefinition, type ClientCallOptions } from '../../src/rpc/bridge.
 import { INVALID_KEY_MESSAGE, MISSING_KEY_MESSAGE } from '../../src/rpc/auth.js';
 import { AdapterService, MergeMethod } from '../../src/gen/loraplex/v1/adapters_pb.js';
 import { InferenceService } from '../../src/gen/loraplex/v1/inference_pb.js';
+import { TrainJobState, TrainService, type TrainEvent } from '../../src/gen/loraplex/v1/train_pb.js';
 import { healthCheck, reflect } from '../helpers/grpc.js';
 import { collect, startTestServer, type TestServer } from '../helpers/server.js';
 import { STORIES, tempDir } from '../helpers/engine.js';
@@ -100,8 +101,8 @@ function callRaw(client: grpc.Client, method: DescMethod, options: ClientCallOpt
 test('no key or a wrong key: UNAUTHENTICATED on every loraplex RPC; health and reflection stay open', async () => {
   const client = new grpc.Client(s.address, grpc.credentials.createInsecure());
   try {
-    const methods = [InferenceService, AdapterService].flatMap((svc) => (svc as unknown as DescService).methods);
-    assert.ok(methods.length >= 6);
+    const methods = [InferenceService, AdapterService, TrainService].flatMap((svc) => (svc as unknown as DescService).methods);
+    assert.ok(methods.length >= 13);
     for (const method of methods) {
       const none = await failure(callRaw(client, method, as('none')));
       assert.deepEqual(none, { code: grpc.status.UNAUTHENTICATED, details: MISSING_KEY_MESSAGE }, `${method.name} without a key`);
@@ -113,8 +114,10 @@ test('no key or a wrong key: UNAUTHENTICATED on every loraplex RPC; health and r
   }
   assert.equal(await healthCheck(s.address), 'SERVING');
   assert.equal(await healthCheck(s.address, 'loraplex.v1.AdapterService'), 'SERVING');
+  assert.equal(await healthCheck(s.address, 'loraplex.v1.TrainService'), 'SERVING');
   const list = await reflect(s.address, 'grpc.reflection.v1', { messageRequest: { case: 'listServices', value: '*' } });
   assert.ok(list.listServicesResponse?.service.some((x) => x.name === 'loraplex.v1.InferenceService'));
+  assert.ok(list.listServicesResponse?.service.some((x) => x.name === 'loraplex.v1.TrainService'));
   // A right key works on a model-wide read.
   assert.equal((await s.inference.getModelInfo({}, as('globex'))).model?.modelType, 'llama');
 });
@@ -209,4 +212,51 @@ test('finally, the owner can delete it from the store', async () => {
   assert.ok(!existsSync(join(s.adapterRoot, 'acme', ACME_ONLY)));
   const gone = await failure(s.adapters.loadAdapter({ adapterId: ACME_ONLY }, as('acme')));
   assert.deepEqual(gone, { code: grpc.status.NOT_FOUND, details: `adapter_id "${ACME_ONLY}" is not in the adapter store` });
+});
+
+// --- training jobs: scoped like adapters --------------------------------------------------------------
+
+const trainText = Array.from({ length: 24 }, (_, i) => ({ example: { case: 'text' as const, value: `Tom found a red ball number ${i} in the garden.` } }));
+const trainJob = (adapterId: string, maxSteps: number) => ({ adapterId, examples: trainText, maxSeqLength: 32, microBatchSize: 4, maxSteps, learningRate: 1e-2 });
+type TrainEv = NonNullable<TrainEvent['event']>;
+async function trainEvents(stream: AsyncIterable<{ event?: TrainEvent | undefined }>): Promise<TrainEv[]> {
+  const out: TrainEv[] = [];
+  for await (const m of stream) out.push(m.event!.event);
+  return out;
+}
+
+test("training jobs: another tenant's job is NOT_FOUND like a missing one (Get, Watch, Cancel, List); the adapter lands in the owner's namespace", async () => {
+  const TRAINED = 'acme-trained';
+  const stream = s.train.train(trainJob(TRAINED, 40), as('acme'))[Symbol.asyncIterator]();
+  const accepted = (await stream.next()).value!.event!.event;
+  assert.equal(accepted.case, 'accepted');
+  const jobId = (accepted.value as { jobId: string }).jobId;
+  const missingJob = 'tj-AAAAAAAAAAAAAAAA';
+  const calls: [string, (who: Tenant, id: string) => Promise<unknown>][] = [
+    ['GetTrainJob', (who, id) => s.train.getTrainJob({ jobId: id }, as(who))],
+    ['WatchTrainJob', (who, id) => trainEvents(s.train.watchTrainJob({ jobId: id }, as(who)))],
+    ['CancelTrainJob', (who, id) => s.train.cancelTrainJob({ jobId: id }, as(who))],
+  ];
+  for (const [name, call] of calls) {
+    for (const who of ['globex', 'ops'] as const) {
+      const theirs = await failure(call(who, jobId));
+      const missing = await failure(call(who, missingJob));
+      assert.equal(theirs.code, grpc.status.NOT_FOUND, `${name} as ${who}: ${grpc.status[theirs.code]} ${theirs.details}`);
+      assert.equal(theirs.details.replaceAll(jobId, '<id>'), missing.details.replaceAll(missingJob, '<id>'), `${name}: the message must not tell the two apart`);
+    }
+  }
+  for (const who of ['globex', 'ops'] as const) assert.ok(!(await s.train.listTrainJobs({}, as(who))).jobs.some((j) => j.jobId === jobId));
+  assert.ok((await s.train.listTrainJobs({}, as('acme'))).jobs.some((j) => j.jobId === jobId));
+  // The owner sees it through to the end; nobody else's Cancel stopped it.
+  const rest: TrainEv[] = [];
+  for (let r = await stream.next(); !r.done; r = await stream.next()) rest.push(r.value.event!.event);
+  assert.equal(rest.at(-1)?.case, 'completed');
+  assert.equal((await s.train.getTrainJob({ jobId }, as('acme'))).job!.state, TrainJobState.SUCCEEDED);
+  assert.ok(existsSync(join(s.adapterRoot, 'acme', TRAINED, 'adapter_config.json')));
+  const theirs = await failure(collect(s.inference.generate({ prompt: text('Once upon a time'), adapterId: TRAINED, sampling: greedy }, as('globex'))));
+  assert.deepEqual(theirs, { code: grpc.status.NOT_FOUND, details: `adapter_id "${TRAINED}" is not in the adapter store` });
+  // The same id is free in another namespace: no ALREADY_EXISTS leak, no overwrite.
+  const other = await trainEvents(s.train.train(trainJob(TRAINED, 2), as('globex')));
+  assert.equal(other.at(-1)?.case, 'completed');
+  assert.ok(existsSync(join(s.adapterRoot, 'globex', TRAINED, 'adapter_config.json')));
 });

@@ -1,0 +1,152 @@
+import { Worker } from 'node:worker_threads';
+import type { QuantOptions } from '../../kernels/quant/index.js';
+import type { PeftAdapter } from '../adapters/peft.js';
+import type { ErrorCode } from '../errors.js';
+import type { TrainConfig } from './config.js';
+import type { TrainEvent } from './trainer.js';
+
+/**
+ * Runs one job's training somewhere else than the event loop. JobManager only sees this interface; the real
+ * one (WorkerRunner) starts src/train/worker.ts in a worker thread per run.
+ */
+
+/** A trainer event as it leaves the worker: a checkpoint carries its step, not its server path. */
+export type RunEvent = Exclude<TrainEvent, { type: 'checkpoint' }> | { type: 'checkpoint'; step: number };
+
+export interface RunResult {
+  adapter: PeftAdapter;
+  steps: number;
+  trainLoss: number;
+  evalLoss: number | null;
+  initialEvalLoss: number | null;
+  tokensPerSecond: number;
+}
+
+export type RunOutcome =
+  | { type: 'completed'; result: RunResult }
+  /** code/message go to the client; detail (INTERNAL only) to the log. */
+  | { type: 'failed'; code: ErrorCode; message: string; detail?: string }
+  /** Stopped on request (cancel or shutdown), or killed after the grace period. */
+  | { type: 'stopped' };
+
+export interface RunSpec {
+  jobId: string;
+  /** Holds data.json; checkpoints and the compiled training graph go here. */
+  jobDir: string;
+  config: TrainConfig;
+}
+
+export interface RunHandlers {
+  onEvent(e: RunEvent): void;
+  /** The run resumes from the checkpoint of this step. */
+  onResume(step: number): void;
+}
+
+export interface RunHandle {
+  /** Settles once the run has ended and its thread is gone. */
+  readonly done: Promise<RunOutcome>;
+  /** Asks the run to stop at its next step; after the grace period it is killed. */
+  stop(): void;
+}
+
+export interface TrainRunner {
+  start(spec: RunSpec, handlers: RunHandlers): RunHandle;
+}
+
+// --- the worker protocol ------------------------------------------------------------------------------
+
+export interface WorkerInput {
+  modelDir: string;
+  quant: QuantOptions;
+  config: TrainConfig;
+  jobDir: string;
+  threads: number;
+  baseModelNameOrPath: string | null;
+}
+
+/** Stop at the next step (a cancel and a shutdown look the same to the worker). */
+export type WorkerRequest = { type: 'stop' };
+
+export type WorkerReply =
+  | { type: 'resuming'; step: number }
+  | { type: 'event'; event: RunEvent }
+  | { type: 'done'; result: RunResult }
+  | { type: 'error'; code: ErrorCode; message: string; detail?: string }
+  | { type: 'stopped' };
+
+export interface WorkerRunnerOptions {
+  modelDir: string;
+  /** The served quantization; training computes the 4-bit matmuls in float32 (accuracy level 0). */
+  quant: QuantOptions;
+  /** onnxruntime intra-op threads of the training session. */
+  threads: number;
+  /** adapter_config.json's base_model_name_or_path. */
+  baseModelNameOrPath: string | null;
+  /** How long a stopped run may take to reach its next step before its thread is terminated. Default 10 s. */
+  stopGraceMs?: number;
+}
+
+/** Training computes in float32 activations: accuracy level 0 keeps the 4-bit matmuls exact to the dequantized weights. */
+export function trainingQuant(q: QuantOptions): QuantOptions {
+  return q.kind === 'int4' || q.kind === 'int8' ? { ...q, accuracyLevel: 0 } : { ...q };
+}
+
+export class WorkerRunner implements TrainRunner {
+  constructor(private readonly opts: WorkerRunnerOptions) {}
+
+  start(spec: RunSpec, handlers: RunHandlers): RunHandle {
+    const input: WorkerInput = {
+      modelDir: this.opts.modelDir,
+      quant: trainingQuant(this.opts.quant),
+      config: spec.config,
+      jobDir: spec.jobDir,
+      threads: this.opts.threads,
+      baseModelNameOrPath: this.opts.baseModelNameOrPath,
+    };
+    const worker = new Worker(new URL('./worker.js', import.meta.url), { workerData: input });
+    let outcome: RunOutcome | null = null;
+    let stopping = false;
+    let killTimer: NodeJS.Timeout | undefined;
+    let resolveDone!: (o: RunOutcome) => void;
+    const done = new Promise<RunOutcome>((resolve) => (resolveDone = resolve));
+    // The first outcome wins; the thread is always gone before `done` settles.
+    const finish = (o: RunOutcome) => {
+      if (outcome) return;
+      outcome = o;
+      clearTimeout(killTimer);
+      void worker.terminate().finally(() => resolveDone(o));
+    };
+    worker.on('message', (m: WorkerReply) => {
+      if (outcome) return;
+      switch (m.type) {
+        case 'resuming':
+          handlers.onResume(m.step);
+          break;
+        case 'event':
+          handlers.onEvent(m.event);
+          break;
+        case 'done':
+          finish({ type: 'completed', result: m.result });
+          break;
+        case 'error':
+          finish({ type: 'failed', code: m.code, message: m.message, ...(m.detail !== undefined ? { detail: m.detail } : {}) });
+          break;
+        case 'stopped':
+          finish({ type: 'stopped' });
+          break;
+      }
+    });
+    worker.on('error', (err) => finish({ type: 'failed', code: 'INTERNAL', message: 'internal error', detail: err.stack ?? err.message }));
+    worker.on('exit', (code) => finish(stopping ? { type: 'stopped' } : { type: 'failed', code: 'INTERNAL', message: 'internal error', detail: `training worker exited with code ${code}` }));
+    return {
+      done,
+      stop: () => {
+        if (stopping || outcome) return;
+        stopping = true;
+        worker.postMessage({ type: 'stop' } satisfies WorkerRequest);
+        killTimer = setTimeout(() => finish({ type: 'stopped' }), this.opts.stopGraceMs ?? 10_000);
+        killTimer.unref();
+      },
+    };
+  }
+}
