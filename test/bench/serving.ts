@@ -12,6 +12,9 @@ import { startServer } from '../../src/main.js';
 import { makeClient } from '../../src/rpc/bridge.js';
 import { InferenceService } from '../../src/gen/loraplex/v1/inference_pb.js';
 import { AdapterService } from '../../src/gen/loraplex/v1/adapters_pb.js';
+import { TrainService } from '../../src/gen/loraplex/v1/train_pb.js';
+import { mkdtempSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import type { QuantOptions } from '../../kernels/quant/index.js';
 
 const STREAMS = 16;
@@ -27,6 +30,9 @@ export interface ServingFigures {
   oneAdapterVsNoAdapter: number;
   adapterColdLoadToFirstTokenMs: number;
   adapterWarmFirstTokenMs: number;
+  /** Median gap between tokens of one Generate stream, idle and while a training job runs (1 train thread). */
+  interTokenMsIdle: number;
+  interTokenMsWhileTraining: number;
 }
 
 export async function servingBench(modelDir: string, root: string, cacheDir: string, quant: QuantOptions, threads: number, log: (m: string) => void): Promise<ServingFigures> {
@@ -43,6 +49,7 @@ export async function servingBench(modelDir: string, root: string, cacheDir: str
       modelDir, quant, threads, cacheDir, maxModelLen: 256, maxNumSeqs: STREAMS, maxLoras: STREAMS, maxLoraRank: 16, prefillChunk: 64,
       allowSpinning: false, host: '127.0.0.1', port: 0, adapterRoot, maxCpuLoras: STREAMS + 2, maxWaiting: 64,
       maxAdapterBytes: 1 << 30, maxNewTokensDefault: NEW_TOKENS, drainSeconds: 5, source: modelDir, auth: 'disabled', metricsPort: 0,
+      dataRoot: mkdtempSync(join(tmpdir(), 'loraplex-bench-data-')), jobRoot: mkdtempSync(join(tmpdir(), 'loraplex-bench-jobs-')), trainThreads: 1,
     },
     pino({ level: 'silent' }),
   );
@@ -93,6 +100,32 @@ export async function servingBench(modelDir: string, root: string, cacheDir: str
   await adapters.unloadAdapter({ adapterId: `a${STREAMS}` }).catch(() => undefined);
   const cold = await firstTokenMs(`a${STREAMS}`);
   log(`rank-16 adapter first token: cold ${cold.toFixed(1)} ms, warm ${warm.toFixed(1)} ms`);
+  // Inter-token latency of one stream, idle and while a training job runs on the same machine.
+  const interTokenMs = async () => {
+    const gaps: number[] = [];
+    let last = 0;
+    for await (const m of inference.generate({ prompt: { case: 'text', value: 'Once upon a time' }, sampling: { temperature: 0, maxNewTokens: 24 } })) {
+      if (m.event.case !== 'delta' || !m.event.value.tokenIds.length) continue;
+      const now = performance.now();
+      if (last) gaps.push(now - last);
+      last = now;
+    }
+    gaps.sort((a, b) => a - b);
+    return gaps[Math.floor(gaps.length / 2)]!;
+  };
+  const idle = await interTokenMs();
+  const train = makeClient(TrainService, address);
+  const text = 'First Citizen: Before we proceed any further, hear me speak. All: Speak, speak. '.repeat(40);
+  const job = train.train({ adapterId: 'bench-train', examples: [{ example: { case: 'text', value: text } }], maxSteps: 50, maxSeqLength: 128, microBatchSize: 1, targetModules: ['q_proj', 'v_proj'], r: 8 });
+  const it = job[Symbol.asyncIterator]();
+  // Wait until the job is really stepping (its graph is built and the first step done).
+  for (;;) {
+    const r = await it.next();
+    if (r.done || r.value.event?.event.case === 'progress') break;
+  }
+  const busy = await interTokenMs();
+  log(`inter-token latency: idle ${idle.toFixed(1)} ms, while training ${busy.toFixed(1)} ms`);
+  train.close();
   inference.close();
   adapters.close();
   await server.close();
@@ -106,5 +139,7 @@ export async function servingBench(modelDir: string, root: string, cacheDir: str
     oneAdapterVsNoAdapter: +(one / none).toFixed(3),
     adapterColdLoadToFirstTokenMs: +cold.toFixed(1),
     adapterWarmFirstTokenMs: +warm.toFixed(1),
+    interTokenMsIdle: +idle.toFixed(1),
+    interTokenMsWhileTraining: +busy.toFixed(1),
   };
 }
