@@ -617,6 +617,21 @@ registerGradient('LogSoftmax', elementwise(({ g, node }, d, _x, y) => {
   const s = like(g, 'ReduceSum', [d, g.ints([axis])], keptShape(d, axis), { keepdims: 1 }, 'd_sum', d.dtype);
   return subV(g, d, mulV(g, like(g, 'Exp', [y], y.shape, undefined, 'p'), s, 'p_sum'), 'dx');
 }));
+// Dropout(x, ratio, training_mode) -> [y, mask]: dX = dY * mask / (1 - ratio) (identity when not training:
+// the mask is then all true and the scale 1, which the same formula gives only if ratio is ignored, so the
+// scale is applied through Where on training_mode).
+registerGradient('Dropout', (a) => {
+  const { g, node } = a;
+  if (!a.needs[0]) return [];
+  const x = input(node, 0);
+  const mask = node.outputs[1];
+  if (!mask) unsupported(node, 'record the mask output to differentiate Dropout');
+  const keep = like(g, 'Cast', [mask!], x.shape, { to: 1 }, 'keep');
+  const ratio = node.inputs[1]!;
+  const train = node.inputs[2]!;
+  const scale = like(g, 'Where', [train, like(g, 'Reciprocal', [subV(g, g.scalar(1), ratio, 'keep_p')], [], undefined, 'inv_keep'), g.scalar(1)], [], undefined, 'scale');
+  return [mulV(g, mulV(g, dy(a), keep, 'dy_kept'), scale, 'dx')];
+});
 registerGradient('Sigmoid', elementwise(({ g }, d, _x, y) => mulV(g, d, mulV(g, y, subV(g, g.scalar(1), y, 'one_m_y'), 'dsig'), 'dx')));
 registerGradient('Tanh', elementwise(({ g }, d, _x, y) => mulV(g, d, subV(g, g.scalar(1), mulV(g, y, y, 'y2'), 'dtanh'), 'dx')));
 registerGradient('Relu', elementwise(({ g }, d, x) => like(g, 'Where', [like(g, 'Greater', [x, g.scalar(0)], x.shape, undefined, 'pos', 'bool'), d, g.scalar(0)], x.shape, undefined, 'dx')));

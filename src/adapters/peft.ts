@@ -348,7 +348,8 @@ export function writePeftAdapter(dir: string, adapter: PeftAdapter, opts: WriteP
     layers_to_transform: null,
     loftq_config: {},
     lora_alpha: adapter.alpha,
-    lora_dropout: 0.0,
+    // Training-time only (serving ignores it), kept so the file says how the adapter was trained.
+    lora_dropout: typeof adapter.config.raw['lora_dropout'] === 'number' ? adapter.config.raw['lora_dropout'] : 0.0,
     megatron_config: null,
     megatron_core: 'megatron.core',
     modules_to_save: null,

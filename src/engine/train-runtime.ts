@@ -37,7 +37,7 @@ export class TrainRuntime {
     return new TrainRuntime(session);
   }
 
-  private feeds(batch: TrainBatch, params: TrainParam[]): Record<string, ort.Tensor> {
+  private feeds(batch: TrainBatch, params: TrainParam[], training: boolean): Record<string, ort.Tensor> {
     if (batch.inputIds.length !== batch.batch * batch.seqLength || batch.labels.length !== batch.batch * batch.seqLength) {
       throw new EngineError('training batch: input_ids and labels must both be [batch, seq]', 'INVALID_ARGUMENT');
     }
@@ -45,6 +45,8 @@ export class TrainRuntime {
       input_ids: new ort.Tensor('int64', batch.inputIds, [batch.batch, batch.seqLength]),
       labels: new ort.Tensor('int64', batch.labels, [batch.batch, batch.seqLength]),
     };
+    // Graphs with LoRA dropout take train_mode: on for steps, off for eval.
+    if (this.session.inputNames.includes('train_mode')) feeds['train_mode'] = new ort.Tensor('bool', new Uint8Array([training ? 1 : 0]), []);
     for (const p of params) {
       feeds[`lora_a.${p.module}`] = new ort.Tensor('float32', p.a, [p.r, p.inFeatures]);
       feeds[`lora_b.${p.module}`] = new ort.Tensor('float32', p.b, [p.outFeatures, p.r]);
@@ -54,7 +56,7 @@ export class TrainRuntime {
 
   /** Loss and the gradient of every LoRA tensor for one micro-batch. */
   async step(batch: TrainBatch, params: TrainParam[]): Promise<{ loss: number; grads: { a: Float32Array; b: Float32Array }[] }> {
-    const out = await this.session.run(this.feeds(batch, params));
+    const out = await this.session.run(this.feeds(batch, params, true));
     return {
       loss: (out['loss']!.data as Float32Array)[0]!,
       grads: params.map((p) => ({ a: out[`grad_a.${p.module}`]!.data as Float32Array, b: out[`grad_b.${p.module}`]!.data as Float32Array })),
@@ -63,7 +65,7 @@ export class TrainRuntime {
 
   /** Loss only (eval); onnxruntime runs just the nodes the fetched output needs. */
   async loss(batch: TrainBatch, params: TrainParam[]): Promise<number> {
-    const out = await this.session.run(this.feeds(batch, params), ['loss']);
+    const out = await this.session.run(this.feeds(batch, params, false), ['loss']);
     return (out['loss']!.data as Float32Array)[0]!;
   }
 

@@ -28,6 +28,10 @@ export interface TrainGraphOptions {
   r: number;
   /** lora_alpha / r (or / sqrt(r) with rsLoRA). */
   scaling: number;
+  /** PEFT's lora_dropout on the LoRA branch's input; 0 = none. */
+  dropout?: number;
+  /** Seeds the dropout masks (one stream per module). */
+  seed?: number;
 }
 
 interface Ctx {
@@ -37,6 +41,8 @@ interface Ctx {
   opts: TrainGraphOptions;
   trained: Map<string, TrainModule>;
   params: { module: string; a: Value; b: Value }[];
+  /** train_mode input (bool scalar): dropout is active only while training, not for eval. */
+  trainMode: Value | null;
 }
 
 function constantOf(g: Graph, hint: string, t: HostTensor): Value {
@@ -60,7 +66,15 @@ function linear(c: Ctx, x: Value, module: string, w: HostTensor, bias: HostTenso
   const a = c.g.input(`lora_a.${module}`, 'float32', [c.opts.r, K]);
   const b = c.g.input(`lora_b.${module}`, 'float32', [N, c.opts.r]);
   c.params.push({ module, a, b });
-  const xa = matmul(c.g, x, transpose(c.g, a, [1, 0], 'lora_a_t'), 'lora_xa'); // [batch, seq, r]
+  let xin = x;
+  const p = c.opts.dropout ?? 0;
+  if (p > 0 && c.trainMode) {
+    // PEFT applies dropout to the LoRA branch's input only. Masks come from onnxruntime's generator, seeded per
+    // module: a run is repeatable in one session (a resumed run draws new masks from its checkpoint on).
+    const seed = ((c.opts.seed ?? 0) * 1000003 + c.params.length * 7919) % 2147483647;
+    xin = c.g.op('Dropout', [x, c.g.scalar(p), c.trainMode], { attrs: { seed }, outputs: [{ dtype: 'float32', shape: x.shape }, { dtype: 'bool', shape: x.shape }] }, 'lora_dropout')[0]!;
+  }
+  const xa = matmul(c.g, xin, transpose(c.g, a, [1, 0], 'lora_a_t'), 'lora_xa'); // [batch, seq, r]
   const delta = matmul(c.g, mul(c.g, xa, c.g.scalar(c.opts.scaling), 'lora_xa_scaled'), transpose(c.g, b, [1, 0], 'lora_b_t'), 'lora_delta');
   return add(c.g, y, delta, `${module}.out`);
 }
@@ -79,7 +93,8 @@ export function buildTrainingGraph(spec: ModelSpec, weights: WeightSource, opts:
   const g = new Graph(`loraplex_${spec.modelType}_train`);
   const ids = g.input('input_ids', 'int64', ['batch', 'seq']);
   const labels = g.input('labels', 'int64', ['batch', 'seq']);
-  const c: Ctx = { g, spec, w: weights, opts, trained: new Map(opts.modules.map((m) => [m.module, m])), params: [] };
+  const trainMode = (opts.dropout ?? 0) > 0 ? g.input('train_mode', 'bool', []) : null;
+  const c: Ctx = { g, spec, w: weights, opts, trained: new Map(opts.modules.map((m) => [m.module, m])), params: [], trainMode };
   const causal = causalMask(g, ids);
   const hidden = spec.family === 'gpt2' ? gpt2Body(c, ids, causal) : llamaBody(c, ids, causal);
   g.scope = 'lm_head.';

@@ -92,6 +92,8 @@ export async function runTraining(o: TrainRunOptions): Promise<TrainResult> {
     modules: adapter.modules.map((m) => ({ module: m.module, inFeatures: m.inFeatures, outFeatures: m.outFeatures })),
     r: adapter.r,
     scaling: adapter.scaling,
+    dropout: config.lora.loraDropout,
+    seed: config.seed,
   });
   const { modelPath } = writeOnnxModel(graph.toOnnx(), join(o.jobDir, 'graph'), 'train');
   const rt = await TrainRuntime.create(modelPath, o.threads);
@@ -149,6 +151,7 @@ export async function runTraining(o: TrainRunOptions): Promise<TrainResult> {
         o.onEvent?.({ type: 'checkpoint', step: step + 1, dir });
       }
     }
+    adapter.config.raw = { ...adapter.config.raw, lora_dropout: config.lora.loraDropout };
     const finalEval = await evalLoss(rt, ds, adapter);
     if (finalEval !== null) lastEval = finalEval;
     const seconds = (performance.now() - t0) / 1000;

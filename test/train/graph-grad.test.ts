@@ -114,3 +114,39 @@ for (const [arch, quant] of [['llama', { kind: 'none' }], ['llama', { kind: 'int
     assert.ok(worst <= 2e-3 * scale + 1e-5, `max |grad - fd| ${worst} vs max |fd| ${scale}`);
   });
 }
+
+test('LoRA dropout: eval runs without it (deterministic), every training step draws fresh masks', async () => {
+  const { spec, weights } = loadModelDir(new URL('../../../../shared/models/stories260K', import.meta.url).pathname);
+  const modules = linearModules(spec).slice(0, 4).map((m) => ({ module: m.module, inFeatures: m.inFeatures, outFeatures: m.outFeatures }));
+  const { graph } = buildTrainingGraph(spec, weights, { quant: { kind: 'none' }, modules, r: 2, scaling: 2, dropout: 0.5, seed: 3 });
+  const session = await ort.InferenceSession.create(serializeModel(graph.toOnnx()), { intraOpNumThreads: 1 });
+  const ids = [1, 17, 40, 99, 5, 250, 3];
+  const feeds = (train: boolean): Record<string, ort.Tensor> => {
+    const f: Record<string, ort.Tensor> = {
+      input_ids: new ort.Tensor('int64', BigInt64Array.from(ids.map(BigInt)), [1, 7]),
+      labels: new ort.Tensor('int64', BigInt64Array.from([17, 40, 99, 5, 250, 3, 8].map(BigInt)), [1, 7]),
+      train_mode: new ort.Tensor('bool', new Uint8Array([train ? 1 : 0]), []),
+    };
+    modules.forEach((m, i) => {
+      f[`lora_a.${m.module}`] = new ort.Tensor('float32', randomFloats(2 * m.inFeatures, 300 + i, 0.3), [2, m.inFeatures]);
+      f[`lora_b.${m.module}`] = new ort.Tensor('float32', randomFloats(m.outFeatures * 2, 400 + i, 0.3), [m.outFeatures, 2]);
+    });
+    return f;
+  };
+  const evalA = (await session.run(feeds(false)))['loss']!.data[0];
+  const evalB = (await session.run(feeds(false)))['loss']!.data[0];
+  assert.equal(evalA, evalB, 'no dropout in eval');
+  const t1 = await session.run(feeds(true));
+  const t2 = await session.run(feeds(true));
+  assert.notEqual(t1['loss']!.data[0], t2['loss']!.data[0], 'fresh masks every training step');
+  await session.release();
+  // Off (eval mode), the dropout graph's loss and gradients are the no-dropout graph's, bit for bit.
+  const plain = buildTrainingGraph(spec, weights, { quant: { kind: 'none' }, modules, r: 2, scaling: 2 }).graph;
+  const plainSession = await ort.InferenceSession.create(serializeModel(plain.toOnnx()), { intraOpNumThreads: 1 });
+  const withTrainMode = feeds(false);
+  const off = await (await ort.InferenceSession.create(serializeModel(graph.toOnnx()), { intraOpNumThreads: 1 })).run(withTrainMode);
+  delete withTrainMode['train_mode'];
+  const ref = await plainSession.run(withTrainMode);
+  for (const name of Object.keys(ref)) assert.deepEqual(off[name]!.data, ref[name]!.data, name);
+  await plainSession.release();
+});
