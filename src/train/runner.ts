@@ -45,7 +45,7 @@ export interface RunHandlers {
 export interface RunHandle {
   /** Settles once the run has ended and its thread is gone. */
   readonly done: Promise<RunOutcome>;
-  /** Asks the run to stop at its next step; after the grace period it is killed. */
+  /** Asks the run to stop at its next step (never kills the thread mid-step). */
   stop(): void;
 }
 
@@ -82,8 +82,6 @@ export interface WorkerRunnerOptions {
   threads: number;
   /** adapter_config.json's base_model_name_or_path. */
   baseModelNameOrPath: string | null;
-  /** How long a stopped run may take to reach its next step before its thread is terminated. Default 10 s. */
-  stopGraceMs?: number;
 }
 
 /** Training computes in float32 activations: accuracy level 0 keeps the 4-bit matmuls exact to the dequantized weights. */
@@ -106,14 +104,12 @@ export class WorkerRunner implements TrainRunner {
     const worker = new Worker(new URL('./worker.js', import.meta.url), { workerData: input });
     let outcome: RunOutcome | null = null;
     let stopping = false;
-    let killTimer: NodeJS.Timeout | undefined;
     let resolveDone!: (o: RunOutcome) => void;
     const done = new Promise<RunOutcome>((resolve) => (resolveDone = resolve));
     // The first outcome wins; the thread is always gone before `done` settles.
     const finish = (o: RunOutcome) => {
       if (outcome) return;
       outcome = o;
-      clearTimeout(killTimer);
       void worker.terminate().finally(() => resolveDone(o));
     };
     worker.on('message', (m: WorkerReply) => {
@@ -143,9 +139,10 @@ export class WorkerRunner implements TrainRunner {
       stop: () => {
         if (stopping || outcome) return;
         stopping = true;
+        // No kill timer: terminating the thread while onnxruntime runs a step (or builds the session) aborts
+        // the whole process (a native Napi::Error). The run stops at its next step, however long that takes;
+        // a shutdown that cannot wait is the orchestrator's SIGKILL, and the job resumes from its checkpoint.
         worker.postMessage({ type: 'stop' } satisfies WorkerRequest);
-        killTimer = setTimeout(() => finish({ type: 'stopped' }), this.opts.stopGraceMs ?? 10_000);
-        killTimer.unref();
       },
     };
   }
