@@ -2,7 +2,8 @@ import type { Dim, Graph, Value } from '../ir.js';
 
 /** Thin typed wrappers over standard ONNX ops; shapes are informational ('?' where not worth inferring). */
 
-function broadcast(a: readonly Dim[], b: readonly Dim[]): Dim[] {
+/** Numpy-style broadcast of two (informational) shapes. */
+export function broadcast(a: readonly Dim[], b: readonly Dim[]): Dim[] {
   const n = Math.max(a.length, b.length);
   const out: Dim[] = [];
   for (let i = 0; i < n; i++) {

@@ -6,6 +6,7 @@
  * Shapes in the IR are partly symbolic, so broadcasting is undone at run time unless the informational shapes
  * settle it statically (see unbroadcast). Named dims ('batch', 'seq') are trusted to mean the same size.
  */
+import { broadcast } from './basic.js';
 import type { OnnxAttributeValue, OnnxDataType, OnnxTensor } from '../onnx.js';
 import type { Dim, Graph, TapeNode, Value } from '../ir.js';
 import { emitDequantizedWeight, emitLinear, type QuantizedLinear } from '../quant/index.js';
@@ -32,23 +33,13 @@ function like(g: Graph, opType: string, inputs: (Value | null)[], shape: readonl
 }
 
 const bin = (opType: string) => (g: Graph, a: Value, b: Value, hint?: string): Value =>
-  like(g, opType, [a, b], broadcastShape(a.shape, b.shape), undefined, hint, a.dtype);
+  like(g, opType, [a, b], broadcast(a.shape, b.shape), undefined, hint, a.dtype);
 const addV = bin('Add');
 const subV = bin('Sub');
 const mulV = bin('Mul');
 const divV = bin('Div');
 const neg = (g: Graph, a: Value, hint = 'neg'): Value => like(g, 'Neg', [a], a.shape, undefined, hint, a.dtype);
 
-function broadcastShape(a: readonly Dim[], b: readonly Dim[]): Dim[] {
-  const n = Math.max(a.length, b.length);
-  const out: Dim[] = [];
-  for (let i = 0; i < n; i++) {
-    const x = a[a.length - n + i] ?? 1;
-    const y = b[b.length - n + i] ?? 1;
-    out.push(x === 1 ? y : x);
-  }
-  return out;
-}
 
 /** Same dim for sure: equal numbers, or the same symbolic name ('?' is never equal). */
 function sameDim(a: Dim | undefined, b: Dim | undefined): boolean {
@@ -651,7 +642,7 @@ registerGradient('Where', (a) => {
   const d = dy(a);
   const cond = input(node, 0);
   const zero = g.scalar(0);
-  const shape = broadcastShape(cond.shape, d.shape);
+  const shape = broadcast(cond.shape, d.shape);
   return [
     null,
     needs[1] ? unbroadcast(g, like(g, 'Where', [cond, d, zero], shape, undefined, 'da_full'), input(node, 1), 'da') : null,

@@ -1,3 +1,4 @@
+import type { AdapterStats } from '../adapters/manager.js';
 /**
  * The one prom-client Registry with every loraplex metric. Names: prefix `loraplex_`, unit in the name; labels
  * are bounded (method and status names, step kind, adapter state, at most `maxTenantLabels` tenants) and never
@@ -7,19 +8,8 @@
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 
-/** The adapter figures metrics read at scrape time; AdapterManager.stats() has this shape. */
-export interface AdapterCounts {
-  stored: number;
-  loaded: number;
-  active: number;
-  memoryBytes: number;
-  loads: number;
-  evictions: number;
-  slotEvictions: number;
-  hits: number;
-  misses: number;
-  loadSecondsTotal: number;
-}
+/** The adapter figures metrics read at scrape time: AdapterManager.stats(). */
+export type AdapterCounts = AdapterStats;
 
 export type StepKind = 'prefill' | 'decode';
 
