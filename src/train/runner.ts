@@ -3,7 +3,7 @@ import type { QuantOptions } from '../../kernels/quant/index.js';
 import type { PeftAdapter } from '../adapters/peft.js';
 import type { ErrorCode } from '../errors.js';
 import type { TrainConfig } from './config.js';
-import type { TrainEvent } from './trainer.js';
+import type { TrainEvent, TrainResult } from './trainer.js';
 
 /**
  * Runs one job's training somewhere else than the event loop. JobManager only sees this interface; the real
@@ -13,20 +13,14 @@ import type { TrainEvent } from './trainer.js';
 /** A trainer event as it leaves the worker: a checkpoint carries its step, not its server path. */
 export type RunEvent = Exclude<TrainEvent, { type: 'checkpoint' }> | { type: 'checkpoint'; step: number };
 
-export interface RunResult {
-  adapter: PeftAdapter;
-  steps: number;
-  trainLoss: number;
-  evalLoss: number | null;
-  initialEvalLoss: number | null;
-  tokensPerSecond: number;
-}
+/** What the worker posts back: the trainer's result without the metrics history. */
+export type RunResult = Omit<TrainResult, 'metrics'>;
 
 export type RunOutcome =
   | { type: 'completed'; result: RunResult }
   /** code/message go to the client; detail (INTERNAL only) to the log. */
   | { type: 'failed'; code: ErrorCode; message: string; detail?: string }
-  /** Stopped on request (cancel or shutdown), or killed after the grace period. */
+  /** Stopped on request (cancel or shutdown), at the next step. */
   | { type: 'stopped' };
 
 export interface RunSpec {

@@ -1,3 +1,4 @@
+import assert from 'node:assert/strict';
 import * as grpc from '@grpc/grpc-js';
 import { pino } from 'pino';
 import { startServer, type RunningServer, type ServerConfig } from '../../src/main.js';
@@ -115,4 +116,15 @@ export async function collect(stream: AsyncIterable<GenerateResponse>): Promise<
     } else if (m.event.case === 'finished') out.finished = m.event.value;
   }
   return out;
+}
+
+/** The status of a call that must fail. */
+export async function failure(p: Promise<unknown>): Promise<{ code: grpc.status; details: string }> {
+  try {
+    await p;
+  } catch (e) {
+    const err = e as grpc.ServiceError;
+    return { code: err.code, details: err.details };
+  }
+  assert.fail('the call succeeded');
 }

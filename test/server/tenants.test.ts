@@ -17,7 +17,7 @@ import { AdapterService, MergeMethod } from '../../src/gen/loraplex/v1/adapters_
 import { InferenceService } from '../../src/gen/loraplex/v1/inference_pb.js';
 import { TrainJobState, TrainService, type TrainEvent } from '../../src/gen/loraplex/v1/train_pb.js';
 import { healthCheck, reflect } from '../helpers/grpc.js';
-import { collect, startTestServer, type TestServer } from '../helpers/server.js';
+import { collect, failure, startTestServer, type TestServer } from '../helpers/server.js';
 import { STORIES, tempDir } from '../helpers/engine.js';
 
 const spec = readModelSpec(STORIES);
@@ -49,16 +49,6 @@ const as = (who: Tenant | 'wrong' | 'none'): ClientCallOptions => {
   return { metadata, timeoutMs: 60_000 };
 };
 
-/** The status of a call that must fail. */
-async function failure(p: Promise<unknown>): Promise<{ code: grpc.status; details: string }> {
-  try {
-    await p;
-  } catch (e) {
-    const err = e as grpc.ServiceError;
-    return { code: err.code, details: err.details };
-  }
-  assert.fail('the call succeeded');
-}
 
 let s: TestServer;
 before(async () => {

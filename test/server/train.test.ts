@@ -14,7 +14,7 @@ import { readModelSpec } from '../../src/models/config.js';
 import { TrainJobState, type TrainEvent, type TrainRequest } from '../../src/gen/loraplex/v1/train_pb.js';
 import type { MessageInitShape } from '@bufbuild/protobuf';
 import type { TrainRequestSchema } from '../../src/gen/loraplex/v1/train_pb.js';
-import { collect, startTestServer, type TestServer } from '../helpers/server.js';
+import { collect, failure, startTestServer, type TestServer } from '../helpers/server.js';
 import { STORIES, tempDir } from '../helpers/engine.js';
 
 const spec = readModelSpec(STORIES);
@@ -54,15 +54,6 @@ async function events(stream: AsyncIterable<{ event?: TrainEvent | undefined }>,
   return out;
 }
 
-async function failure(p: Promise<unknown>): Promise<{ code: grpc.status; details: string }> {
-  try {
-    await p;
-  } catch (e) {
-    const err = e as grpc.ServiceError;
-    return { code: err.code, details: err.details };
-  }
-  assert.fail('the call succeeded');
-}
 
 async function until<T>(what: string, get: () => Promise<T>, ok: (v: T) => boolean, timeoutMs = 120_000): Promise<T> {
   const t0 = Date.now();

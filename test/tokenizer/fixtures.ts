@@ -1,27 +1,9 @@
 /** Test fixtures shared by the tokenizer tests (not a test file itself). */
-
-/** GPT-2's byte -> printable-char table. */
-export function bytesToUnicode(): string[] {
-  const bs: number[] = [];
-  for (let b = 33; b <= 126; b++) bs.push(b);
-  for (let b = 161; b <= 172; b++) bs.push(b);
-  for (let b = 174; b <= 255; b++) bs.push(b);
-  const cs = [...bs];
-  let n = 0;
-  for (let b = 0; b < 256; b++) {
-    if (!bs.includes(b)) {
-      bs.push(b);
-      cs.push(256 + n++);
-    }
-  }
-  const table = new Array<string>(256);
-  bs.forEach((b, i) => (table[b] = String.fromCodePoint(cs[i]!)));
-  return table;
-}
+import { gpt2BytesToUnicode } from '../../src/models/synthetic-tokenizer.js';
 
 /** A tiny GPT-2 style ByteLevel BPE tokenizer.json: 256 byte chars, a few merges, <|endoftext|>. */
 export function byteLevelTokenizerJson(): Record<string, unknown> {
-  const table = bytesToUnicode();
+  const table = gpt2BytesToUnicode();
   const vocab: Record<string, number> = {};
   table.forEach((c, b) => (vocab[c] = b));
   const G = table[0x20]!; // 'Ġ'
