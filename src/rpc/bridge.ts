@@ -21,6 +21,7 @@ import type { GenService, GenServiceMethods } from '@bufbuild/protobuf/codegenv2
 import { LoraplexError } from '../errors.js';
 import { LOCAL_PRINCIPAL, type Principal } from '../adapters/tenancy.js';
 import { STATUS_BY_CODE, toStatus, type ErrorLogger } from './status.js';
+import { decodeRequest, malformed } from './decode.js';
 
 /** What a handler knows about its call besides the request. */
 export interface CallContext {
@@ -128,7 +129,8 @@ export function serviceDefinition(service: DescService): grpc.ServiceDefinition 
       requestStream: method.methodKind === 'client_streaming' || method.methodKind === 'bidi_streaming',
       responseStream: method.methodKind === 'server_streaming' || method.methodKind === 'bidi_streaming',
       requestSerialize: serializer(method.input),
-      requestDeserialize: deserializer(method.input),
+      // Never throws: a malformed request reaches the handler wrapper as INVALID_ARGUMENT (decode.ts).
+      requestDeserialize: (bytes: Buffer) => decodeRequest(method.input, bytes) as Message,
       responseSerialize: serializer(method.output),
       responseDeserialize: deserializer(method.output),
       // makeGenericClientConstructor also exposes the method under this name.
@@ -183,6 +185,8 @@ export function addService<M extends GenServiceMethods>(
 
 // setTimeout fires at once for delays over 2^31-1 ms; deadlines that far away are left to grpc-js.
 const MAX_TIMER_MS = 2 ** 31 - 1;
+/** How long before its deadline a client's cancel still counts as the deadline passing (see callContext). */
+export const DEADLINE_SLACK_MS = 1000;
 
 /** The context of one call; `finish()` detaches it once the handler has settled. */
 function callContext(call: grpc.ServerUnaryCall<Message, Message> | grpc.ServerWritableStream<Message, Message>, path: string, principal: Principal) {
@@ -191,9 +195,12 @@ function callContext(call: grpc.ServerUnaryCall<Message, Message> | grpc.ServerW
   const deadlineMs = raw instanceof Date ? raw.getTime() : raw;
   const deadline = Number.isFinite(deadlineMs) ? new Date(deadlineMs) : undefined;
   const expire = () => controller.abort(new LoraplexError('DEADLINE_EXCEEDED', 'deadline exceeded'));
-  // grpc-js also reports an expired deadline as 'cancelled': tell the two apart by the clock.
+  // A client whose deadline passes resets the stream, which reaches us as 'cancelled' BEFORE our own copy of the
+  // deadline: ours is computed from the grpc-timeout header on arrival, so it runs late by the request's transit
+  // time (hundreds of ms on a busy machine). A cancel within DEADLINE_SLACK_MS of the deadline is therefore
+  // recorded as DEADLINE_EXCEEDED; the server cannot tell it from an explicit cancel in that last instant.
   const onCancelled = () =>
-    deadline && Date.now() >= deadlineMs ? expire() : controller.abort(new LoraplexError('CANCELLED', 'call cancelled by the client'));
+    deadline && Date.now() >= deadlineMs - DEADLINE_SLACK_MS ? expire() : controller.abort(new LoraplexError('CANCELLED', 'call cancelled by the client'));
   let timer: NodeJS.Timeout | undefined;
   if (deadline) {
     const ms = deadlineMs - Date.now();
@@ -268,6 +275,8 @@ function unaryHandler(method: DescMethod, handler: UnaryHandler<DescMessage, Des
     Promise.resolve()
       .then(() => {
         ctx.signal.throwIfAborted();
+        const bad = malformed(call.request);
+        if (bad) throw bad;
         return handler(call.request, ctx);
       })
       .then((response) => create(method.output, response))
@@ -324,6 +333,8 @@ async function pump(
 ): Promise<void> {
   const path = ctx.method;
   ctx.signal.throwIfAborted(); // e.g. the deadline had passed on arrival: don't start work nobody waits for
+  const bad = malformed(call.request);
+  if (bad) throw bad;
   const iterator = handler(call.request, ctx)[Symbol.asyncIterator]();
   let open = true;
   // return() runs the generator's finally blocks (it is parked at a yield whenever we get here, so at once).

@@ -464,6 +464,64 @@ test('bridge: authenticate runs before every handler and puts the principal on t
   }
 });
 
+test('bridge: malformed protobuf and invalid UTF-8 get INVALID_ARGUMENT naming the field, after authentication, and reach the observer', async () => {
+  const server = new grpc.Server();
+  const seen: CallContext[] = [];
+  const ends: CallEndInfo[] = [];
+  const authenticate = (m: grpc.Metadata): Principal => {
+    if (m.get('authorization')[0] !== 'Bearer good-key') throw new LoraplexError('UNAUTHENTICATED', MISSING_KEY_MESSAGE);
+    return acme;
+  };
+  addService(server, InferenceService, fakeInference(seen), { authenticate, observer: { onCallEnd: (info) => ends.push(info) } });
+  const port = await new Promise<number>((resolve, reject) => server.bindAsync('127.0.0.1:0', grpc.ServerCredentials.createInsecure(), (e, p) => (e ? reject(e) : resolve(p))));
+  // A client that sends raw bytes, as a buggy or hostile client in any language can.
+  const raw = new grpc.Client(`127.0.0.1:${port}`, grpc.credentials.createInsecure());
+  const send = (path: string, bytes: number[], key?: string) =>
+    new Promise<grpc.ServiceError | null>((resolve) =>
+      raw.makeUnaryRequest(path, (b: Buffer) => b, (b: Buffer) => b, Buffer.from(bytes), md(key === undefined ? undefined : `Bearer ${key}`), (err) => resolve(err)),
+    );
+  const stream = (path: string, bytes: number[], key?: string) =>
+    new Promise<grpc.ServiceError>((resolve) => {
+      const call = raw.makeServerStreamRequest(path, (b: Buffer) => b, (b: Buffer) => b, Buffer.from(bytes), md(key === undefined ? undefined : `Bearer ${key}`));
+      call.on('data', () => undefined);
+      call.on('error', resolve);
+    });
+  const tokenize = '/loraplex.v1.InferenceService/Tokenize';
+  const generate = '/loraplex.v1.InferenceService/Generate';
+  // TokenizeRequest.chat (field 2) with two messages; the second's content (field 2) is the byte 0xff.
+  const badUtf8 = [0x12, 0x0a, 0x0a, 0x03, 0x0a, 0x01, 0x75, 0x0a, 0x03, 0x12, 0x01, 0xff];
+  // GenerateRequest.text (field 1) with invalid UTF-8; then a length prefix running past the end.
+  const badGenerate = [0x0a, 0x02, 0xff, 0xfe];
+  const truncated = [0x0a, 0x85];
+  try {
+    let err = await send(tokenize, badUtf8, 'good-key');
+    assert.equal(err?.code, grpc.status.INVALID_ARGUMENT);
+    assert.equal(err?.details, 'request: chat.messages[1].content: not valid UTF-8');
+    err = await stream(generate, badGenerate, 'good-key');
+    assert.equal(err.code, grpc.status.INVALID_ARGUMENT);
+    assert.equal(err.details, 'request: text: not valid UTF-8');
+    err = await stream(generate, truncated, 'good-key');
+    assert.equal(err.code, grpc.status.INVALID_ARGUMENT);
+    assert.match(err.details, /^request: not a valid loraplex\.v1\.GenerateRequest message/);
+    // Without a key the caller learns nothing about its bytes.
+    err = await send(tokenize, badUtf8);
+    assert.equal(err?.code, grpc.status.UNAUTHENTICATED);
+    assert.equal(seen.length, 0, 'no handler ran');
+    assert.deepEqual(
+      ends.map((e) => [e.method, e.code, e.ctx?.principal ?? null]),
+      [
+        [tokenize, grpc.status.INVALID_ARGUMENT, acme],
+        [generate, grpc.status.INVALID_ARGUMENT, acme],
+        [generate, grpc.status.INVALID_ARGUMENT, acme],
+        [tokenize, grpc.status.UNAUTHENTICATED, null],
+      ],
+    );
+  } finally {
+    raw.close();
+    server.forceShutdown();
+  }
+});
+
 test('bridge: without authenticate every call is LOCAL_PRINCIPAL; a throwing observer never fails a call', async () => {
   const server = new grpc.Server();
   const errors: unknown[] = [];
