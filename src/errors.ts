@@ -30,3 +30,28 @@ export const invalidArgument = (message: string, cause?: unknown) => new Loraple
 export const notFound = (message: string) => new LoraplexError('NOT_FOUND', message);
 export const failedPrecondition = (message: string) => new LoraplexError('FAILED_PRECONDITION', message);
 export const resourceExhausted = (message: string) => new LoraplexError('RESOURCE_EXHAUSTED', message);
+
+/** errno codes of a full disk or an exhausted quota. */
+const DISK_FULL = new Set(['ENOSPC', 'EDQUOT']);
+
+/**
+ * A write that failed for lack of space, as RESOURCE_EXHAUSTED naming the root it went to (`adapter root`,
+ * `export root`, `job root`); any other error is returned unchanged. Looks through `cause` chains.
+ */
+export function diskFullAs(err: unknown, root: string): unknown {
+  for (let e: unknown = err, depth = 0; e instanceof Error && depth < 8; e = e.cause, depth++) {
+    if (DISK_FULL.has((e as NodeJS.ErrnoException).code ?? '')) {
+      return new LoraplexError('RESOURCE_EXHAUSTED', `${root}: no space left on the device; free space and retry`, { cause: err });
+    }
+  }
+  return err;
+}
+
+/** Runs fn, turning a full disk under `root` into RESOURCE_EXHAUSTED (see diskFullAs). */
+export async function withDiskSpace<T>(root: string, fn: () => T | Promise<T>): Promise<T> {
+  try {
+    return await fn();
+  } catch (err) {
+    throw diskFullAs(err, root);
+  }
+}

@@ -123,6 +123,7 @@ export function trainJob(j: JobInfo): MessageInitShape<typeof TrainJobSchema> {
     ...(j.error ? { error: { code: statusCode(j.error.code), message: j.error.message } } : {}),
     queuePosition: j.queuePosition,
     resumes: j.resumes,
+    retryable: j.retryable === true,
   };
 }
 
@@ -201,6 +202,11 @@ export function trainHandlers(state: AppState): ServiceImpl<(typeof TrainService
       const app = state.ready();
       annotate(ctx, { jobId: req.jobId });
       return { job: trainJob(await app.jobs.cancel(ctx.principal.tenant, req.jobId)) };
+    },
+    retryTrainJob(req, ctx) {
+      const app = state.ready();
+      annotate(ctx, { jobId: req.jobId });
+      return { job: trainJob(app.jobs.retry(ctx.principal.tenant, req.jobId)) };
     },
   };
 }

@@ -63,6 +63,7 @@ export function rngFromState(s: RngState): Rng {
 }
 
 export const checkpointDirName = (step: number): string => `checkpoint-${step}`;
+export const isCheckpointDir = (name: string): boolean => DIR_RE.test(name);
 
 /**
  * Writes checkpoint-<step> atomically into jobDir (replacing one of the same step), then keeps only the

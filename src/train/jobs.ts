@@ -4,9 +4,9 @@ import { join } from 'node:path';
 import type { Logger } from '../obs/logger.js';
 import type { PeftAdapter } from '../adapters/peft.js';
 import { adapterKey } from '../adapters/tenancy.js';
-import { LoraplexError, failedPrecondition, invalidArgument, notFound, resourceExhausted, type ErrorCode } from '../errors.js';
+import { LoraplexError, diskFullAs, failedPrecondition, invalidArgument, notFound, resourceExhausted, type ErrorCode } from '../errors.js';
 import { writeFileAtomic } from '../models/safetensors.js';
-import { listCheckpoints } from './checkpoint.js';
+import { isCheckpointDir, listCheckpoints } from './checkpoint.js';
 import type { TrainConfig } from './config.js';
 import type { TrainData } from './data.js';
 import type { RunEvent, RunHandle, RunOutcome, TrainRunner } from './runner.js';
@@ -96,6 +96,11 @@ export interface JobRecord {
   resumes: number;
   /** Seconds of the runs that have ended. */
   runSeconds: number;
+  /**
+   * Set when training finished but writing the adapter failed (disk full, id taken meanwhile): the job's data
+   * and checkpoints are kept, so RetryTrainJob can resume it from its latest checkpoint. Absent in older records.
+   */
+  retryable?: boolean;
 }
 
 export interface JobInfo extends JobRecord {
@@ -362,6 +367,35 @@ export class JobManager {
     return this.info(job);
   }
 
+  /**
+   * Queues a job again whose training finished but whose adapter could not be written; it resumes from its
+   * latest checkpoint. FAILED_PRECONDITION for any other job (nothing was kept to resume from).
+   */
+  retry(tenant: string, jobId: string): JobInfo {
+    const job = this.find(tenant, jobId);
+    const { rec } = job;
+    if (this.closed) throw new LoraplexError('UNAVAILABLE', 'server is shutting down; retry on another replica');
+    if (rec.state !== 'failed' || rec.retryable !== true) {
+      throw failedPrecondition(`job_id ${JSON.stringify(jobId)} is ${rec.state}; only a job that failed writing its adapter can be retried (submit a new Train)`);
+    }
+    const key = adapterKey(rec.tenant, rec.adapterId);
+    const rival = [...this.jobs.values()].find((j) => j !== job && !isTerminal(j.rec.state) && adapterKey(j.rec.tenant, j.rec.adapterId) === key);
+    if (rival) throw new LoraplexError('ALREADY_EXISTS', `adapter_id ${JSON.stringify(rec.adapterId)}: training job ${rival.rec.jobId} is already training it`);
+    let markEnded!: () => void;
+    job.ended = new Promise<void>((resolve) => (markEnded = resolve));
+    job.markEnded = markEnded;
+    job.cancelRequested = false;
+    const checkpoint = listCheckpoints(this.jobDir(rec.jobId)).at(-1)?.step ?? 0;
+    Object.assign(rec, { state: 'queued', endedAt: null, error: null, retryable: false, checkpointStep: checkpoint, step: checkpoint, metrics: null });
+    if (rec.progress && rec.progress.step > checkpoint) rec.progress = null;
+    if (rec.eval && rec.eval.step > checkpoint) rec.eval = null;
+    this.persist(job, true);
+    this.queue.push(job);
+    this.opts.log.info({ jobId, adapterId: rec.adapterId, tenant: rec.tenant || undefined, checkpointStep: checkpoint }, 'training job retried');
+    this.pump();
+    return this.info(job);
+  }
+
   /** Jobs by state, for metrics. */
   counts(): Record<JobState, number> {
     const out = Object.fromEntries(JOB_STATES.map((s) => [s, 0])) as Record<JobState, number>;
@@ -439,11 +473,15 @@ export class JobManager {
     }
   }
 
-  /** Everything but job.json: the graph holds a copy of the quantized base, checkpoints a copy of the adapter. */
+  /**
+   * Everything but job.json: the graph holds a copy of the quantized base, checkpoints a copy of the adapter.
+   * A retryable job keeps what a resume needs (its data and checkpoints).
+   */
   private cleanup(job: Job): void {
     const dir = this.jobDir(job.rec.jobId);
+    const keep = (name: string) => name === JOB_FILE || (job.rec.retryable === true && (name === DATA_FILE || isCheckpointDir(name)));
     try {
-      for (const name of readdirSync(dir)) if (name !== JOB_FILE) rmSync(join(dir, name), { recursive: true, force: true });
+      for (const name of readdirSync(dir)) if (!keep(name)) rmSync(join(dir, name), { recursive: true, force: true });
     } catch (err) {
       this.opts.log.warn({ jobId: job.rec.jobId, err }, 'cleaning up a training job directory failed');
     }
@@ -515,8 +553,11 @@ export class JobManager {
     const { rec } = job;
     try {
       await this.opts.writeAdapter(adapterKey(rec.tenant, rec.adapterId), result.adapter);
-    } catch (err) {
-      if (err instanceof LoraplexError && err.code !== 'INTERNAL') this.end(job, 'failed', { error: { code: err.code, message: err.message } });
+    } catch (caught) {
+      const err = diskFullAs(caught, 'adapter root');
+      rec.retryable = true;
+      const kept = 'its checkpoints are kept: RetryTrainJob resumes it';
+      if (err instanceof LoraplexError && err.code !== 'INTERNAL') this.end(job, 'failed', { error: { code: err.code, message: `${err.message} (writing the trained adapter; ${kept})` } });
       else {
         this.opts.log.error({ jobId: rec.jobId, err }, 'writing the trained adapter failed');
         this.end(job, 'failed', { error: { code: 'INTERNAL', message: 'internal error' } });

@@ -1,7 +1,7 @@
 import { readFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { parentPort, workerData } from 'node:worker_threads';
-import { LoraplexError } from '../errors.js';
+import { diskFullAs, LoraplexError } from '../errors.js';
 import { loadModelDir } from '../models/load.js';
 import { loadTokenizer } from '../tokenizer/index.js';
 import { listCheckpoints } from './checkpoint.js';
@@ -52,7 +52,9 @@ async function main(): Promise<void> {
   });
 }
 
-main().catch((err: unknown) => {
+main().catch((caught: unknown) => {
+  // Checkpoints go to the job root.
+  const err = diskFullAs(caught, 'job root');
   if (controller.signal.aborted) post({ type: 'stopped' });
   // A request problem found only now (e.g. the data packs into nothing): the client gets its message.
   else if (err instanceof LoraplexError && err.code !== 'INTERNAL') post({ type: 'error', code: err.code, message: err.message });

@@ -91,7 +91,7 @@ test('a run that fails: the job fails with the code; INTERNAL details go to the 
   assert.deepEqual(jobs.counts(), { queued: 0, running: 0, succeeded: 0, failed: 2, cancelled: 0 });
 });
 
-test('the adapter id taken while training: the job fails ALREADY_EXISTS; success writes under the tenant key', async () => {
+test('the adapter id taken while training: the job fails ALREADY_EXISTS and stays retryable; success writes under the tenant key', async () => {
   const runner = new ScriptedRunner();
   const { jobs, written } = manager(runner, {
     writeAdapter: async (key) => {
@@ -103,7 +103,11 @@ test('the adapter id taken while training: the job fails ALREADY_EXISTS; success
   await tick();
   runner.runs[0]!.finish({ type: 'completed', result: { adapter, steps: 5, trainLoss: 1, evalLoss: null, initialEvalLoss: null, tokensPerSecond: 10 } });
   await tick();
-  assert.deepEqual(jobs.get('acme', a.jobId).error, { code: 'ALREADY_EXISTS', message: 'adapter_id "taken" already exists' });
+  assert.deepEqual(jobs.get('acme', a.jobId).error, {
+    code: 'ALREADY_EXISTS',
+    message: 'adapter_id "taken" already exists (writing the trained adapter; its checkpoints are kept: RetryTrainJob resumes it)',
+  });
+  assert.equal(jobs.get('acme', a.jobId).retryable, true);
   const b = submit(jobs, 'fresh', 'acme');
   await tick();
   runner.runs[1]!.finish({ type: 'completed', result: { adapter, steps: 5, trainLoss: 1, evalLoss: 2, initialEvalLoss: 3, tokensPerSecond: 10 } });
