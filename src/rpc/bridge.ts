@@ -19,7 +19,7 @@ import {
 } from '@bufbuild/protobuf';
 import type { GenService, GenServiceMethods } from '@bufbuild/protobuf/codegenv2';
 import { LoraplexError } from '../errors.js';
-import { LOCAL_PRINCIPAL, type Principal } from '../adapters/tenancy.js';
+import { LOCAL_PRINCIPAL, TENANT_SEPARATOR, type Principal } from '../adapters/tenancy.js';
 import { STATUS_BY_CODE, toStatus, type ErrorLogger } from './status.js';
 import { decodeRequest, malformed } from './decode.js';
 
@@ -259,6 +259,12 @@ function callTracker(path: string, metadata: grpc.Metadata, options: AddServiceO
     fail(ctx: CallContext, err: unknown): grpc.ServerErrorResponse {
       const cause = causeOf(err, ctx.signal);
       const status = toStatus(cause, path, log);
+      // Last line of defence: the caller's internal `tenant~id` keys never reach it, whatever code wrote the message.
+      const { tenant } = ctx.principal;
+      if (tenant && status.details?.includes(`${tenant}${TENANT_SEPARATOR}`)) {
+        status.details = status.details!.split(`${tenant}${TENANT_SEPARATOR}`).join('');
+        status.message = status.details;
+      }
       report({ code: status.code ?? grpc.status.UNKNOWN, ctx, error: cause });
       return status;
     },

@@ -16,13 +16,17 @@ export interface MalformedRequest {
 }
 
 export function decodeRequest(schema: DescMessage, bytes: Uint8Array): Message | MalformedRequest {
+  let message: Message;
   try {
-    return fromBinary(schema, bytes);
+    message = fromBinary(schema, bytes);
   } catch (err) {
     const field = invalidUtf8Field(schema, bytes);
     const why = field !== null ? `${field}: not valid UTF-8` : `not a valid ${schema.typeName} message (${err instanceof Error ? err.message : 'undecodable'})`;
     return { [MALFORMED]: invalidArgument(`request: ${why}`) };
   }
+  // proto3 enums are open: an unknown number decodes fine and would silently act as some default downstream.
+  const unknown = unknownEnumValue(schema, message as unknown as Record<string, unknown>);
+  return unknown === null ? message : { [MALFORMED]: invalidArgument(unknown) };
 }
 
 /** The error a MalformedRequest stands for, or null for a real message. */
@@ -68,6 +72,31 @@ function invalidUtf8Field(schema: DescMessage, bytes: Uint8Array, depth = 0): st
     }
   } catch {
     return null;
+  }
+  return null;
+}
+
+/** `method 99: not a value of MergeMethod` for the first enum field (at any depth) holding an undeclared number. */
+function unknownEnumValue(schema: DescMessage, message: Record<string, unknown>, prefix = '', depth = 0): string | null {
+  if (depth > MAX_DEPTH) return null;
+  for (const field of schema.fields) {
+    let value: unknown = message[field.localName];
+    if (field.oneof) {
+      const chosen = message[field.oneof.localName] as { case?: string; value?: unknown } | undefined;
+      if (chosen?.case !== field.localName) continue;
+      value = chosen.value;
+    }
+    const path = `${prefix}${field.name}`;
+    const items = field.fieldKind === 'list' ? (value as unknown[]).map((v, i) => [`${path}[${i}]`, v] as const) : [[path, value] as const];
+    const enumDesc = field.fieldKind === 'enum' || (field.fieldKind === 'list' && field.listKind === 'enum') ? field.enum : undefined;
+    const inner = messageOf(field);
+    for (const [name, v] of items) {
+      if (enumDesc && !enumDesc.values.some((e) => e.number === v)) return `${name} ${String(v)}: not a value of ${enumDesc.name}`;
+      if (inner && v !== undefined) {
+        const found = unknownEnumValue(inner, v as Record<string, unknown>, `${name}.`, depth + 1);
+        if (found !== null) return found;
+      }
+    }
   }
   return null;
 }

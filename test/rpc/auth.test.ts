@@ -361,6 +361,7 @@ function fakeInference(seen: CallContext[]): ServiceImpl<(typeof InferenceServic
   impl['tokenize'] = (req: { prompt: { case: string; value: unknown } }, ctx: CallContext) => {
     seen.push(ctx);
     if (req.prompt.value === 'bad') throw new LoraplexError('INVALID_ARGUMENT', 'prompt: bad');
+    if (req.prompt.value === 'leak') throw new LoraplexError('INVALID_ARGUMENT', `merge of adapter_id "${ctx.principal.tenant}~secret-a": bad`);
     return { tokenIds: [1], rendered: `${ctx.principal.tenant}/${ctx.principal.role}` };
   };
   impl['generate'] = async function* (req: { adapterId: string }, ctx: CallContext) {
@@ -503,6 +504,12 @@ test('bridge: malformed protobuf and invalid UTF-8 get INVALID_ARGUMENT naming t
     err = await stream(generate, truncated, 'good-key');
     assert.equal(err.code, grpc.status.INVALID_ARGUMENT);
     assert.match(err.details, /^request: not a valid loraplex\.v1\.GenerateRequest message/);
+    // A message that names an internal `tenant~id` key reaches the client with the client's own id.
+    const client = makeClient(InferenceService, `127.0.0.1:${port}`);
+    await assert.rejects(client.tokenize({ prompt: { case: 'text', value: 'leak' } }, { metadata: md('Bearer good-key') }), (e: grpc.ServiceError) => e.details === 'merge of adapter_id "secret-a": bad');
+    client.close();
+    seen.length = 0;
+    ends.pop();
     // Without a key the caller learns nothing about its bytes.
     err = await send(tokenize, badUtf8);
     assert.equal(err?.code, grpc.status.UNAUTHENTICATED);

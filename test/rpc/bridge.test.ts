@@ -13,7 +13,7 @@ import { service as healthServiceDefinition } from 'grpc-health-check';
 import { LoraplexError } from '../../src/errors.js';
 import { makeClient, type ServiceClient } from '../../src/rpc/bridge.js';
 import { INTERNAL_MESSAGE, STATUS_BY_CODE, toStatus } from '../../src/rpc/status.js';
-import { AdapterService, AdapterState } from '../../src/gen/loraplex/v1/adapters_pb.js';
+import { AdapterService, AdapterState, ExportDtype, MajoritySignMethod, MergeMethod } from '../../src/gen/loraplex/v1/adapters_pb.js';
 import { FinishReason, GenerateRequestSchema, InferenceService } from '../../src/gen/loraplex/v1/inference_pb.js';
 import { reflect } from '../helpers/grpc.js';
 import { DELTAS, DEMO_ADAPTER, FLOOD_COUNT, startFakeServer, type FakeServer } from './fake-services.js';
@@ -114,6 +114,16 @@ test('LoraplexError codes map to their status with the message preserved', async
     collect(inference.generate({ adapterId: 'missing' })),
     isStatus(grpc.status.NOT_FOUND, 'adapter_id "missing" is not in the adapter store'),
   );
+  assert.equal(server.internalErrors.length, 0);
+});
+
+test('an enum number the proto does not declare is INVALID_ARGUMENT naming the field, before any handler runs', async () => {
+  await assert.rejects(adapters.mergeAdapters({ newAdapterId: 'm', method: 99 as MergeMethod }), isStatus(grpc.status.INVALID_ARGUMENT, 'method 99: not a value of MergeMethod'));
+  await assert.rejects(
+    adapters.mergeAdapters({ newAdapterId: 'm', method: 1, majoritySignMethod: 99 as MajoritySignMethod }),
+    isStatus(grpc.status.INVALID_ARGUMENT, 'majority_sign_method 99: not a value of MajoritySignMethod'),
+  );
+  await assert.rejects(adapters.exportMergedModel({ outputName: 'x', dtype: -3 as ExportDtype }), isStatus(grpc.status.INVALID_ARGUMENT, 'dtype -3: not a value of ExportDtype'));
   assert.equal(server.internalErrors.length, 0);
 });
 
