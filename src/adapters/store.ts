@@ -2,6 +2,7 @@ import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, s
 import { randomBytes } from 'node:crypto';
 import { dirname, join, resolve } from 'node:path';
 import { LoraplexError, invalidArgument, notFound } from '../errors.js';
+import { checkLoraEffect } from './effect-bound.js';
 import type { LoraModuleInfo } from '../models/graph.js';
 import type { ModelSpec } from '../models/spec.js';
 import { validateAdapterId } from './ids.js';
@@ -214,6 +215,7 @@ export class AdapterStore {
           `valid target_modules: ${valid.join(', ')}`,
       );
     }
+    checkLoraEffect(name, adapter, limits.loraModules);
     return adapter;
   }
 

@@ -62,7 +62,8 @@ export function compileModel(modelDir: string, opts: CompileOptions): CompiledMo
   const metaPath = join(entry, 'meta.json');
   if (existsSync(metaPath)) {
     const meta = JSON.parse(readFileSync(metaPath, 'utf8')) as CacheMeta;
-    if (meta.engineVersion === ENGINE_VERSION) {
+    // Entries written before LoRA modules recorded their base norms are recomputed, not used without them.
+    if (meta.engineVersion === ENGINE_VERSION && meta.layout.loraModules.every((m) => typeof m.baseNorm === 'number')) {
       return { modelDir, modelPath: join(entry, 'model.onnx'), spec: meta.spec, layout: meta.layout, notes: meta.notes, key, cached: true, seconds: (performance.now() - t0) / 1000 };
     }
   }

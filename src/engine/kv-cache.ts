@@ -2,10 +2,18 @@
  * The KV cache, owned by JS in the engine worker. Layout per layer: time-major [capacity, rows, kvDim], so the
  * filled prefix of every row, [0, past) x all rows, is one contiguous subarray fed to ORT without a copy.
  * The graph returns only the new keys/values, which `append` writes in place.
+ *
+ * Rows are reused by one request after another, and the attention window reaches past a row's own keys (whole
+ * 64-position blocks), where the graph masks additively. Masking cannot hide a stale NaN or Inf (NaN + -inf is
+ * NaN, 0 * Inf is NaN), so every position from a row's pastLen on must hold exact zeros when a step reads it:
+ * `clearFrom` restores that, and `filled` says how far each row was ever written, so the clear costs only what
+ * the previous request left behind.
  */
 export class KvCache {
   readonly keys: Float32Array[] = [];
   readonly values: Float32Array[] = [];
+  /** Per row: positions [0, filled) may hold data; everything after is zero. */
+  private readonly filled: Int32Array;
 
   constructor(
     readonly numLayers: number,
@@ -13,6 +21,7 @@ export class KvCache {
     readonly capacity: number,
     readonly kvDim: number,
   ) {
+    this.filled = new Int32Array(rows);
     const perLayer = capacity * rows * kvDim;
     for (let l = 0; l < numLayers; l++) {
       this.keys.push(new Float32Array(perLayer));
@@ -28,6 +37,22 @@ export class KvCache {
   view(layer: number, past: number): { key: Float32Array; value: Float32Array } {
     const n = past * this.rows * this.kvDim;
     return { key: this.keys[layer]!.subarray(0, n), value: this.values[layer]!.subarray(0, n) };
+  }
+
+  /** Zeroes positions [from, filled) of one row in every layer: what an earlier request (or a longer past) left. */
+  clearFrom(row: number, from: number): void {
+    const { kvDim, rows } = this;
+    const end = this.filled[row]!;
+    for (let l = 0; l < this.numLayers && from < end; l++) {
+      const k = this.keys[l]!;
+      const v = this.values[l]!;
+      for (let p = from; p < end; p++) {
+        const at = (p * rows + row) * kvDim;
+        k.fill(0, at, at + kvDim);
+        v.fill(0, at, at + kvDim);
+      }
+    }
+    if (from < end) this.filled[row] = from;
   }
 
   /**
@@ -52,5 +77,6 @@ export class KvCache {
         }
       }
     }
+    for (let b = 0; b < batch; b++) this.filled[kvRows[b]!] = Math.max(this.filled[kvRows[b]!]!, pastLens[b]! + seq);
   }
 }

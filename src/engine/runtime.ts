@@ -115,6 +115,8 @@ export class Runtime {
       if (r.tokens.some((t) => !Number.isInteger(t) || t < 0 || t >= vocab)) throw new EngineError(`row ${r.kvRow}: token ids must be integers in 0..${vocab - 1}`, 'INVALID_ARGUMENT');
       if (r.pastLen < 0 || r.pastLen + seq > opts.maxModelLen) throw new EngineError(`row ${r.kvRow}: ${r.pastLen} cached + ${seq} new tokens exceed maxModelLen ${opts.maxModelLen}`, 'RESOURCE_EXHAUSTED');
     }
+    // A reused row (or one rewound to a shorter past) must read exact zeros after its own keys (see KvCache).
+    for (const r of rows) cache.clearFrom(r.kvRow, r.pastLen);
     const batch = rows.length;
     const ids = new BigInt64Array(batch * seq);
     rows.forEach((r, b) => r.tokens.forEach((t, s) => (ids[b * seq + s] = BigInt(t))));

@@ -30,6 +30,8 @@ export interface LoraModuleInfo {
   module: string;
   inFeatures: number;
   outFeatures: number;
+  /** ||W||_F of the module's base weight (before quantization): the scale adapters are bounded by. */
+  baseNorm?: number;
 }
 
 export interface ServingLayout {
@@ -59,18 +61,25 @@ interface Ctx {
 }
 
 /** The LoRA path of one module: x A_slot B_slot, from the pooled adapter inputs. */
-function loraPath(c: Ctx, x: Value, module: string, inF: number, out: number): Value {
+function loraPath(c: Ctx, x: Value, module: string, weight: HostTensor): Value {
+  const [out, inF] = weight.shape as [number, number];
   const poolA = c.g.input(`lora_a.${module}`, 'float32', ['slots', 'rank', inF]);
   const poolB = c.g.input(`lora_b.${module}`, 'float32', ['slots', out, 'rank']);
-  c.loraModules.push({ module, inFeatures: inF, outFeatures: out });
+  c.loraModules.push({ module, inFeatures: inF, outFeatures: out, baseNorm: frobeniusNorm(weight.data) });
   return loraDelta(c.g, x, poolA, poolB, c.slot, c.rowScale);
+}
+
+/** sqrt(sum of squares), accumulated in float64. */
+export function frobeniusNorm(t: Float32Array): number {
+  let s = 0;
+  for (let i = 0; i < t.length; i++) s += t[i]! * t[i]!;
+  return Math.sqrt(s);
 }
 
 /** A linear layer with its LoRA path: base(x) + x A_slot B_slot. */
 function linearWithLora(c: Ctx, x: Value, module: string, weight: HostTensor, bias: HostTensor | null): Value {
-  const [out, inF] = weight.shape as [number, number];
   const y = c.opts.linear(c.g, x, module, weight, bias);
-  return add(c.g, y, loraPath(c, x, module, inF, out), `${module}.out`);
+  return add(c.g, y, loraPath(c, x, module, weight), `${module}.out`);
 }
 
 /**
@@ -93,7 +102,7 @@ function fusedLinearsWithLora(c: Ctx, x: Value, fusedName: string, parts: { modu
   }
   const y = c.opts.linear(c.g, x, fusedName, { shape: [total, inF], data: stacked }, bias ? { shape: [total], data: bias } : null);
   const pieces = c.g.op('Split', [y, c.g.ints(outs)], { attrs: { axis: -1 }, outputs: outs.map((n) => ({ dtype: 'float32', shape: [...x.shape.slice(0, -1), n] })) }, `${fusedName}.split`);
-  return parts.map((p, i) => add(c.g, pieces[i]!, loraPath(c, x, p.module, inF, outs[i]!), `${p.module}.out`));
+  return parts.map((p, i) => add(c.g, pieces[i]!, loraPath(c, x, p.module, p.weight), `${p.module}.out`));
 }
 
 function maybe(w: WeightSource, name: string): HostTensor | null {

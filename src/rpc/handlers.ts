@@ -45,7 +45,9 @@ export function inferenceHandlers(state: AppState): ServiceImpl<(typeof Inferenc
       const adapterId = req.adapters.length > 0 ? mixKey(app, ctx.principal, req.adapters) : valid.adapterId === null ? null : scopeAdapterId(ctx.principal, valid.adapterId);
       const logText = app.cfg.logPrompts;
       annotate(ctx, { adapterId: req.adapterId || null, ...(req.adapters.length ? { mixOf: req.adapters.length } : {}), promptTokens: valid.promptIds.length, ...(logText ? { prompt: input.prompt } : {}) });
-      const events = app.scheduler.submit({ ...valid, adapterId, signal: ctx.signal, ...(ctx.principal.tenant ? { tenant: ctx.principal.tenant } : {}) });
+      // Errors name the adapter as the client did, never by its internal key.
+      const adapterLabel = req.adapters.length > 0 ? `adapters (${req.adapters.map((w) => JSON.stringify(w.adapterId)).join(', ')})` : valid.adapterId === null ? undefined : `adapter_id ${JSON.stringify(valid.adapterId)}`;
+      const events = app.scheduler.submit({ ...valid, adapterId, signal: ctx.signal, ...(ctx.principal.tenant ? { tenant: ctx.principal.tenant } : {}), ...(adapterLabel ? { adapterLabel } : {}) });
       let generated = 0;
       let text = '';
       try {

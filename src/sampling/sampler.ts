@@ -16,6 +16,11 @@ export class Sampler {
   private readonly rng: Rng;
   private readonly seen = new Set<number>();
   private readonly stopIds: ReadonlySet<number>;
+  /**
+   * Whether the logits of the last `next` were all finite (after the repetition penalty). A model with sane
+   * weights never produces NaN or Inf, so false means the row's weights (its adapter) are broken.
+   */
+  lastLogitsFinite = true;
   private work = new Float32Array(0);
   private heap = new Int32Array(0);
   private idx = new Int32Array(0);
@@ -64,17 +69,26 @@ export class Sampler {
       }
     }
 
-    // One pass: NaN -> -inf (a broken row must not poison the softmax), find the argmax.
+    // One pass: note NaN/Inf (v - v is 0 only for finite v), NaN -> -inf (a broken row must not poison the
+    // softmax), find the argmax.
     let best = 0;
     let max = -Infinity;
+    let finite = true;
     for (let i = 0; i < V; i++) {
       const v = x[i]!;
-      if (v !== v) x[i] = -Infinity;
-      else if (v > max) {
+      if (v - v !== 0) {
+        finite = false;
+        if (v !== v) {
+          x[i] = -Infinity;
+          continue;
+        }
+      }
+      if (v > max) {
         max = v;
         best = i;
       }
     }
+    this.lastLogitsFinite = finite;
     const T = this.params.temperature;
     // Greedy, or a row where softmax is undefined (all -inf, or +inf present).
     if (T === 0 || !Number.isFinite(max)) return best;

@@ -3,7 +3,7 @@ import type { StepRow } from '../engine/runtime.js';
 import type { SamplingParams } from '../sampling/index.js';
 import type { Tokenizer } from '../tokenizer/index.js';
 import { EventQueue } from './events.js';
-import { Sequence, type FinishReason } from './sequence.js';
+import { NonFiniteLogits, Sequence, type FinishReason, type TokenEvent } from './sequence.js';
 
 /** What the scheduler needs from the engine: one forward step at a time. */
 export interface StepRunner {
@@ -48,6 +48,11 @@ export interface GenerationRequest {
   signal?: AbortSignal;
   /** Who the request is for, for metrics and logs only (never for scheduling). */
   tenant?: string;
+  /**
+   * How errors name the adapter to the client, e.g. `adapter_id "x"` (never an internal key). Without it
+   * messages show adapterId as is, which is the client's id only when there is no tenancy.
+   */
+  adapterLabel?: string;
 }
 
 export type GenerationEvent =
@@ -316,7 +321,15 @@ export class Scheduler {
 
   private deliver(e: Entry, logits: Float32Array): void {
     if (e.abort) return;
-    const ev = e.seq.accept(logits);
+    let ev: TokenEvent | null;
+    try {
+      ev = e.seq.accept(logits);
+    } catch (err) {
+      if (!(err instanceof NonFiniteLogits)) throw err;
+      // Only this row ends: rows of a batch never mix, and its cache row is zeroed before its next use.
+      this.finishEntry(e, nonFiniteLogitsError(e.req, err.generatedToken));
+      return;
+    }
     if (!ev) return;
     const now = performance.now();
     if (e.firstToken === null) e.firstToken = now;
@@ -383,4 +396,13 @@ export class Scheduler {
     });
     e.events.end();
   }
+}
+
+/**
+ * INVALID_ARGUMENT rather than FAILED_PRECONDITION: no change of the server's state makes a retry succeed; the
+ * request's own choices (its adapter, adapter_scale or mix weights) are what must change.
+ */
+function nonFiniteLogitsError(req: GenerationRequest, generatedToken: number): LoraplexError {
+  const who = req.adapterLabel ?? (req.adapterId === null ? 'the base model' : `adapter_id ${JSON.stringify(req.adapterId)}`);
+  return new LoraplexError('INVALID_ARGUMENT', `${who}: logits became non-finite at generated token ${generatedToken}; the adapter's weights are unusable`);
 }

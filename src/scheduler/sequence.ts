@@ -4,6 +4,15 @@ import { IncrementalDecoder, StopStringMatcher, type Tokenizer } from '../tokeni
 
 export type FinishReason = 'stop' | 'length';
 
+/** Thrown by Sequence.accept when the row's logits hold NaN or Inf: a token sampled from them would be noise. */
+export class NonFiniteLogits extends Error {
+  /** 1-based index of the token that was being generated. */
+  constructor(readonly generatedToken: number) {
+    super(`logits became non-finite at generated token ${generatedToken}`);
+    this.name = 'NonFiniteLogits';
+  }
+}
+
 export interface TokenEvent {
   /** The generated token, or null when a stop token ended generation (it is not part of the output). */
   tokenId: number | null;
@@ -63,10 +72,14 @@ export class Sequence {
     this.pastLen += count;
   }
 
-  /** Samples from this row's logits (only after the whole prompt is cached); returns what to stream. */
+  /**
+   * Samples from this row's logits (only after the whole prompt is cached); returns what to stream.
+   * Throws NonFiniteLogits (and records nothing) when the logits hold NaN or Inf.
+   */
   accept(logits: Float32Array): TokenEvent | null {
     if (this.prefilling || this.done) return null;
     const tokenId = this.sampler.next(logits);
+    if (!this.sampler.lastLogitsFinite) throw new NonFiniteLogits(this.tokenIds.length + 1);
     if (this.stopIds.has(tokenId)) {
       this.finish('stop');
       return { tokenId: null, text: this.tailText() };
