@@ -162,13 +162,13 @@ export class AdapterStore {
     try {
       raw = readPeftConfig(this.location(id)).config.raw;
     } catch (err) {
-      if (!(err instanceof PeftFormatError)) throw err;
-      invalidReason = `${err.file ? `${err.file}: ` : ''}${err.detail}`;
-      raw = err.config ?? {};
+      // Anything else (an I/O error) is for the log of a load; a listing only says the file cannot be read.
+      invalidReason = err instanceof PeftFormatError ? `${err.file ? `${err.file}: ` : ''}${err.detail}` : `${CONFIG}: cannot be read`;
+      raw = (err instanceof PeftFormatError && err.config) || {};
     }
     const r = raw['r'];
     // PEFT's default lora_alpha is 8.
-    const alpha = raw['lora_alpha'] === undefined ? 8 : raw['lora_alpha'];
+    const alpha = raw['lora_alpha'] ?? 8;
     const tm = raw['target_modules'];
     const names = typeof tm === 'string' ? [tm] : Array.isArray(tm) ? [...new Set(tm.filter((t): t is string => typeof t === 'string').map(shortName))] : [];
     return {
