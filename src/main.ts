@@ -1,6 +1,7 @@
 import { mkdirSync } from 'node:fs';
 import { AdapterManager } from './adapters/manager.js';
 import { AdapterStore } from './adapters/store.js';
+import { sweepExportTemps } from './adapters/export.js';
 import { startEngine, type EngineSettings, type LoadedEngine } from './cli/common.js';
 import { settingDefault } from './config/parse.js';
 import type { Logger } from './obs/logger.js';
@@ -127,6 +128,7 @@ export async function startServer(input: ServerConfigInput, log: Logger, hooks: 
   const { engine, compiled, tokenizer, maxModelLen } = loaded;
   log.info({ model: cfg.source, quant: cfg.quant.kind, cached: compiled.cached, startSeconds: +loaded.startSeconds.toFixed(2), kvCacheBytes: engine.info.kvCacheBytes, loraPoolBytes: engine.info.loraPoolBytes }, 'model ready');
   mkdirSync(cfg.adapterRoot, { recursive: true });
+  sweepExportTemps(cfg.exportRoot);
   const adapters = new AdapterManager({
     store: new AdapterStore(cfg.adapterRoot),
     spec: compiled.spec,

@@ -1,4 +1,4 @@
-import { copyFileSync, existsSync, mkdirSync, readFileSync, renameSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { copyFileSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync, type Stats } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { LoraplexError, invalidArgument } from '../errors.js';
@@ -7,11 +7,23 @@ import { loadModelDir } from '../models/load.js';
 import { fsyncDir, writeShardedSafetensors, writeSafetensors, type TensorToWrite } from '../models/safetensors.js';
 import type { HostTensor, ModelSpec } from '../models/spec.js';
 import type { PeftAdapter } from './peft.js';
+import { parseJsonCapped } from '../files/json.js';
 
 /** Files of a Hugging Face model directory besides the weights that an export carries over when present. */
 const CARRIED = ['tokenizer.json', 'tokenizer_config.json', 'special_tokens_map.json', 'generation_config.json', 'chat_template.jinja', 'chat_template.json', 'tokenizer.model'];
 const NAME_RE = /^[A-Za-z0-9_-][A-Za-z0-9._-]{0,127}$/;
 const MAX_SHARD_BYTES = 2 * 1024 ** 3;
+// Our scratch names in the export root; output names cannot start with '.', so none is a finished export.
+const TMP_PREFIX = '.tmp-';
+const MAX_MODEL_CONFIG_BYTES = 16 * 1024 * 1024;
+
+/** Removes temporary folders left in the export root by a process killed mid-export (call at startup). */
+export function sweepExportTemps(exportRoot: string): void {
+  if (!existsSync(exportRoot)) return;
+  for (const name of readdirSync(exportRoot)) {
+    if (name.startsWith(TMP_PREFIX)) rmSync(join(exportRoot, name), { recursive: true, force: true });
+  }
+}
 
 export interface ExportSource {
   adapterId: string;
@@ -23,6 +35,15 @@ export interface ExportResult {
   dir: string;
   bytes: number;
   seconds: number;
+}
+
+/** lstat, or null when nothing is there: a dangling symlink named like the output still counts as taken. */
+function lstatOrNull(path: string): Stats | null {
+  try {
+    return lstatSync(path);
+  } catch {
+    return null;
+  }
 }
 
 export function validateOutputName(name: string): string {
@@ -48,7 +69,7 @@ export function exportMergedModel(modelDir: string, quant: QuantOptions, sources
   const t0 = performance.now();
   validateOutputName(outputName);
   const dest = join(exportRoot, outputName);
-  if (existsSync(dest)) throw new LoraplexError('ALREADY_EXISTS', `output_name ${JSON.stringify(outputName)} already exists in the export root`);
+  if (lstatOrNull(dest)) throw new LoraplexError('ALREADY_EXISTS', `output_name ${JSON.stringify(outputName)} already exists in the export root`);
   const { spec, weights } = loadModelDir(modelDir);
   const deltas = new Map<string, { adapter: PeftAdapter; weight: number; index: number }[]>();
   for (const s of sources) {
@@ -94,12 +115,13 @@ export function exportMergedModel(modelDir: string, quant: QuantOptions, sources
   const totalBytes = tensors.reduce((n, t) => n + t.shape.reduce((a, b) => a * b, 1) * (dtype === 'F16' ? 2 : 4), 0);
 
   mkdirSync(exportRoot, { recursive: true });
-  const tmp = join(exportRoot, `.tmp-${outputName}-${randomBytes(4).toString('hex')}`);
+  const tmp = join(exportRoot, `${TMP_PREFIX}${outputName}-${randomBytes(4).toString('hex')}`);
   mkdirSync(tmp);
   try {
     if (totalBytes > MAX_SHARD_BYTES) writeShardedSafetensors(tmp, tensors, dtype, MAX_SHARD_BYTES);
     else writeSafetensors(join(tmp, 'model.safetensors'), tensors, dtype);
-    const config = JSON.parse(readFileSync(join(modelDir, 'config.json'), 'utf8')) as Record<string, unknown>;
+    // The model directory is the operator's (a Hugging Face cache links its files), so symlinks are fine here.
+    const config = parseJsonCapped(readFileSync(join(modelDir, 'config.json')), { maxBytes: MAX_MODEL_CONFIG_BYTES, maxDepth: 32, what: 'config.json' }) as Record<string, unknown>;
     config['torch_dtype'] = dtype === 'F16' ? 'float16' : 'float32';
     writeFileSync(join(tmp, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
     for (const f of CARRIED) if (existsSync(join(modelDir, f))) copyFileSync(join(modelDir, f), join(tmp, f));
@@ -118,6 +140,6 @@ export function exportMergedModel(modelDir: string, quant: QuantOptions, sources
     throw e;
   }
   let bytes = 0;
-  for (const f of ['model.safetensors']) if (existsSync(join(dest, f))) bytes += statSync(join(dest, f)).size;
+  for (const f of ['model.safetensors']) bytes += lstatOrNull(join(dest, f))?.size ?? 0;
   return { dir: dest, bytes: bytes || totalBytes, seconds: (performance.now() - t0) / 1000 };
 }

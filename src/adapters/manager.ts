@@ -388,6 +388,7 @@ export class AdapterManager {
       pinned: false,
       activeRequests: 0,
       slot: null,
+      ...(d.invalidReason !== undefined ? { invalidReason: d.invalidReason } : {}),
     };
   }
 

@@ -1,9 +1,12 @@
-import { existsSync, mkdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, renameSync, rmSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { basename, dirname, join } from 'node:path';
 import { fillNormal } from '../models/make.js';
 import { SafetensorsError, SafetensorsSource, type SafetensorsDtype, writeFileAtomic, writeSafetensors } from '../models/safetensors.js';
 import type { ModelSpec, ModelFamily } from '../models/spec.js';
+import { RE2JS } from 're2js';
+import { clipJson, parseJsonCapped, UntrustedJsonError } from '../files/json.js';
+import { readUnderRoot, UnderRootError } from '../files/under-root.js';
 
 /** PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors): read, validate, write, make. */
 
@@ -12,6 +15,8 @@ export class PeftFormatError extends Error {
     readonly dir: string,
     readonly file: string | null,
     readonly detail: string,
+    /** The parsed adapter_config.json object when the error is about its values (for describing it anyway). */
+    readonly config: Record<string, unknown> | null = null,
   ) {
     super(file ? `adapter directory ${dir}: ${file}: ${detail}` : `adapter directory ${dir}: ${detail}`);
     this.name = 'PeftFormatError';
@@ -114,6 +119,9 @@ export function loraScaling(r: number, alpha: number, useRslora: boolean): numbe
   return useRslora ? alpha / Math.sqrt(r) : alpha / r;
 }
 
+/** A config value for a message, as the old messages showed strings: 'value', cut short. */
+const quoted = (v: unknown): string => (typeof v === 'string' ? `'${v.length > 80 ? `${v.slice(0, 80)}...` : v}'` : clipJson(v));
+
 const nonEmpty = (v: unknown): boolean =>
   v !== undefined && v !== null && v !== false && !(Array.isArray(v) && v.length === 0) && !(typeof v === 'object' && !Array.isArray(v) && Object.keys(v as object).length === 0);
 
@@ -124,18 +132,18 @@ const nonEmpty = (v: unknown): boolean =>
  */
 function checkConfig(dir: string, cfg: Record<string, unknown>): void {
   const fail = (detail: string): never => {
-    throw new PeftFormatError(dir, 'adapter_config.json', detail);
+    throw new PeftFormatError(dir, 'adapter_config.json', detail, cfg);
   };
   const peftType = cfg['peft_type'];
-  if (peftType !== undefined && peftType !== null && peftType !== 'LORA') fail(`peft_type '${String(peftType)}' is not supported; only LORA`);
+  if (peftType !== undefined && peftType !== null && peftType !== 'LORA') fail(`peft_type ${quoted(peftType)} is not supported; only LORA`);
   const task = cfg['task_type'];
-  if (task !== undefined && task !== null && task !== 'CAUSAL_LM') fail(`task_type '${String(task)}' is not supported; only CAUSAL_LM`);
+  if (task !== undefined && task !== null && task !== 'CAUSAL_LM') fail(`task_type ${quoted(task)} is not supported; only CAUSAL_LM`);
   if (cfg['use_dora'] === true) fail('use_dora true (DoRA) is not supported');
-  if (nonEmpty(cfg['modules_to_save'])) fail(`modules_to_save ${JSON.stringify(cfg['modules_to_save'])} is not supported (fully trained extra modules)`);
-  if (nonEmpty(cfg['rank_pattern'])) fail(`rank_pattern ${JSON.stringify(cfg['rank_pattern'])} is not supported (per-module ranks)`);
-  if (nonEmpty(cfg['alpha_pattern'])) fail(`alpha_pattern ${JSON.stringify(cfg['alpha_pattern'])} is not supported (per-module alphas)`);
-  if (nonEmpty(cfg['layers_to_transform'])) fail(`layers_to_transform ${JSON.stringify(cfg['layers_to_transform'])} is not supported`);
-  if (cfg['bias'] !== undefined && cfg['bias'] !== null && cfg['bias'] !== 'none') fail(`bias '${String(cfg['bias'])}' is not supported; only 'none'`);
+  if (nonEmpty(cfg['modules_to_save'])) fail(`modules_to_save ${clipJson(cfg['modules_to_save'])} is not supported (fully trained extra modules)`);
+  if (nonEmpty(cfg['rank_pattern'])) fail(`rank_pattern ${clipJson(cfg['rank_pattern'])} is not supported (per-module ranks)`);
+  if (nonEmpty(cfg['alpha_pattern'])) fail(`alpha_pattern ${clipJson(cfg['alpha_pattern'])} is not supported (per-module alphas)`);
+  if (nonEmpty(cfg['layers_to_transform'])) fail(`layers_to_transform ${clipJson(cfg['layers_to_transform'])} is not supported`);
+  if (cfg['bias'] !== undefined && cfg['bias'] !== null && cfg['bias'] !== 'none') fail(`bias ${quoted(cfg['bias'])} is not supported; only 'none'`);
   if (cfg['lora_bias'] === true) fail('lora_bias true is not supported');
   if (cfg['init_lora_weights'] === 'loftq') fail("init_lora_weights 'loftq' is not supported (LoftQ also changes the base weights)");
   if (nonEmpty(cfg['layer_replication'])) fail('layer_replication is not supported');
@@ -147,28 +155,34 @@ function checkConfig(dir: string, cfg: Record<string, unknown>): void {
 
 function parseConfig(dir: string, cfg: Record<string, unknown>, family: ModelFamily | null): PeftConfig {
   const fail: (detail: string) => never = (detail) => {
-    throw new PeftFormatError(dir, 'adapter_config.json', detail);
+    throw new PeftFormatError(dir, 'adapter_config.json', detail, cfg);
   };
   checkConfig(dir, cfg);
   const r = cfg['r'];
-  if (typeof r !== 'number' || !Number.isSafeInteger(r) || r < 1) fail(`r must be a positive integer, got ${JSON.stringify(r)}`);
+  // The bounds are those of AdapterInfo's uint32 rank and float alpha, so a valid config always serializes.
+  if (typeof r !== 'number' || !Number.isSafeInteger(r) || r < 1 || r > MAX_RANK) fail(`r must be a positive integer at most ${MAX_RANK}, got ${clipJson(r, 40)}`);
   // PEFT's default lora_alpha is 8.
   const alpha = cfg['lora_alpha'] ?? 8;
-  if (typeof alpha !== 'number' || !Number.isFinite(alpha) || alpha <= 0) fail(`lora_alpha must be a positive number, got ${JSON.stringify(alpha)}`);
+  if (typeof alpha !== 'number' || !Number.isFinite(alpha) || alpha <= 0 || alpha > MAX_ALPHA) {
+    fail(`lora_alpha must be a positive number at most ${MAX_ALPHA} (float32), got ${clipJson(alpha, 40)}`);
+  }
   const useRslora = cfg['use_rslora'] ?? false;
-  if (typeof useRslora !== 'boolean') fail(`use_rslora must be true or false, got ${JSON.stringify(useRslora)}`);
+  if (typeof useRslora !== 'boolean') fail(`use_rslora must be true or false, got ${clipJson(useRslora, 40)}`);
   const tm = cfg['target_modules'];
   let targetModules: string[] | string;
   if (typeof tm === 'string') targetModules = tm;
   else if (Array.isArray(tm) && tm.length > 0 && tm.every((t) => typeof t === 'string')) targetModules = tm as string[];
-  else fail(`target_modules must be a non-empty list of names or a regex string, got ${JSON.stringify(tm)}`);
+  else fail(`target_modules must be a non-empty list of names or a regex string, got ${clipJson(tm)}`);
+  if (typeof targetModules! === 'string' && targetModules.length > MAX_PATTERN_LENGTH) {
+    fail(`target_modules regex is ${targetModules.length} characters; the limit is ${MAX_PATTERN_LENGTH}`);
+  }
   if (Array.isArray(targetModules)) {
     const allowed: readonly string[] =
       family === 'llama' ? LLAMA_LORA_MODULES : family === 'gpt2' ? GPT2_LORA_MODULES : [...LLAMA_LORA_MODULES, ...GPT2_LORA_MODULES];
     for (const t of targetModules) {
       const last = t.slice(t.lastIndexOf('.') + 1);
       if (t !== 'all-linear' && !allowed.includes(last)) {
-        fail(`target_modules entry '${t}' is not supported; supported: ${allowed.join(', ')} (or all-linear)`);
+        fail(`target_modules entry ${quoted(t)} is not supported; supported: ${allowed.join(', ')} (or all-linear)`);
       }
     }
   }
@@ -183,19 +197,23 @@ function parseConfig(dir: string, cfg: Record<string, unknown>, family: ModelFam
   };
 }
 
-/** Whether PEFT would have adapted this module given target_modules (fullPath as in the base model). */
+/**
+ * Whether PEFT would have adapted this module given target_modules (fullPath as in the base model). A regex
+ * is matched by RE2 (linear time: the pattern comes from a file others write, and a backtracking engine
+ * takes exponential time on patterns like `(\d+)+$`). A construct RE2 does not have (lookaround,
+ * backreferences) leaves the tensors present as the ground truth, as PEFT's own choice was made with it.
+ */
 function targeted(targetModules: string[] | string, fullPath: string): boolean {
   if (typeof targetModules === 'string') {
     if (targetModules === 'all-linear') return true;
-    // PEFT: a string target_modules is a regex that must match the whole module path.
-    let re: RegExp;
+    // PEFT: a string target_modules is a regex that must match the whole module path (re.fullmatch).
+    let re: RE2JS;
     try {
-      re = new RegExp(`^(?:${targetModules})$`);
+      re = RE2JS.compile(targetModules);
     } catch {
-      // A Python-only regex construct: the tensors present are the ground truth then.
       return true;
     }
-    return re.test(fullPath);
+    return re.matches(fullPath);
   }
   return targetModules.some((t) => t === 'all-linear' || fullPath === t || fullPath.endsWith(`.${t}`));
 }
@@ -209,32 +227,97 @@ function firstNonFinite(t: Float32Array): number {
 
 const TENSOR_RE = /^base_model\.model\.(.+)\.(lora_A|lora_B)(?:\.([^.]+))?\.weight$/;
 
-/**
- * Reads a PEFT LoRA adapter directory. With a spec, every module must be a linear of that model with
- * matching in/out features. Unsupported options and malformed tensors throw PeftFormatError naming them.
- */
-export function readPeftAdapter(dir: string, spec?: ModelSpec): PeftAdapter {
-  const cfgPath = join(dir, 'adapter_config.json');
-  if (!existsSync(cfgPath)) throw new PeftFormatError(dir, null, 'adapter_config.json is missing');
+/** AdapterInfo.rank is a uint32. */
+export const MAX_RANK = 0xffffffff;
+/** AdapterInfo.alpha is a float: the largest finite float32. */
+export const MAX_ALPHA = 3.4028234663852886e38;
+/** A target_modules regex longer than this is refused (real ones are tens of characters). */
+export const MAX_PATTERN_LENGTH = 1024;
+
+const CONFIG_FILE = 'adapter_config.json';
+const WEIGHTS_FILE = 'adapter_model.safetensors';
+/** adapter_config.json is about 1 KB; the cap leaves room for long regexes and lists without inviting abuse. */
+export const MAX_CONFIG_BYTES = 1024 * 1024;
+const MAX_CONFIG_DEPTH = 16;
+
+/** Where an adapter's files are read from: `relDir` under `root`, opened by the under-root rule. */
+export interface PeftLocation {
+  root: string;
+  /** The adapter directory relative to root ('' for the root itself). */
+  relDir: string;
+}
+
+const label = (loc: PeftLocation): string => (loc.relDir === '' ? loc.root : loc.relDir);
+
+function underRootFailure(dir: string, err: unknown): never {
+  if (err instanceof UnderRootError) {
+    const file = basename(err.file);
+    if (err.problem === 'missing' && (file === CONFIG_FILE || file === WEIGHTS_FILE)) throw new PeftFormatError(dir, null, `${file} is missing`);
+    throw new PeftFormatError(dir, file, err.detail);
+  }
+  throw err;
+}
+
+/** adapter_config.json read once (bounded, not a symlink or FIFO), parsed with caps and validated. */
+export function readPeftConfig(loc: PeftLocation, family: ModelFamily | null = null): { config: PeftConfig; bytesRead: number } {
+  const dir = label(loc);
+  let bytes: Uint8Array;
+  try {
+    bytes = readUnderRoot(loc.root, join(loc.relDir, CONFIG_FILE), MAX_CONFIG_BYTES);
+  } catch (err) {
+    underRootFailure(dir, err);
+  }
+  return { config: parsePeftConfigBytes(dir, bytes!, family), bytesRead: bytes!.length };
+}
+
+/** The config from its file's bytes: JSON within caps (errors give a position, never the content), validated. */
+export function parsePeftConfigBytes(dir: string, bytes: Uint8Array, family: ModelFamily | null): PeftConfig {
   let raw: unknown;
   try {
-    raw = JSON.parse(readFileSync(cfgPath, 'utf8'));
+    raw = parseJsonCapped(bytes, { maxBytes: MAX_CONFIG_BYTES, maxDepth: MAX_CONFIG_DEPTH, what: CONFIG_FILE });
   } catch (err) {
-    throw new PeftFormatError(dir, 'adapter_config.json', `is not valid JSON (${(err as Error).message})`);
+    if (err instanceof UntrustedJsonError) throw new PeftFormatError(dir, CONFIG_FILE, err.detail);
+    throw err;
   }
-  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new PeftFormatError(dir, 'adapter_config.json', 'is not a JSON object');
-  const config = parseConfig(dir, raw as Record<string, unknown>, spec?.family ?? null);
+  if (typeof raw !== 'object' || raw === null || Array.isArray(raw)) throw new PeftFormatError(dir, CONFIG_FILE, 'is not a JSON object');
+  return parseConfig(dir, raw as Record<string, unknown>, family);
+}
 
-  const file = 'adapter_model.safetensors';
-  if (!existsSync(join(dir, file))) {
-    const bin = existsSync(join(dir, 'adapter_model.bin'));
-    throw new PeftFormatError(dir, null, `${file} is missing${bin ? ' (adapter_model.bin found; only safetensors is supported)' : ''}`);
+/**
+ * Reads a PEFT LoRA adapter directory: each file opened once, by the under-root rule (`dir` itself is the
+ * root unless `loc` says otherwise), at most maxBytes in all. With a spec, every module must be a linear of
+ * that model with matching in/out features. Unsupported options and malformed tensors throw PeftFormatError.
+ */
+export function readPeftAdapter(dir: string, spec?: ModelSpec, opts: { loc?: PeftLocation; maxBytes?: number } = {}): PeftAdapter {
+  const loc = opts.loc ?? { root: dir, relDir: '' };
+  const maxBytes = opts.maxBytes ?? Number.MAX_SAFE_INTEGER;
+  const { config, bytesRead } = readPeftConfig(loc, spec?.family ?? null);
+  if (bytesRead > maxBytes) throw new PeftFormatError(label(loc), CONFIG_FILE, `${bytesRead} bytes exceed maxAdapterBytes ${maxBytes}`);
+  return readPeftWeights(loc, config, spec, maxBytes - bytesRead);
+}
+
+/** adapter_model.safetensors read once, whole, at most maxBytes; then checked against config and spec. */
+export function readPeftWeights(loc: PeftLocation, config: PeftConfig, spec: ModelSpec | undefined, maxBytes: number): PeftAdapter {
+  const dir = label(loc);
+  const file = WEIGHTS_FILE;
+  let bytes: Uint8Array;
+  try {
+    bytes = readUnderRoot(loc.root, join(loc.relDir, file), maxBytes);
+  } catch (err) {
+    if (err instanceof UnderRootError && err.problem === 'missing') {
+      const bin = existsSync(join(loc.root, loc.relDir, 'adapter_model.bin'));
+      throw new PeftFormatError(dir, null, `${file} is missing${bin ? ' (adapter_model.bin found; only safetensors is supported)' : ''}`);
+    }
+    if (err instanceof UnderRootError && err.problem === 'too-large') {
+      throw new PeftFormatError(dir, file, `${err.detail} (maxAdapterBytes less adapter_config.json)`);
+    }
+    underRootFailure(dir, err);
   }
   let src: SafetensorsSource;
   try {
-    src = new SafetensorsSource([join(dir, file)]);
+    src = SafetensorsSource.fromBytes(bytes!, file);
   } catch (err) {
-    if (err instanceof SafetensorsError) throw new PeftFormatError(dir, file, err.message);
+    if (err instanceof SafetensorsError) throw new PeftFormatError(dir, file, err.message.replace(`${file}: `, ''));
     throw err;
   }
   const fail: (detail: string) => never = (detail) => {
@@ -247,9 +330,9 @@ export function readPeftAdapter(dir: string, spec?: ModelSpec): PeftAdapter {
   for (const name of src.names()) {
     const m = TENSOR_RE.exec(name);
     if (!m) {
-      if (/lora_embedding_[AB]/.test(name)) fail(`${name}: LoRA on embeddings is not supported`);
-      if (/lora_magnitude_vector/.test(name)) fail(`${name}: DoRA magnitude vectors are not supported`);
-      fail(`unexpected tensor ${name} (expected base_model.model.<module>.lora_A.weight / lora_B.weight)`);
+      if (/lora_embedding_[AB]/.test(name)) fail(`${clipJson(name)}: LoRA on embeddings is not supported`);
+      if (/lora_magnitude_vector/.test(name)) fail(`${clipJson(name)}: DoRA magnitude vectors are not supported`);
+      fail(`unexpected tensor ${clipJson(name)} (expected base_model.model.<module>.lora_A.weight / lora_B.weight)`);
     }
     const [, fullPath, kind, adapter] = m!;
     // One file holds one adapter; keys with two different adapter names would be ambiguous.
@@ -271,20 +354,20 @@ export function readPeftAdapter(dir: string, spec?: ModelSpec): PeftAdapter {
     const family = familyOfModule(module);
     if (!family) fail(`module ${module} is not a supported LoRA target (llama: ${LLAMA_LORA_MODULES.join(', ')}; gpt2: ${GPT2_LORA_MODULES.join(', ')})`);
     if (spec && family !== spec.family) fail(`module ${module} belongs to a ${family} model, but the base model is ${spec.modelType}`);
-    if (!targeted(config.targetModules, e.fullPath)) fail(`module ${module} has weights but is not in target_modules ${JSON.stringify(config.targetModules)}`);
+    if (!targeted(config.targetModules, e.fullPath)) fail(`module ${module} has weights but is not in target_modules ${clipJson(config.targetModules)}`);
     const aShape = src.shape(e.a!);
     const bShape = src.shape(e.b!);
-    if (aShape.length !== 2 || bShape.length !== 2) fail(`module ${module}: lora_A ${JSON.stringify(aShape)} and lora_B ${JSON.stringify(bShape)} must be 2-D`);
+    if (aShape.length !== 2 || bShape.length !== 2) fail(`module ${module}: lora_A ${clipJson(aShape, 40)} and lora_B ${clipJson(bShape, 40)} must be 2-D`);
     const [r, inF] = aShape as [number, number];
     const [outF, rB] = bShape as [number, number];
-    if (r !== rB) fail(`module ${module}: lora_A ${JSON.stringify(aShape)} and lora_B ${JSON.stringify(bShape)} disagree on the rank`);
+    if (r !== rB) fail(`module ${module}: lora_A ${clipJson(aShape, 40)} and lora_B ${clipJson(bShape, 40)} disagree on the rank`);
     if (r !== config.r) fail(`module ${module} has rank ${r}, but adapter_config.json says r = ${config.r}`);
     if (known) {
       const lin = known.get(module);
       if (!lin) fail(`module ${module} does not exist in the base model (${spec!.numLayers} layers)`);
       if (lin!.inFeatures !== inF || lin!.outFeatures !== outF) {
         fail(
-          `module ${module}: lora_A ${JSON.stringify(aShape)} / lora_B ${JSON.stringify(bShape)} imply ${inF} -> ${outF} features, ` +
+          `module ${module}: lora_A ${clipJson(aShape, 40)} / lora_B ${clipJson(bShape, 40)} imply ${inF} -> ${outF} features, ` +
             `but the base model's ${module} is ${lin!.inFeatures} -> ${lin!.outFeatures} (adapter for a different model?)`,
         );
       }

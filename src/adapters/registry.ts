@@ -42,6 +42,8 @@ export interface AdapterInfo {
   activeRequests: number;
   /** Its slot while active, else null (for logs and tests; the API does not expose slots). */
   slot: number | null;
+  /** Why a stored adapter cannot be loaded (its config breaks a rule); absent when it can. */
+  invalidReason?: string;
 }
 
 export function adapterBytes(adapter: PeftAdapter): number {

@@ -1,6 +1,6 @@
-import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync, readdirSync, realpathSync, renameSync, rmSync, statSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
-import { dirname, join, resolve } from 'node:path';
+import { dirname, join, relative, resolve } from 'node:path';
 import { LoraplexError, invalidArgument, notFound } from '../errors.js';
 import { checkLoraEffect } from './effect-bound.js';
 import type { LoraModuleInfo } from '../models/graph.js';
@@ -8,7 +8,8 @@ import type { ModelSpec } from '../models/spec.js';
 import { validateAdapterId } from './ids.js';
 import { adapterKeyPath, displayId, isTenantName, parseAdapterKey, TENANT_SEPARATOR } from './tenancy.js';
 import { fsyncDir } from '../models/safetensors.js';
-import { PeftFormatError, readPeftAdapter, writePeftAdapter, type PeftAdapter } from './peft.js';
+import { MAX_ALPHA, MAX_PATTERN_LENGTH, MAX_RANK, PeftFormatError, readPeftConfig, readPeftWeights, writePeftAdapter, type PeftAdapter, type PeftConfig, type PeftLocation } from './peft.js';
+import { isUnder } from '../files/under-root.js';
 
 /**
  * The adapter store: one PEFT directory per adapter under a root, `<root>/<adapterId>/adapter_config.json +
@@ -18,6 +19,9 @@ import { PeftFormatError, readPeftAdapter, writePeftAdapter, type PeftAdapter } 
  * Adapters are named by their key (tenancy.ts): `id` lives at `<root>/<id>/`, `tenant~id` at
  * `<root>/<tenant>/<id>/`. A root directory with an adapter_config.json is an adapter, never a tenant's
  * namespace. Messages show only the id part, so they read the same in every namespace.
+ *
+ * Tenants may write into their folders, so every file is opened by the rule of files/under-root.ts (nothing
+ * outside the root, no symlinked files, FIFOs or devices), once per load and bounded by maxAdapterBytes.
  */
 
 export interface AdapterLimits {
@@ -31,10 +35,14 @@ export interface AdapterLimits {
 
 /** What adapter_config.json says, read without touching the tensors (for listings). */
 export interface AdapterDescription {
+  /** A positive integer that fits a uint32, or null. */
   r: number | null;
+  /** A positive number that fits a float32, or null. */
   alpha: number | null;
   /** PEFT short names (q_proj, ...), or the config's string as is ('all-linear' or a regex). */
   targetModules: string[];
+  /** Why the adapter cannot be loaded as its config stands (the file and the rule); absent when it can. */
+  invalidReason?: string;
 }
 
 // Our own scratch names under the root. They start with '.', which no valid adapter id can.
@@ -46,16 +54,21 @@ const WEIGHTS = 'adapter_model.safetensors';
 const tag = () => `${process.pid}-${randomBytes(4).toString('hex')}`;
 const errno = (err: unknown): string | undefined => (err as NodeJS.ErrnoException | null)?.code;
 
-/** Sum of file sizes under dir (recursive; symlinks are not followed). */
+/** Sum of file sizes under dir (symlinks are not followed; a loop, not recursion, so depth cannot overflow). */
 function treeBytes(dir: string): number {
   let n = 0;
-  for (const e of readdirSync(dir, { withFileTypes: true })) {
-    const p = join(dir, e.name);
-    if (e.isDirectory()) n += treeBytes(p);
-    else if (e.isFile()) n += statSync(p).size;
+  const pending = [dir];
+  for (let next = pending.pop(); next !== undefined; next = pending.pop()) {
+    for (const e of readdirSync(next, { withFileTypes: true })) {
+      const p = join(next, e.name);
+      if (e.isDirectory()) pending.push(p);
+      else if (e.isFile()) n += lstatSync(p).size;
+    }
   }
   return n;
 }
+
+const inRange = (v: unknown, max: number): v is number => typeof v === 'number' && Number.isFinite(v) && v > 0 && v <= max;
 
 export class AdapterStore {
   readonly root: string;
@@ -125,10 +138,14 @@ export class AdapterStore {
     return tenant === '' || !existsSync(join(this.root, tenant, CONFIG));
   }
 
-  /** Bytes on disk of the adapter's directory; NOT_FOUND when it is not in the store. */
+  /**
+   * Bytes on disk of the adapter's directory; NOT_FOUND when it is not in the store. 0 for a directory that
+   * resolves outside the root: it is never read, so it is not walked either.
+   */
   diskBytes(id: string): number {
     const dir = this.dir(id);
     try {
+      if (!isUnder(realpathSync(this.root), realpathSync(dir))) return 0;
       return treeBytes(dir);
     } catch (err) {
       if (errno(err) === 'ENOENT' || errno(err) === 'ENOTDIR') throw this.missing(id);
@@ -136,20 +153,36 @@ export class AdapterStore {
     }
   }
 
-  /** The config's rank, alpha and target modules, or nulls when it cannot be read (list() must not fail). */
+  /**
+   * The config's rank, alpha and target modules, each only when in range (they go into responses as they
+   * are), and why the config is invalid when it is. Never throws for a bad file: list() must not fail.
+   */
   describe(id: string): AdapterDescription {
+    let raw: Record<string, unknown> = {};
+    let invalidReason: string | null = null;
     try {
-      const raw = JSON.parse(readFileSync(join(this.dir(id), CONFIG), 'utf8')) as Record<string, unknown>;
-      const r = typeof raw['r'] === 'number' ? raw['r'] : null;
-      // PEFT's default lora_alpha is 8.
-      const alpha = typeof raw['lora_alpha'] === 'number' ? raw['lora_alpha'] : raw['lora_alpha'] === undefined ? 8 : null;
-      const tm = raw['target_modules'];
-      const targetModules =
-        typeof tm === 'string' ? [tm] : Array.isArray(tm) ? [...new Set(tm.filter((t): t is string => typeof t === 'string').map(shortName))] : [];
-      return { r, alpha, targetModules };
-    } catch {
-      return { r: null, alpha: null, targetModules: [] };
+      raw = readPeftConfig(this.location(id)).config.raw;
+    } catch (err) {
+      // Anything else (an I/O error) is for the log of a load; a listing only says the file cannot be read.
+      invalidReason = err instanceof PeftFormatError ? `${err.file ? `${err.file}: ` : ''}${err.detail}` : `${CONFIG}: cannot be read`;
+      raw = (err instanceof PeftFormatError && err.config) || {};
     }
+    const r = raw['r'];
+    // PEFT's default lora_alpha is 8.
+    const alpha = raw['lora_alpha'] ?? 8;
+    const tm = raw['target_modules'];
+    const names = typeof tm === 'string' ? [tm] : Array.isArray(tm) ? [...new Set(tm.filter((t): t is string => typeof t === 'string').map(shortName))] : [];
+    return {
+      r: inRange(r, MAX_RANK) && Number.isSafeInteger(r) ? r : null,
+      alpha: inRange(alpha, MAX_ALPHA) ? alpha : null,
+      targetModules: names.filter((t) => t.length <= MAX_PATTERN_LENGTH),
+      ...(invalidReason !== null ? { invalidReason } : {}),
+    };
+  }
+
+  /** Where the adapter's files are read: relative to the root, so nothing outside it is ever opened. */
+  private location(id: string): PeftLocation {
+    return { root: this.root, relDir: relative(this.root, this.dir(id)) };
   }
 
   /**
@@ -180,10 +213,24 @@ export class AdapterStore {
   private readOnce(id: string, dir: string, spec: ModelSpec, limits: AdapterLimits): PeftAdapter {
     const name = `adapter_id ${JSON.stringify(displayId(id))}`;
     if (!this.has(id)) throw this.missing(id);
+    const loc = this.location(id);
+    const clientError = (err: unknown): unknown => {
+      if (!(err instanceof PeftFormatError)) return err;
+      if (!this.has(id)) return this.missing(id); // deleted while we read it
+      // Client-visible: the file and the rule, never the server's paths.
+      const detail = err.detail.split(dir + '/').join('').split(dir).join(displayId(id));
+      return invalidArgument(`${name}: ${err.file ? `${err.file}: ` : ''}${detail}`, err);
+    };
 
-    const declared = this.describe(id).r;
-    if (declared !== null && declared > limits.maxLoraRank) {
-      throw invalidArgument(`rank ${declared} of ${name}: exceeds maxLoraRank ${limits.maxLoraRank}`);
+    let config: PeftConfig;
+    let configBytes: number;
+    try {
+      ({ config, bytesRead: configBytes } = readPeftConfig(loc, spec.family));
+    } catch (err) {
+      throw clientError(err);
+    }
+    if (config.r > limits.maxLoraRank) {
+      throw invalidArgument(`rank ${config.r} of ${name}: exceeds maxLoraRank ${limits.maxLoraRank}`);
     }
     const bytes = this.diskBytes(id);
     if (bytes > limits.maxAdapterBytes) {
@@ -192,15 +239,10 @@ export class AdapterStore {
 
     let adapter: PeftAdapter;
     try {
-      adapter = readPeftAdapter(dir, spec);
+      // What is read counts, not what the directory listing shows (a symlink or a growing file).
+      adapter = readPeftWeights(loc, config, spec, limits.maxAdapterBytes - configBytes);
     } catch (err) {
-      if (err instanceof PeftFormatError) {
-        // Client-visible: the file and the rule, never the server's paths.
-        const detail = err.detail.split(dir + '/').join('').split(dir).join(displayId(id));
-        throw invalidArgument(`${name}: ${err.file ? `${err.file}: ` : ''}${detail}`, err);
-      }
-      if (errno(err) === 'ENOENT') throw this.missing(id); // deleted while we read it
-      throw err;
+      throw clientError(err);
     }
 
     if (adapter.r > limits.maxLoraRank) {

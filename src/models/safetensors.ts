@@ -13,6 +13,7 @@ import {
 } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { basename, dirname, join } from 'node:path';
+import { clipJson, parseJsonCapped, UntrustedJsonError } from '../files/json.js';
 import type { HostTensor, WeightSource } from './spec.js';
 
 /** Dtypes loraplex reads; anything else is named in the error. */
@@ -26,9 +27,69 @@ interface Entry {
   /** Absolute byte range in the file. */
   begin: number;
   end: number;
+  /** The whole file, when it was read into memory (then `file` is only a label). */
+  bytes?: Uint8Array;
 }
 
 export class SafetensorsError extends Error {}
+
+/** Longest header read: real headers are a few KB to a few MB (one entry per tensor). */
+const MAX_HEADER_BYTES = 100_000_000;
+/** Header nesting: the file's object, a tensor's entry, its shape / offsets (plus slack for __metadata__). */
+const MAX_HEADER_DEPTH = 8;
+
+const clipName = (name: string): string => (name.length > 200 ? `${name.slice(0, 200)}...` : name);
+
+/** Validates the JSON header (its bytes and where they sit in a file of `size` bytes) into entries. */
+function parseHeader(headerBytes: Uint8Array, dataStart: number, size: number, file: string, bytes?: Uint8Array): Map<string, Entry> {
+  let header: unknown;
+  try {
+    header = parseJsonCapped(headerBytes, { maxBytes: MAX_HEADER_BYTES, maxDepth: MAX_HEADER_DEPTH, what: 'header' });
+  } catch (err) {
+    if (err instanceof UntrustedJsonError) throw new SafetensorsError(`${file}: header ${err.detail}`);
+    throw err;
+  }
+  if (typeof header !== 'object' || header === null || Array.isArray(header)) {
+    throw new SafetensorsError(`${file}: header is not a JSON object`);
+  }
+  const entries = new Map<string, Entry>();
+  for (const [name, value] of Object.entries(header as Record<string, unknown>)) {
+    if (name === '__metadata__') continue;
+    const info = value as { dtype?: unknown; shape?: unknown; data_offsets?: unknown } | null;
+    if (
+      typeof info !== 'object' ||
+      info === null ||
+      !Array.isArray(info.shape) ||
+      !info.shape.every((d) => Number.isSafeInteger(d) && d >= 0) ||
+      !Array.isArray(info.data_offsets) ||
+      info.data_offsets.length !== 2 ||
+      !info.data_offsets.every((o) => Number.isSafeInteger(o) && o >= 0)
+    ) {
+      throw new SafetensorsError(`${file}: tensor ${clipName(name)} has a malformed header entry ${clipJson(info)} (needs dtype, shape, data_offsets [begin, end])`);
+    }
+    if (typeof info.dtype !== 'string' || !Object.prototype.hasOwnProperty.call(BYTES, info.dtype)) {
+      throw new SafetensorsError(`${file}: tensor ${clipName(name)} has dtype ${typeof info.dtype === 'string' ? clipName(info.dtype) : clipJson(info.dtype, 20)}; supported: F32, F16, BF16`);
+    }
+    const dtype = info.dtype as SafetensorsDtype;
+    const shape = info.shape as number[];
+    const count = shape.reduce((a, b) => a * b, 1);
+    const [b, e] = info.data_offsets as [number, number];
+    if (e - b !== count * BYTES[dtype] || dataStart + e > size) {
+      throw new SafetensorsError(`${file}: tensor ${clipName(name)} byte range [${b}, ${e}) does not match shape ${clipJson(shape, 60)} ${dtype}`);
+    }
+    entries.set(name, { file, dtype, shape, begin: dataStart + b, end: dataStart + e, ...(bytes ? { bytes } : {}) });
+  }
+  return entries;
+}
+
+/** The header length field, checked to fit a file of `size` bytes. */
+function headerLength(lenBytes: Uint8Array, size: number, file: string): number {
+  const headerLen = Number(Buffer.from(lenBytes.buffer, lenBytes.byteOffset, 8).readBigUInt64LE(0));
+  if (headerLen > MAX_HEADER_BYTES || headerLen + 8 > size) {
+    throw new SafetensorsError(`${file}: header length ${headerLen} does not fit the file (${size} bytes)`);
+  }
+  return headerLen;
+}
 
 /** Reads the JSON header of one .safetensors file (8-byte little-endian length, then JSON). */
 export function readSafetensorsHeader(file: string): Map<string, Entry> {
@@ -37,51 +98,20 @@ export function readSafetensorsHeader(file: string): Map<string, Entry> {
     const size = fstatSync(fd).size;
     const lenBuf = Buffer.alloc(8);
     if (readSync(fd, lenBuf, 0, 8, 0) !== 8) throw new SafetensorsError(`${file}: too short for a safetensors header`);
-    const headerLen = Number(lenBuf.readBigUInt64LE(0));
-    if (headerLen > 100_000_000 || headerLen + 8 > size) {
-      throw new SafetensorsError(`${file}: header length ${headerLen} does not fit the file (${size} bytes)`);
-    }
+    const headerLen = headerLength(lenBuf, size, file);
     const headerBuf = Buffer.alloc(headerLen);
     readFully(fd, headerBuf, 8, file);
-    let header: Record<string, { dtype: string; shape: number[]; data_offsets: [number, number] }>;
-    try {
-      header = JSON.parse(headerBuf.toString('utf8'));
-    } catch {
-      throw new SafetensorsError(`${file}: header is not valid JSON`);
-    }
-    if (typeof header !== 'object' || header === null || Array.isArray(header)) {
-      throw new SafetensorsError(`${file}: header is not a JSON object`);
-    }
-    const dataStart = 8 + headerLen;
-    const entries = new Map<string, Entry>();
-    for (const [name, info] of Object.entries(header)) {
-      if (name === '__metadata__') continue;
-      if (
-        typeof info !== 'object' ||
-        info === null ||
-        !Array.isArray(info.shape) ||
-        !info.shape.every((d) => Number.isSafeInteger(d) && d >= 0) ||
-        !Array.isArray(info.data_offsets) ||
-        info.data_offsets.length !== 2 ||
-        !info.data_offsets.every((o) => Number.isSafeInteger(o) && o >= 0)
-      ) {
-        throw new SafetensorsError(`${file}: tensor ${name} has a malformed header entry ${JSON.stringify(info)}`);
-      }
-      if (!Object.prototype.hasOwnProperty.call(BYTES, info.dtype)) {
-        throw new SafetensorsError(`${file}: tensor ${name} has dtype ${info.dtype}; supported: F32, F16, BF16`);
-      }
-      const dtype = info.dtype as SafetensorsDtype;
-      const count = info.shape.reduce((a, b) => a * b, 1);
-      const [b, e] = info.data_offsets;
-      if (e - b !== count * BYTES[dtype] || dataStart + e > size) {
-        throw new SafetensorsError(`${file}: tensor ${name} byte range [${b}, ${e}) does not match shape ${JSON.stringify(info.shape)} ${dtype}`);
-      }
-      entries.set(name, { file, dtype, shape: info.shape, begin: dataStart + b, end: dataStart + e });
-    }
-    return entries;
+    return parseHeader(headerBuf, 8 + headerLen, size, file);
   } finally {
     closeSync(fd);
   }
+}
+
+/** The header of a safetensors file already in memory; `label` names it in messages. */
+function bytesHeader(bytes: Uint8Array, label: string): Map<string, Entry> {
+  if (bytes.length < 8) throw new SafetensorsError(`${label}: too short for a safetensors header`);
+  const headerLen = headerLength(bytes.subarray(0, 8), bytes.length, label);
+  return parseHeader(bytes.subarray(8, 8 + headerLen), 8 + headerLen, bytes.length, label, bytes);
 }
 
 /** bfloat16 is the top half of a float32. */
@@ -177,6 +207,16 @@ export class SafetensorsSource implements WeightSource {
     for (const f of files) for (const [k, v] of readSafetensorsHeader(f)) this.entries.set(k, v);
   }
 
+  /**
+   * A safetensors file read whole into memory (an adapter's, read once and bounded by its caller); `label`
+   * names it in messages instead of a path.
+   */
+  static fromBytes(bytes: Uint8Array, label: string): SafetensorsSource {
+    const source = new SafetensorsSource([]);
+    for (const [k, v] of bytesHeader(bytes, label)) source.entries.set(k, v);
+    return source;
+  }
+
   /** Every file the tensors come from (one, or the shards). */
   files(): string[] {
     return [...new Set([...this.entries.values()].map((e) => e.file))];
@@ -188,11 +228,14 @@ export class SafetensorsSource implements WeightSource {
     if (existsSync(index)) {
       let map: { weight_map?: Record<string, string> };
       try {
-        map = JSON.parse(readFileSync(index, 'utf8'));
-      } catch {
-        throw new SafetensorsError(`${index}: not valid JSON`);
+        map = parseJsonCapped(readFileSync(index), { maxBytes: MAX_HEADER_BYTES, maxDepth: MAX_HEADER_DEPTH, what: index }) as typeof map;
+      } catch (err) {
+        if (err instanceof UntrustedJsonError) throw new SafetensorsError(err.message);
+        throw err;
       }
-      if (!map.weight_map) throw new SafetensorsError(`${index}: no weight_map`);
+      if (typeof map !== 'object' || map === null || typeof map.weight_map !== 'object' || map.weight_map === null) {
+        throw new SafetensorsError(`${index}: no weight_map`);
+      }
       const shards = [...new Set(Object.values(map.weight_map))].map((f) => join(dir, f));
       for (const s of shards) if (!existsSync(s)) throw new SafetensorsError(`${index} names ${s}, which is missing`);
       const source = new SafetensorsSource(shards);
@@ -233,12 +276,16 @@ export class SafetensorsSource implements WeightSource {
     const e = this.entry(name);
     const bytes = e.end - e.begin;
     // A fresh ArrayBuffer is aligned, so the typed views below need no extra copy.
-    const raw = new Uint8Array(bytes);
-    const fd = openSync(e.file, 'r');
-    try {
-      readFully(fd, raw, e.begin, e.file);
-    } finally {
-      closeSync(fd);
+    let raw: Uint8Array;
+    if (e.bytes) raw = e.bytes.slice(e.begin, e.end);
+    else {
+      raw = new Uint8Array(bytes);
+      const fd = openSync(e.file, 'r');
+      try {
+        readFully(fd, raw, e.begin, e.file);
+      } finally {
+        closeSync(fd);
+      }
     }
     if (e.dtype === 'F32') return { shape: [...e.shape], data: new Float32Array(raw.buffer) };
     const data = new Float32Array(bytes / 2);

@@ -60,5 +60,6 @@ export function adapterInfo(i: AdapterInfo): MessageInitShape<typeof AdapterInfo
     ...(i.lastUsed !== null ? { lastUsed: timestampFromMs(i.lastUsed) } : {}),
     pinned: i.pinned,
     activeRequests: i.activeRequests,
+    ...(i.invalidReason ? { invalidReason: i.invalidReason } : {}),
   };
 }

@@ -1,5 +1,7 @@
-import { closeSync, constants, fstatSync, openSync, readSync, realpathSync, statSync } from 'node:fs';
-import { extname, isAbsolute, relative, resolve, sep } from 'node:path';
+import { realpathSync, statSync } from 'node:fs';
+import { extname, isAbsolute, relative, resolve } from 'node:path';
+import { isUnder, readUnderRoot, realRoot, UnderRootError } from '../files/under-root.js';
+import { parseJsonCapped, UntrustedJsonError } from '../files/json.js';
 import { invalidArgument, notFound } from '../errors.js';
 import type { ChatMessage } from '../tokenizer/tokenizer.js';
 
@@ -61,6 +63,8 @@ export interface TrainData {
 
 const DEFAULT_MAX_FILE_BYTES = 64 * 1024 * 1024;
 const DEFAULT_MAX_EXAMPLES = 1_000_000;
+/** A chat example is 3 levels deep (line, messages, message); the rest is slack. */
+const MAX_LINE_DEPTH = 32;
 
 const isSet = <T>(v: T | null | undefined | ''): v is T => v !== undefined && v !== null && v !== '';
 
@@ -132,47 +136,30 @@ export function resolveDataPath(dataRoot: string, userPath: string, field = 'pat
   } catch {
     throw notFound(`${field} ${show}: no such file under the data root`);
   }
-  if (!isInside(rootReal, real)) throw invalidArgument(`${field} ${show}: resolves outside the data root`);
+  if (!isUnder(rootReal, real) || real === rootReal) throw invalidArgument(`${field} ${show}: resolves outside the data root`);
   const st = statSync(real);
   if (!st.isFile()) throw invalidArgument(`${field} ${show}: is not a regular file`);
   if (st.size > maxFileBytes) throw invalidArgument(`${field} ${show}: ${st.size} bytes exceed the limit of ${maxFileBytes}`);
   return real;
 }
 
-function isInside(root: string, p: string): boolean {
-  const rel = relative(root, p);
-  return rel !== '' && !rel.startsWith(`..${sep}`) && rel !== '..' && !isAbsolute(rel);
-}
-
 /**
- * Reads a resolved data file with the size limit enforced on the open descriptor (O_NOFOLLOW, fstat),
- * so a file swapped after resolveDataPath cannot be a symlink out or a larger file.
+ * Reads a resolved data file by the under-root rule (files/under-root.ts), so a file swapped after
+ * resolveDataPath cannot be a symlink out, a FIFO or a larger file: size and type come from the open descriptor.
  */
-function readBounded(real: string, show: string, field: string, maxFileBytes: number): string {
-  let fd: number;
+function readBounded(dataRoot: string, real: string, show: string, field: string, maxFileBytes: number): string {
+  let bytes: Uint8Array;
   try {
-    fd = openSync(real, constants.O_RDONLY | (constants.O_NOFOLLOW ?? 0));
-  } catch {
-    throw invalidArgument(`${field} ${show}: cannot be opened`);
+    const rootReal = realRoot(dataRoot);
+    bytes = readUnderRoot(rootReal, relative(rootReal, real), maxFileBytes);
+  } catch (err) {
+    if (!(err instanceof UnderRootError)) throw err;
+    throw invalidArgument(`${field} ${show}: ${err.problem === 'unreadable' ? 'cannot be opened' : err.detail}`);
   }
   try {
-    const st = fstatSync(fd);
-    if (!st.isFile()) throw invalidArgument(`${field} ${show}: is not a regular file`);
-    if (st.size > maxFileBytes) throw invalidArgument(`${field} ${show}: ${st.size} bytes exceed the limit of ${maxFileBytes}`);
-    const buf = Buffer.alloc(st.size);
-    let off = 0;
-    while (off < buf.length) {
-      const n = readSync(fd, buf, off, buf.length - off, off);
-      if (n === 0) break;
-      off += n;
-    }
-    try {
-      return new TextDecoder('utf-8', { fatal: true }).decode(buf.subarray(0, off));
-    } catch {
-      throw invalidArgument(`${field} ${show}: is not valid UTF-8`);
-    }
-  } finally {
-    closeSync(fd);
+    return new TextDecoder('utf-8', { fatal: true }).decode(bytes);
+  } catch {
+    throw invalidArgument(`${field} ${show}: is not valid UTF-8`);
   }
 }
 
@@ -197,9 +184,11 @@ export function parseJsonl(content: string, show: string): Example[] {
     const where = `${show} line ${i + 1}`;
     let v: unknown;
     try {
-      v = JSON.parse(line);
+      // A line is bounded by the file's size cap already; the depth cap keeps deep values off the stack.
+      v = parseJsonCapped(line, { maxBytes: Number.MAX_SAFE_INTEGER, maxDepth: MAX_LINE_DEPTH, what: where });
     } catch (e) {
-      throw invalidArgument(`${where}: not valid JSON (${(e as Error).message})`);
+      if (!(e instanceof UntrustedJsonError)) throw e;
+      throw invalidArgument(`${where}: ${e.detail.replace(/^is /, '')}`);
     }
     out.push(parseExample(v, where));
   }
@@ -211,7 +200,7 @@ function loadFile(field: string, userPath: string, split: TextSplit, limits: Dat
   const maxBytes = limits.maxFileBytes ?? DEFAULT_MAX_FILE_BYTES;
   const real = resolveDataPath(limits.dataRoot, userPath, field, maxBytes);
   const show = JSON.stringify(userPath);
-  const content = readBounded(real, show, field, maxBytes);
+  const content = readBounded(limits.dataRoot, real, show, field, maxBytes);
   const examples = extname(real).toLowerCase() === '.jsonl' ? parseJsonl(content, `${field} ${show}`) : parseTxt(content, split);
   const max = limits.maxExamples ?? DEFAULT_MAX_EXAMPLES;
   if (examples.length > max) throw invalidArgument(`${field} ${show}: ${examples.length} examples exceed the limit of ${max}`);

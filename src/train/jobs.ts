@@ -1,6 +1,8 @@
 import { randomBytes } from 'node:crypto';
 import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
+import { parseJsonCapped } from '../files/json.js';
+import { readUnderRoot } from '../files/under-root.js';
 import type { Logger } from '../obs/logger.js';
 import type { PeftAdapter } from '../adapters/peft.js';
 import { adapterKey } from '../adapters/tenancy.js';
@@ -151,6 +153,8 @@ export function newJobId(): string {
 }
 const JOB_ID_RE = /^[A-Za-z0-9_-]{1,64}$/;
 const JOB_FILE = 'job.json';
+/** A record is a few KB; anything far larger is not one of ours. */
+const MAX_JOB_FILE_BYTES = 16 * 1024 * 1024;
 const DATA_FILE = 'data.json';
 /** A watcher that does not read keeps at most this many events (older progress is dropped first). */
 const MAX_PENDING_EVENTS = 256;
@@ -227,7 +231,7 @@ export class JobManager {
       if (!existsSync(file)) continue;
       let rec: JobRecord;
       try {
-        rec = JSON.parse(readFileSync(file, 'utf8')) as JobRecord;
+        rec = parseJsonCapped(readUnderRoot(root, join(name, JOB_FILE), MAX_JOB_FILE_BYTES), { maxBytes: MAX_JOB_FILE_BYTES, maxDepth: 32, what: JOB_FILE }) as JobRecord;
         if (rec.format !== JOB_FORMAT || rec.jobId !== name || !JOB_STATES.includes(rec.state)) throw new Error(`not a format-${JOB_FORMAT} job record`);
       } catch (err) {
         this.opts.log.warn({ jobId: name, err }, 'training job record unreadable; skipped');
