@@ -136,7 +136,8 @@ export interface SubmitInput {
   tenant: string;
   adapterId: string;
   config: TrainConfig;
-  data: TrainData;
+  /** The examples, or data.json's bytes already serialized (off the event loop). */
+  data: TrainData | Uint8Array;
   dataSummary: DataSummary;
 }
 
@@ -293,7 +294,7 @@ export class JobManager {
     };
     const dir = this.jobDir(jobId);
     mkdirSync(dir, { recursive: true });
-    writeFileAtomic(join(dir, DATA_FILE), JSON.stringify(input.data));
+    writeFileAtomic(join(dir, DATA_FILE), input.data instanceof Uint8Array ? input.data : JSON.stringify(input.data));
     const job = this.track(rec);
     this.persist(job, true);
     this.queue.push(job);
