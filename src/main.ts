@@ -15,6 +15,14 @@ import { serverCredentials, tlsMode } from './rpc/tls.js';
 import { Scheduler } from './scheduler/scheduler.js';
 import { JobManager } from './train/jobs.js';
 import { WorkerRunner } from './train/runner.js';
+import { WorkerPool } from './workers/pool.js';
+import { pooledAdapterIo, type Tasks } from './workers/tasks.js';
+
+/**
+ * Threads for heavy request work (src/workers/tasks.ts). Two: a long merge or export does not hold up adapter
+ * loads and large prompts, and with the engine worker's threads the CPUs are full anyway.
+ */
+const TASK_THREADS = 2;
 
 /** The composition root: config -> engine -> adapters -> scheduler -> rpc. No logic of its own. */
 export interface ServerConfig extends EngineSettings {
@@ -129,6 +137,7 @@ export async function startServer(input: ServerConfigInput, log: Logger, hooks: 
   log.info({ model: cfg.source, quant: cfg.quant.kind, cached: compiled.cached, startSeconds: +loaded.startSeconds.toFixed(2), kvCacheBytes: engine.info.kvCacheBytes, loraPoolBytes: engine.info.loraPoolBytes }, 'model ready');
   mkdirSync(cfg.adapterRoot, { recursive: true });
   sweepExportTemps(cfg.exportRoot);
+  const pool = new WorkerPool<Tasks>(new URL('./workers/task-worker.js', import.meta.url), { size: TASK_THREADS });
   const adapters = new AdapterManager({
     store: new AdapterStore(cfg.adapterRoot),
     spec: compiled.spec,
@@ -138,6 +147,7 @@ export async function startServer(input: ServerConfigInput, log: Logger, hooks: 
     maxLoraRank: cfg.maxLoraRank,
     maxAdapterBytes: cfg.maxAdapterBytes,
     slotWriter: engine,
+    io: pooledAdapterIo(pool, cfg.adapterRoot),
   });
   metrics.attachAdapters(() => adapters.stats());
   const scheduler = new Scheduler(
@@ -166,7 +176,7 @@ export async function startServer(input: ServerConfigInput, log: Logger, hooks: 
     onRunEnd: () => metrics.observeTrainIdle(),
   });
   metrics.attachTrainJobs(() => jobs.counts());
-  const app: App = { cfg, compiled, tokenizer, maxModelLen, adapters, scheduler, jobs };
+  const app: App = { cfg, compiled, tokenizer, maxModelLen, adapters, scheduler, jobs, pool };
   rpc.setApp(app);
   rpc.health.setServing(true);
   serving = true;
@@ -188,6 +198,7 @@ export async function startServer(input: ServerConfigInput, log: Logger, hooks: 
     await jobs.close();
     await scheduler.close();
     rpc.server.forceShutdown();
+    await pool.close();
     await engine.close();
     await metricsHttp?.close();
   };

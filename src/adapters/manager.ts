@@ -1,7 +1,7 @@
 import { performance } from 'node:perf_hooks';
 import { LoraplexError, failedPrecondition, invalidArgument, notFound, resourceExhausted } from '../errors.js';
 import type { PeftAdapter } from './peft.js';
-import { mergeAdapters } from './merge.js';
+import { describeStored, inlineAdapterIo, type AdapterIo, type StoredAdapter } from './io.js';
 import { createHash } from 'node:crypto';
 import type { LoraModuleInfo } from '../models/graph.js';
 import type { ModelSpec } from '../models/spec.js';
@@ -33,6 +33,8 @@ export interface AdapterManagerOptions {
   maxLoraRank: number;
   maxAdapterBytes: number;
   slotWriter: SlotWriter;
+  /** Where reads, merges and listings run (the server: its worker pool). Default: inline, on this thread. */
+  io?: AdapterIo;
   /** Wall clock for lastUsed, in ms. Default Date.now. */
   now?: () => number;
 }
@@ -69,6 +71,7 @@ const validKey = (key: string) => (key.startsWith(MIX_PREFIX) ? key : (parseAdap
 
 export class AdapterManager {
   private readonly store: AdapterStore;
+  private readonly io: AdapterIo;
   private readonly spec: ModelSpec;
   private readonly limits: AdapterLimits;
   private readonly maxCpuLoras: number;
@@ -96,6 +99,7 @@ export class AdapterManager {
       throw new RangeError(`maxCpuLoras ${opts.maxCpuLoras} must be at least maxLoras ${opts.maxLoras} (an adapter in a slot stays in memory)`);
     }
     this.store = opts.store;
+    this.io = opts.io ?? inlineAdapterIo(opts.store);
     this.spec = opts.spec;
     this.limits = { maxLoraRank: opts.maxLoraRank, maxAdapterBytes: opts.maxAdapterBytes, loraModules: opts.loraModules };
     this.maxCpuLoras = opts.maxCpuLoras;
@@ -131,10 +135,9 @@ export class AdapterManager {
    * in the store; INVALID_ARGUMENT when the stored adapter is unusable.
    */
   async tryAcquire(adapterId: string): Promise<Lease | null> {
+    const ready = this.leaseReady(adapterId);
+    if (ready) return ready;
     const id = validKey(adapterId);
-    // Fast path, no queueing: already in a slot and nothing else going on for this id.
-    const hot = this.registry.get(id);
-    if (hot && hot.state === 'active' && !this.inflight.has(id)) return this.hit(hot);
     return this.serial(id, async () => {
       let rec = this.registry.get(id);
       if (rec && rec.state === 'active') return this.hit(rec);
@@ -152,6 +155,16 @@ export class AdapterManager {
       this.registry.touch(rec, this.now());
       return this.lease(rec);
     });
+  }
+
+  /**
+   * A lease at once when the adapter already sits in a slot and nothing else is going on for its id; null
+   * otherwise (then tryAcquire does the slow part). Never waits: the scheduler calls it on its loop.
+   */
+  leaseReady(adapterId: string): Lease | null {
+    const id = validKey(adapterId);
+    const hot = this.registry.get(id);
+    return hot && hot.state === 'active' && !this.inflight.has(id) ? this.hit(hot) : null;
   }
 
   /**
@@ -189,6 +202,19 @@ export class AdapterManager {
     return [...ids].sort().map((id) => {
       const rec = this.registry.get(id);
       return rec ? toInfo(rec) : this.storedInfo(id);
+    });
+  }
+
+  /** list(), with the store's reading (directories, configs, sizes) done by the AdapterIo (off the event loop). */
+  async listInfo(): Promise<AdapterInfo[]> {
+    const stored = new Map((await this.io.listStored()).map((s) => [s.key, s]));
+    const ids = new Set(stored.keys());
+    for (const r of this.registry.values()) if (!r.adapterId.startsWith(MIX_PREFIX)) ids.add(r.adapterId);
+    return [...ids].sort().map((id) => {
+      const rec = this.registry.get(id);
+      if (rec) return toInfo(rec);
+      // Stored when listed, loaded and evicted since: its last use is known here.
+      return this.storedInfoOf(stored.get(id)!);
     });
   }
 
@@ -230,7 +256,7 @@ export class AdapterManager {
       const rec = this.registry.get(id);
       if (rec?.adapter) return rec.adapter;
       if (!this.store.has(id)) throw this.missing(id);
-      return this.store.read(id, this.spec, this.limits);
+      return this.io.read(id, this.spec, this.limits);
     });
   }
 
@@ -242,7 +268,7 @@ export class AdapterManager {
         throw invalidArgument(`adapter_id ${quote(id)}: rank ${adapter.r} exceeds maxLoraRank ${this.limits.maxLoraRank}`);
       }
       if (this.registry.get(id) || this.store.has(id)) throw new LoraplexError('ALREADY_EXISTS', `adapter_id ${quote(id)} already exists`);
-      this.store.write(id, adapter);
+      await this.io.write(id, adapter);
       return this.storedInfo(id);
     });
   }
@@ -264,11 +290,13 @@ export class AdapterManager {
   }
 
   /** Reads a stored adapter, or builds a mix from its sources (from memory when loaded, else the store). */
-  private readAdapter(id: string): PeftAdapter {
+  private async readAdapter(id: string): Promise<PeftAdapter> {
     const mix = this.mixes.get(id);
-    if (!mix) return this.store.read(id, this.spec, this.limits);
-    const adapters = mix.map((s) => ({ adapterId: s.key, weight: s.weight, adapter: this.registry.get(s.key)?.adapter ?? this.store.read(s.key, this.spec, this.limits) }));
-    const merged = mergeAdapters(adapters, { method: 'cat' });
+    if (!mix) return this.io.read(id, this.spec, this.limits);
+    const adapters = await Promise.all(
+      mix.map(async (s) => ({ adapterId: s.key, weight: s.weight, adapter: this.registry.get(s.key)?.adapter ?? (await this.io.read(s.key, this.spec, this.limits)) })),
+    );
+    const merged = await this.io.merge(adapters, { method: 'cat' });
     if (merged.r > this.limits.maxLoraRank) throw invalidArgument(`adapters: the mix has rank ${merged.r} (the sum of the ranks), over maxLoraRank ${this.limits.maxLoraRank}`);
     return merged;
   }
@@ -311,29 +339,16 @@ export class AdapterManager {
    * (running requests, not pins). Must run inside serial(id).
    */
   private async loadLocked(id: string, pin: boolean, whenFull: 'throw' | 'null'): Promise<{ rec: AdapterRecord; seconds: number } | null> {
-    // Find room first (changing nothing) so that a full memory fails before any read; the read itself is
-    // synchronous, so nothing can change between this check and the eviction below.
-    const victims: AdapterRecord[] = [];
-    const overflow = this.registry.size + 1 - this.maxCpuLoras;
-    if (overflow > 0) {
-      const candidates = this.evictable();
-      if (candidates.length < overflow) {
-        const all = this.registry.values();
-        const allPinned = all.every((r) => r.pinned);
-        if (whenFull === 'null' && !allPinned) return null;
-        throw resourceExhausted(
-          allPinned
-            ? `adapter_id ${quote(id)}: cannot load, all maxCpuLoras ${this.maxCpuLoras} adapters in memory are pinned; unload one`
-            : `adapter_id ${quote(id)}: cannot load, all maxCpuLoras ${this.maxCpuLoras} adapters in memory are pinned or serving requests; retry later`,
-        );
-      }
-      victims.push(...candidates.slice(0, overflow));
-    }
+    // Find room first (changing nothing) so that a full memory fails before any read.
+    if (!this.victims(id, whenFull)) return null;
 
     const t0 = performance.now();
-    const adapter = this.readAdapter(id);
+    const adapter = await this.readAdapter(id);
     const seconds = (performance.now() - t0) / 1000;
 
+    // Other adapters may have been loaded or leased while this one was read: find room again.
+    const victims = this.victims(id, whenFull);
+    if (!victims) return null;
     const clears = victims.map((v) => {
       this.counters.evictions++;
       return this.drop(v);
@@ -343,6 +358,24 @@ export class AdapterManager {
     this.counters.loadSecondsTotal += seconds;
     await Promise.all(clears);
     return { rec, seconds };
+  }
+
+  /**
+   * The adapters to evict so that one more fits in memory (none when it fits). When too few are evictable:
+   * RESOURCE_EXHAUSTED, or null with whenFull 'null' if the blockage is temporary (running requests, not pins).
+   */
+  private victims(id: string, whenFull: 'throw' | 'null'): AdapterRecord[] | null {
+    const overflow = this.registry.size + 1 - this.maxCpuLoras;
+    if (overflow <= 0) return [];
+    const candidates = this.evictable();
+    if (candidates.length >= overflow) return candidates.slice(0, overflow);
+    const allPinned = this.registry.values().every((r) => r.pinned);
+    if (whenFull === 'null' && !allPinned) return null;
+    throw resourceExhausted(
+      allPinned
+        ? `adapter_id ${quote(id)}: cannot load, all maxCpuLoras ${this.maxCpuLoras} adapters in memory are pinned; unload one`
+        : `adapter_id ${quote(id)}: cannot load, all maxCpuLoras ${this.maxCpuLoras} adapters in memory are pinned or serving requests; retry later`,
+    );
   }
 
   /** Unpinned, idle adapters, those without a slot first, then least recently used first. */
@@ -370,21 +403,20 @@ export class AdapterManager {
   }
 
   private storedInfo(id: string): AdapterInfo {
-    const d = this.store.describe(id);
-    let bytes = 0;
-    try {
-      bytes = this.store.diskBytes(id);
-    } catch (err) {
-      if (!(err instanceof LoraplexError)) throw err;
-    }
+    return this.storedInfoOf(describeStored(this.store, id));
+  }
+
+  /** A stored adapter's record from its listing entry (read here, or in the pool by the AdapterIo). */
+  private storedInfoOf(s: StoredAdapter): AdapterInfo {
+    const d = s.description;
     return {
-      adapterId: id,
+      adapterId: s.key,
       state: 'stored',
       rank: d.r ?? 0,
       alpha: d.alpha ?? 0,
       targetModules: d.targetModules,
-      bytes,
-      lastUsed: this.lastUsedOnDisk.get(id) ?? null,
+      bytes: s.bytes,
+      lastUsed: this.lastUsedOnDisk.get(s.key) ?? null,
       pinned: false,
       activeRequests: 0,
       slot: null,

@@ -73,11 +73,12 @@ const inRange = (v: unknown, max: number): v is number => typeof v === 'number' 
 export class AdapterStore {
   readonly root: string;
 
-  constructor(root: string) {
+  /** `sweep: false` for a second handle on a root in use (a worker thread): a sweep would remove live writes. */
+  constructor(root: string, opts: { sweep?: boolean } = {}) {
     this.root = resolve(root);
     mkdirSync(this.root, { recursive: true });
     // Leftovers of a crash mid-write or mid-delete: never adapters, safe to drop at startup.
-    for (const name of readdirSync(this.root)) {
+    if (opts.sweep !== false) for (const name of readdirSync(this.root)) {
       if (name.startsWith(TMP_PREFIX) || name.startsWith(TOMBSTONE_PREFIX) || name.startsWith(`.${TMP_PREFIX}`)) {
         rmSync(join(this.root, name), { recursive: true, force: true });
       }

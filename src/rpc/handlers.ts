@@ -1,19 +1,21 @@
 import type { CallContext, ServiceImpl } from './bridge.js';
 import { ExportDtype, MajoritySignMethod, MergeMethod, type AdapterService, type WeightedAdapter } from '../gen/loraplex/v1/adapters_pb.js';
-import { mergeAdapters, type MergeMethod as DomainMergeMethod } from '../adapters/merge.js';
-import { exportMergedModel, validateOutputName } from '../adapters/export.js';
+import type { MergeMethod as DomainMergeMethod, MergeOptions } from '../adapters/merge.js';
+import { validateOutputName } from '../adapters/export.js';
 import { invalidArgument } from '../errors.js';
 import { FinishReason, type InferenceService } from '../gen/loraplex/v1/inference_pb.js';
 import { LoraplexError } from '../errors.js';
 import { asSeenBy, requireAdmin, scopeAdapterId, visibleAdapters, type Principal } from '../adapters/tenancy.js';
 import { annotate } from '../obs/requests.js';
-import { promptIds, validateGenerate, type GenerateLimits } from '../validate/generate.js';
+import { checkPromptSize, promptIds, validateGenerate, type GenerateLimits, type PromptInput } from '../validate/generate.js';
 import { adapterInfo, generateInput, promptInput } from './convert.js';
 import type { App } from './server.js';
 
 /** Bounds on request size that no model setting implies. */
 const MAX_CHAT_MESSAGES = 256;
 const MAX_PROMPT_CHARS = 1 << 20;
+/** Prompts up to this size tokenize on the event loop (well under a millisecond); larger ones in the pool. */
+const INLINE_TOKENIZE_BYTES = 16 * 1024;
 
 export interface AppState {
   /** The app once the model is loaded; throws UNAVAILABLE while loading or draining. */
@@ -27,7 +29,16 @@ function limits(app: App): GenerateLimits {
     vocabSize: app.compiled.spec.vocabSize,
     maxChatMessages: MAX_CHAT_MESSAGES,
     maxPromptChars: MAX_PROMPT_CHARS,
+    maxInputBytesPerToken: app.tokenizer.maxInputBytesPerToken,
   };
+}
+
+/** Cheap size limits first, then the tokenizer: inline for small prompts, in the worker pool for large ones. */
+async function tokenizePrompt(app: App, prompt: PromptInput): Promise<{ ids: number[]; rendered: string }> {
+  const lim = limits(app);
+  const bytes = checkPromptSize(prompt, lim);
+  if (bytes <= INLINE_TOKENIZE_BYTES) return promptIds(prompt, app.tokenizer, lim);
+  return app.pool.run('tokenizePrompt', { modelDir: app.cfg.modelDir, prompt, limits: lim });
 }
 
 /** PEFT short names of the modules with a LoRA path ('model.layers.0.self_attn.q_proj' -> 'q_proj'). */
@@ -41,7 +52,8 @@ export function inferenceHandlers(state: AppState): ServiceImpl<(typeof Inferenc
       const app = state.ready();
       const input = generateInput(req);
       if (req.adapters.length > 0 && req.adapterId !== '') throw invalidArgument('adapters: set either adapter_id or adapters (a mix), not both');
-      const valid = validateGenerate(input, app.tokenizer, limits(app));
+      const { ids } = await tokenizePrompt(app, input.prompt);
+      const valid = validateGenerate(input, ids, limits(app));
       const adapterId = req.adapters.length > 0 ? mixKey(app, ctx.principal, req.adapters) : valid.adapterId === null ? null : scopeAdapterId(ctx.principal, valid.adapterId);
       const logText = app.cfg.logPrompts;
       annotate(ctx, { adapterId: req.adapterId || null, ...(req.adapters.length ? { mixOf: req.adapters.length } : {}), promptTokens: valid.promptIds.length, ...(logText ? { prompt: input.prompt } : {}) });
@@ -77,9 +89,9 @@ export function inferenceHandlers(state: AppState): ServiceImpl<(typeof Inferenc
       }
     },
 
-    tokenize(req) {
+    async tokenize(req) {
       const app = state.ready();
-      const { ids, rendered } = promptIds(promptInput(req.prompt), app.tokenizer, limits(app));
+      const { ids, rendered } = await tokenizePrompt(app, promptInput(req.prompt));
       return { tokenIds: ids, rendered };
     },
 
@@ -128,9 +140,9 @@ export function adapterHandlers(state: AppState): ServiceImpl<(typeof AdapterSer
       const info = await app.adapters.unload(scopeAdapterId(ctx.principal, req.adapterId), { deleteFromStore: req.deleteFromStore });
       return { adapter: adapterInfo(asSeenBy(ctx.principal, info)!) };
     },
-    listAdapters(_req, ctx) {
+    async listAdapters(_req, ctx) {
       const app = state.ready();
-      return { adapters: visibleAdapters(ctx.principal, app.adapters.list()).map(adapterInfo) };
+      return { adapters: visibleAdapters(ctx.principal, await app.adapters.listInfo()).map(adapterInfo) };
     },
 
     async mergeAdapters(req, ctx) {
@@ -141,14 +153,15 @@ export function adapterHandlers(state: AppState): ServiceImpl<(typeof AdapterSer
       const method = MERGE_METHODS[req.method];
       if (!method) throw invalidArgument(`method: set one of ${Object.values(MERGE_METHODS).join(', ')}`);
       const sources = await weightedSources(app, ctx.principal, req.sources, 'sources');
-      const merged = mergeAdapters(sources, {
+      const options: MergeOptions = {
         method,
         ...(req.svdRank !== undefined ? { svdRank: req.svdRank } : {}),
         ...(req.svdClamp !== undefined ? { svdClamp: req.svdClamp } : {}),
         ...(req.density !== undefined ? { density: req.density } : {}),
         majoritySignMethod: req.majoritySignMethod === MajoritySignMethod.FREQUENCY ? 'frequency' : 'total',
         ...(req.seed !== undefined ? { seed: Number(BigInt.asUintN(53, req.seed)) } : {}),
-      });
+      };
+      const merged = await app.pool.run('mergeAdapters', { sources, options });
       const info = await app.adapters.create(newId, merged);
       return { adapter: adapterInfo(asSeenBy(ctx.principal, info)!), mergeSeconds: (performance.now() - t0) / 1000 };
     },
@@ -161,7 +174,8 @@ export function adapterHandlers(state: AppState): ServiceImpl<(typeof AdapterSer
       if (req.adapters.length === 0) throw invalidArgument('adapters: give at least one adapter to merge into the base');
       const sources = await weightedSources(app, ctx.principal, req.adapters, 'adapters');
       const dtype = req.dtype === ExportDtype.FLOAT32 ? 'F32' : 'F16';
-      const r = exportMergedModel(app.cfg.modelDir, app.cfg.quant, sources, app.cfg.exportRoot, name, dtype);
+      const { modelDir, quant, exportRoot } = app.cfg;
+      const r = await app.pool.run('exportMergedModel', { modelDir, quant, sources, exportRoot, outputName: name, dtype });
       return { outputName: name, bytes: BigInt(r.bytes), seconds: r.seconds };
     },
   };

@@ -9,6 +9,7 @@ import type { ServerConfig } from '../main.js';
 import type { Logger } from '../obs/logger.js';
 import type { Scheduler } from '../scheduler/scheduler.js';
 import type { Tokenizer } from '../tokenizer/index.js';
+import type { TaskPool } from '../workers/tasks.js';
 import { addService, type CallObserver } from './bridge.js';
 import type { Principal } from '../adapters/tenancy.js';
 import { adapterHandlers, inferenceHandlers, unavailable } from './handlers.js';
@@ -25,6 +26,8 @@ export interface App {
   adapters: AdapterManager;
   scheduler: Scheduler;
   jobs: JobManager;
+  /** Heavy work (tokenizing large prompts, merges, exports, training data) runs here, off the event loop. */
+  pool: TaskPool;
 }
 
 export interface RpcServer {

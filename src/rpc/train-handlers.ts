@@ -1,3 +1,4 @@
+import { rmSync } from 'node:fs';
 import { timestampFromMs } from '@bufbuild/protobuf/wkt';
 import type { MessageInitShape } from '@bufbuild/protobuf';
 import { scopeAdapterId } from '../adapters/tenancy.js';
@@ -14,7 +15,7 @@ import {
 } from '../gen/loraplex/v1/train_pb.js';
 import { annotate } from '../obs/requests.js';
 import { validateTrainConfig, type TrainConfigInput } from '../train/config.js';
-import { loadTrainData, type DataSourceInput, type ExampleInput, type TextSplit as DomainTextSplit } from '../train/data.js';
+import { type DataSourceInput, type ExampleInput, type TextSplit as DomainTextSplit } from '../train/data.js';
 import type { JobEvent, JobInfo, JobMetrics, JobState } from '../train/jobs.js';
 import type { ServiceImpl } from './bridge.js';
 import type { AppState } from './handlers.js';
@@ -166,16 +167,23 @@ export function trainHandlers(state: AppState): ServiceImpl<(typeof TrainService
       annotate(ctx, { adapterId: req.adapterId });
       const key = scopeAdapterId(ctx.principal, req.adapterId);
       const config = validateTrainConfig(trainConfigInput(req), { spec: app.compiled.spec, maxLoraRank: app.cfg.maxLoraRank, maxModelLen: app.maxModelLen });
-      const data = loadTrainData(dataSourceInput(req), { dataRoot: app.cfg.dataRoot });
-      if (config.evalFraction > 0 && data.eval) throw invalidArgument(`eval_fraction ${config.evalFraction}: set eval_fraction or a separate eval set, not both`);
-      if (adapterExists(app, key)) throw new LoraplexError('ALREADY_EXISTS', `adapter_id ${JSON.stringify(req.adapterId)} already exists`);
-      const job = app.jobs.submit({
-        tenant: ctx.principal.tenant,
-        adapterId: req.adapterId,
-        config,
-        data,
-        dataSummary: { trainExamples: data.train.length, evalExamples: data.eval?.length ?? null, path: req.path || null, evalPath: req.evalPath || null },
-      });
+      // Reading, parsing and serializing a data file of many MB is pool work.
+      const data = await app.pool.run('loadTrainData', { source: dataSourceInput(req), limits: { dataRoot: app.cfg.dataRoot }, jobRoot: app.cfg.jobRoot });
+      let job;
+      try {
+        if (config.evalFraction > 0 && data.evalExamples !== null) throw invalidArgument(`eval_fraction ${config.evalFraction}: set eval_fraction or a separate eval set, not both`);
+        if (adapterExists(app, key)) throw new LoraplexError('ALREADY_EXISTS', `adapter_id ${JSON.stringify(req.adapterId)} already exists`);
+        job = app.jobs.submit({
+          tenant: ctx.principal.tenant,
+          adapterId: req.adapterId,
+          config,
+          data: { stagedFile: data.stagedFile },
+          dataSummary: { trainExamples: data.trainExamples, evalExamples: data.evalExamples, path: req.path || null, evalPath: req.evalPath || null },
+        });
+      } catch (err) {
+        rmSync(data.stagedFile, { force: true });
+        throw err;
+      }
       annotate(ctx, { jobId: job.jobId });
       // The job is the server's now: leaving this stream (client gone) only unsubscribes.
       for await (const e of app.jobs.watch(ctx.principal.tenant, job.jobId, ctx.signal)) yield { event: trainEvent(e) };

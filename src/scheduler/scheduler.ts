@@ -17,10 +17,18 @@ export interface AdapterLease {
   release(): void;
 }
 
-/** Gives a slot for an adapter, or null when every slot is busy right now (the request keeps waiting). */
+/**
+ * Gives a slot for an adapter. The scheduler never awaits it: tryAcquire (load, validation, slot copy) runs in
+ * the background while everyone else decodes, and its settling wakes the loop.
+ */
 export interface AdapterLeaser {
+  /** A lease, or null when every slot is busy right now (the request keeps waiting); rejects for a bad adapter. */
   tryAcquire(adapterId: string): Promise<AdapterLease | null>;
+  /** A lease at once when the adapter is ready in a slot, else null; never waits. Without it, every lease goes through tryAcquire. */
+  leaseReady?(adapterId: string): AdapterLease | null;
 }
+
+const BASE_LEASE: AdapterLease = { slot: 0, release: () => undefined };
 
 export interface SchedulerOptions {
   /** KV cache rows: sequences running at once. */
@@ -127,6 +135,10 @@ export class Scheduler {
   private lastAdmittedAdapter: string | null = null;
   private stepCount = 0;
   private lastDecodeBatch = 0;
+  /** Adapters being made ready in the background (tryAcquire in flight). */
+  private readonly preparing = new Set<string>();
+  /** Leases a background tryAcquire got, kept for the next request of that adapter. */
+  private readonly prepared = new Map<string, AdapterLease>();
 
   constructor(
     private readonly engine: StepRunner,
@@ -181,6 +193,7 @@ export class Scheduler {
     this.stopped = true;
     this.kick();
     await this.loopDone;
+    this.releaseUnclaimed();
   }
 
   private abortEntry(e: Entry, reason: unknown): void {
@@ -204,13 +217,15 @@ export class Scheduler {
   private async loop(): Promise<void> {
     while (!this.stopped) {
       if (!this.waiting.length && !this.running.length) {
+        this.releaseUnclaimed();
         this.reportQueue();
         await new Promise<void>((resolve) => (this.wake = resolve));
         continue;
       }
       try {
         this.reapAborted();
-        await this.admit();
+        this.admit();
+        this.releaseUnclaimed();
         await this.decodeStep();
         this.reapAborted();
         await this.prefillStep();
@@ -221,8 +236,10 @@ export class Scheduler {
       }
       this.reportQueue();
       if (!this.running.some((e) => !e.seq.done) && this.waiting.length) {
-        // Waiting only for a slot: yield so releases and cancellations can happen.
-        await new Promise((r) => setTimeout(r, 1));
+        // Nothing to decode. An adapter load in flight wakes the loop when it settles; a request waiting
+        // only for a slot retries soon (yield so releases and cancellations can happen).
+        if (this.preparing.size) await new Promise<void>((resolve) => (this.wake = resolve));
+        else await new Promise((r) => setTimeout(r, 1));
       }
     }
   }
@@ -232,8 +249,11 @@ export class Scheduler {
     for (const e of [...this.running]) if (e.abort) this.finishEntry(e, e.abort);
   }
 
-  /** Admits waiting requests while rows are free, round-robin across adapters. */
-  private async admit(): Promise<void> {
+  /**
+   * Admits waiting requests while rows are free, round-robin across adapters. Never waits: a request whose
+   * adapter is not ready stays queued while its adapter is prepared in the background.
+   */
+  private admit(): void {
     if (!this.waiting.length || !this.freeRows.length) return;
     const order = this.admissionOrder();
     const blocked = new Set<string>();
@@ -241,19 +261,10 @@ export class Scheduler {
       if (!this.freeRows.length) break;
       const id = e.req.adapterId;
       if (id !== null && blocked.has(id)) continue;
-      let lease: AdapterLease | null = { slot: 0, release: () => undefined };
-      if (id !== null) {
-        try {
-          lease = await this.adapters.tryAcquire(id);
-        } catch (err) {
-          this.waiting.splice(this.waiting.indexOf(e), 1);
-          e.events.end(err instanceof Error ? err : new Error(String(err)));
-          continue;
-        }
-        if (!lease) {
-          blocked.add(id);
-          continue;
-        }
+      const lease = id === null ? BASE_LEASE : this.readyLease(id);
+      if (!lease) {
+        blocked.add(id!);
+        continue;
       }
       if (e.abort || !this.waiting.includes(e)) {
         lease.release();
@@ -266,6 +277,68 @@ export class Scheduler {
       e.admitted = performance.now();
       this.running.push(e);
       this.lastAdmittedAdapter = id ?? '';
+    }
+  }
+
+  /** The lease a background preparation left, or one at once when the adapter is ready; else starts preparing it. */
+  private readyLease(id: string): AdapterLease | null {
+    const held = this.prepared.get(id);
+    if (held) {
+      this.prepared.delete(id);
+      return held;
+    }
+    try {
+      const now = this.adapters.leaseReady?.(id) ?? null;
+      if (now) return now;
+    } catch (err) {
+      this.failWaiting(id, err);
+      return null;
+    }
+    this.prepare(id);
+    return null;
+  }
+
+  /**
+   * Loads the adapter and puts it into a slot in the background (LoRAX's loader: the batch only admits ready
+   * adapters). When it settles the loop wakes: with a lease to hand out, with nothing (no slot free yet; the
+   * next turn tries again), or with an error that ends every request waiting for that adapter.
+   */
+  private prepare(id: string): void {
+    if (this.preparing.has(id)) return;
+    this.preparing.add(id);
+    this.adapters.tryAcquire(id).then(
+      (lease) => {
+        this.preparing.delete(id);
+        if (lease && this.stopped) lease.release();
+        else if (lease) this.prepared.set(id, lease);
+        // No slot yet: retry after a timer, not at once. A refusal settles without I/O, and retrying in
+        // microtasks would starve the engine's replies that free the slot.
+        if (lease) this.kick();
+        else setTimeout(() => this.kick(), 1);
+      },
+      (err: unknown) => {
+        this.preparing.delete(id);
+        this.failWaiting(id, err);
+        this.kick();
+      },
+    );
+  }
+
+  private failWaiting(id: string, err: unknown): void {
+    const error = err instanceof Error ? err : new Error(String(err));
+    for (const e of this.waiting.filter((x) => x.req.adapterId === id)) {
+      this.waiting.splice(this.waiting.indexOf(e), 1);
+      e.events.end(error);
+    }
+  }
+
+  /** Prepared leases nobody waits for any more (their requests were cancelled) go back. */
+  private releaseUnclaimed(): void {
+    for (const [id, lease] of this.prepared) {
+      if (this.stopped || !this.waiting.some((e) => e.req.adapterId === id)) {
+        this.prepared.delete(id);
+        lease.release();
+      }
     }
   }
 

@@ -74,6 +74,34 @@ function pickTemplate(v: unknown): string | null {
   return null;
 }
 
+/**
+ * A token's string is never shorter in UTF-8 than the text it decodes to (byte-level and metaspace symbols,
+ * <0xNN> byte tokens, added tokens as written), and a character is at least one byte of a token. A
+ * normalizer may shrink the input first (NFKC: a 3-byte full-width letter becomes 1 byte), by at most
+ * 4 bytes to 1 for one character; only the sentencepiece pair (Prepend, Replace ' ' -> '▁') surely never does.
+ * Infinity (no bound) when one unknown token may stand for a whole run of characters (fuse_unk without
+ * byte_fallback).
+ */
+function maxInputBytesPerToken(tokens: Iterable<string>, tokenizerJson: JsonObject): number {
+  const model = tokenizerJson['model'] as { fuse_unk?: unknown; byte_fallback?: unknown } | undefined;
+  if (model?.fuse_unk === true && model.byte_fallback !== true) return Infinity;
+  let longest = 4; // one character, even for an unknown-character token
+  for (const t of tokens) longest = Math.max(longest, Buffer.byteLength(t, 'utf8'));
+  return neverShrinks(tokenizerJson['normalizer']) ? longest : 4 * longest;
+}
+
+function neverShrinks(n: unknown): boolean {
+  if (n === null || n === undefined) return true;
+  const o = n as { type?: unknown; normalizers?: unknown; pattern?: { String?: unknown }; content?: unknown };
+  if (o.type === 'Sequence') return Array.isArray(o.normalizers) && o.normalizers.every(neverShrinks);
+  if (o.type === 'Prepend') return true;
+  if (o.type === 'Replace') {
+    const from = o.pattern?.String;
+    return typeof from === 'string' && typeof o.content === 'string' && Buffer.byteLength(o.content) >= Buffer.byteLength(from);
+  }
+  return false;
+}
+
 // Names tried for EOS when tokenizer_config.json does not name one (bare GPT-2 style dirs).
 const EOS_FALLBACKS = ['<|endoftext|>', '</s>', '<|im_end|>', '<|end_of_text|>', '<eos>'];
 
@@ -84,6 +112,11 @@ export class Tokenizer {
   readonly vocabSize: number;
   /** Raw template source, or null when the model has none. */
   readonly chatTemplate: string | null;
+  /**
+   * At most this many UTF-8 bytes of input text make one token, so a text of B bytes needs at least
+   * B / maxInputBytesPerToken tokens: a cheap size limit before tokenizing.
+   */
+  readonly maxInputBytesPerToken: number;
   readonly specialTokenIds: ReadonlySet<number>;
 
   private readonly hf: HfTokenizerApi;
@@ -118,6 +151,7 @@ export class Tokenizer {
     this.vocabSize = maxId + 1;
     this.idToTokenTable = new Array<string | undefined>(this.vocabSize);
     for (const [tok, id] of vocab) this.idToTokenTable[id] = tok;
+    this.maxInputBytesPerToken = maxInputBytesPerToken(vocab.keys(), tokenizerJson);
 
     const special = new Set<number>();
     for (const [id, t] of this.hf.get_added_tokens_decoder()) if (t.special) special.add(id);

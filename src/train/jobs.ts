@@ -1,5 +1,5 @@
 import { randomBytes } from 'node:crypto';
-import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import { parseJsonCapped } from '../files/json.js';
 import { readUnderRoot } from '../files/under-root.js';
@@ -7,7 +7,7 @@ import type { Logger } from '../obs/logger.js';
 import type { PeftAdapter } from '../adapters/peft.js';
 import { adapterKey } from '../adapters/tenancy.js';
 import { LoraplexError, diskFullAs, failedPrecondition, invalidArgument, notFound, resourceExhausted, type ErrorCode } from '../errors.js';
-import { writeFileAtomic } from '../models/safetensors.js';
+import { fsyncDir, writeFileAtomic } from '../models/safetensors.js';
 import { isCheckpointDir, listCheckpoints } from './checkpoint.js';
 import type { TrainConfig } from './config.js';
 import type { TrainData } from './data.js';
@@ -143,8 +143,28 @@ export interface SubmitInput {
   tenant: string;
   adapterId: string;
   config: TrainConfig;
-  data: TrainData;
+  /**
+   * The examples, or a data.json already written off the event loop into the job root (`stageTrainData`):
+   * submit only renames it into the job's directory.
+   */
+  data: TrainData | { stagedFile: string };
   dataSummary: DataSummary;
+}
+
+/**
+ * Writes a Train request's data as a future data.json into the job root (worker pool: it may be tens of MB), so
+ * that submit only has to rename it. RESOURCE_EXHAUSTED when the job root is full.
+ */
+export function stageTrainData(jobRoot: string, data: TrainData): string {
+  mkdirSync(jobRoot, { recursive: true });
+  const file = join(jobRoot, `${STAGED_DATA_PREFIX}${randomBytes(8).toString('hex')}.json`);
+  try {
+    writeFileAtomic(file, JSON.stringify(data));
+  } catch (err) {
+    rmSync(file, { force: true });
+    throw diskFullAs(err, 'job root');
+  }
+  return file;
 }
 
 /** Random and url-safe; the prefix keeps a directory name from starting with '-'. */
@@ -153,6 +173,8 @@ export function newJobId(): string {
 }
 const JOB_ID_RE = /^[A-Za-z0-9_-]{1,64}$/;
 const JOB_FILE = 'job.json';
+/** Train data written ahead of its job (`stageTrainData`), in the job root; never a job id (JOB_ID_RE). */
+const STAGED_DATA_PREFIX = '.staged-data-';
 /** A record is a few KB; anything far larger is not one of ours. */
 const MAX_JOB_FILE_BYTES = 16 * 1024 * 1024;
 const DATA_FILE = 'data.json';
@@ -226,6 +248,8 @@ export class JobManager {
     if (!existsSync(root)) return;
     const resume: { job: Job; wasRunning: boolean }[] = [];
     for (const name of readdirSync(root)) {
+      // Data staged for a Train request that a crash interrupted before submit: nobody will claim it.
+      if (name.startsWith(STAGED_DATA_PREFIX)) rmSync(join(root, name), { force: true });
       if (!JOB_ID_RE.test(name)) continue;
       const file = join(root, name, JOB_FILE);
       if (!existsSync(file)) continue;
@@ -302,7 +326,10 @@ export class JobManager {
     };
     const dir = this.jobDir(jobId);
     mkdirSync(dir, { recursive: true });
-    writeFileAtomic(join(dir, DATA_FILE), JSON.stringify(input.data));
+    if ('stagedFile' in input.data) {
+      renameSync(input.data.stagedFile, join(dir, DATA_FILE));
+      fsyncDir(dir);
+    } else writeFileAtomic(join(dir, DATA_FILE), JSON.stringify(input.data));
     const job = this.track(rec);
     this.persist(job, true);
     this.queue.push(job);

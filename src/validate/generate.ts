@@ -33,7 +33,11 @@ export interface GenerateLimits {
   vocabSize: number;
   maxChatMessages: number;
   maxPromptChars: number;
+  /** Tokenizer.maxInputBytesPerToken: with maxModelLen, bounds a prompt's UTF-8 size before it is tokenized. */
+  maxInputBytesPerToken: number;
 }
+
+export type PromptLimits = Pick<GenerateLimits, 'maxChatMessages' | 'maxPromptChars' | 'maxModelLen' | 'maxInputBytesPerToken'>;
 
 export interface ValidGenerate {
   promptIds: number[];
@@ -53,12 +57,25 @@ const PROTO_FIELD: Record<string, string> = {
   stopStrings: 'sampling.stop',
 };
 
-/** Prompt -> token ids; the message names the field (text / chat) and the limit. */
-export function promptIds(prompt: PromptInput, tokenizer: Tokenizer, limits: Pick<GenerateLimits, 'maxChatMessages' | 'maxPromptChars'>): { ids: number[]; rendered: string } {
+/**
+ * The cheap checks of a prompt, before anything is tokenized: present, not too many characters, and not so many
+ * UTF-8 bytes that its tokens could never fit maxModelLen (each token stands for at most maxInputBytesPerToken
+ * bytes; a chat template only adds to the messages). Returns the prompt's size in UTF-8 bytes.
+ */
+export function checkPromptSize(prompt: PromptInput, limits: PromptLimits): number {
+  const maxBytes = limits.maxModelLen * limits.maxInputBytesPerToken;
+  const bound = (field: string, bytes: number) => {
+    if (bytes > maxBytes) {
+      throw invalidArgument(
+        `${field}: ${bytes} UTF-8 bytes exceed the limit of ${maxBytes} (maxModelLen ${limits.maxModelLen} tokens of at most ${limits.maxInputBytesPerToken} bytes each)`,
+      );
+    }
+    return bytes;
+  };
   if (prompt.text !== undefined) {
     if (prompt.text.length === 0) throw invalidArgument('text: the prompt must not be empty');
     if (prompt.text.length > limits.maxPromptChars) throw invalidArgument(`text: ${prompt.text.length} characters exceed the limit of ${limits.maxPromptChars}`);
-    return { ids: tokenizer.encode(prompt.text), rendered: '' };
+    return bound('text', Buffer.byteLength(prompt.text, 'utf8'));
   }
   if (prompt.chat !== undefined) {
     const { messages } = prompt.chat;
@@ -69,6 +86,17 @@ export function promptIds(prompt: PromptInput, tokenizer: Tokenizer, limits: Pic
     });
     const chars = messages.reduce((n, m) => n + m.content.length, 0);
     if (chars > limits.maxPromptChars) throw invalidArgument(`chat.messages: ${chars} characters exceed the limit of ${limits.maxPromptChars}`);
+    return bound('chat.messages', messages.reduce((n, m) => n + Buffer.byteLength(m.content, 'utf8'), 0));
+  }
+  throw invalidArgument('prompt: set text or chat');
+}
+
+/** Prompt -> token ids; the message names the field (text / chat) and the limit. */
+export function promptIds(prompt: PromptInput, tokenizer: Tokenizer, limits: PromptLimits): { ids: number[]; rendered: string } {
+  checkPromptSize(prompt, limits);
+  if (prompt.text !== undefined) return { ids: tokenizer.encode(prompt.text), rendered: '' };
+  if (prompt.chat !== undefined) {
+    const { messages } = prompt.chat;
     if (!tokenizer.chatTemplate) throw invalidArgument('chat: the served model has no chat template; send the prompt as text');
     let rendered: string;
     try {
@@ -81,8 +109,8 @@ export function promptIds(prompt: PromptInput, tokenizer: Tokenizer, limits: Pic
   throw invalidArgument('prompt: set text or chat');
 }
 
-export function validateGenerate(input: GenerateInput, tokenizer: Tokenizer, limits: GenerateLimits): ValidGenerate {
-  const { ids } = promptIds(input.prompt, tokenizer, limits);
+/** Validates a request whose prompt is already tokenized (promptIds, here or in a worker). */
+export function validateGenerate(input: GenerateInput, ids: number[], limits: GenerateLimits): ValidGenerate {
   if (ids.length === 0) throw invalidArgument('text: the prompt encodes to no tokens');
   const left = limits.maxModelLen - ids.length;
   if (left < 1) throw invalidArgument(`prompt: ${ids.length} tokens leave no room to generate within maxModelLen ${limits.maxModelLen}`);

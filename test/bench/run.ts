@@ -13,6 +13,7 @@ import { compileModel } from '../../src/engine/compile.js';
 import { Engine } from '../../src/engine/engine.js';
 import { makeModel } from '../../src/models/make.js';
 import { servingBench } from './serving.js';
+import { stallBench } from './stalls.js';
 import { trainingBench } from './training.js';
 import type { ModelSpec } from '../../src/models/spec.js';
 
@@ -83,6 +84,11 @@ async function main(): Promise<void> {
   const quant: QuantOptions = { kind: 'int4', blockSize: Number(process.env['LORAPLEX_BENCH_BLOCK'] ?? 32), accuracyLevel: 4 };
   const cacheDir = join(ROOT, 'graph-cache');
   rmSync(cacheDir, { recursive: true, force: true });
+  if (process.env['LORAPLEX_BENCH_ONLY'] === 'stalls') {
+    const stalls = await stallBench(modelDir, cacheDir, quant, THREADS, log);
+    process.stdout.write(`${JSON.stringify({ model: `llama-${SIZE}`, quant, threads: THREADS, stalls }, null, 2)}\n`);
+    return;
+  }
 
   const start = async (allowSpinning = false) => {
     const t0 = performance.now();
@@ -121,6 +127,8 @@ async function main(): Promise<void> {
 
   const training = process.env['LORAPLEX_BENCH_SKIP_TRAINING'] ? null : await trainingBench(modelDir, THREADS, log);
 
+  const stalls = process.env['LORAPLEX_BENCH_SKIP_STALLS'] ? null : await stallBench(modelDir, cacheDir, quant, THREADS, log);
+
   const weightBytes = decodeWeightBytes(compiled.spec, quant);
   const achieved = (weightBytes * b1.tokensPerSecond);
   const results = {
@@ -143,6 +151,7 @@ async function main(): Promise<void> {
     prefill: { chunkTokens: prefillTokens, tokensPerSecond: +prefillTokensPerSecond.toFixed(1) },
     serving,
     training,
+    stalls,
     // Peak includes the cold start's quantization, which holds the whole float model; serving is the RSS after
     // a cached start, decoding at batch 8 with a 1024-token cache (8 rows).
     peakRssMiB: Math.round(process.resourceUsage().maxRSS / 1024),

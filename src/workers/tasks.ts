@@ -1,0 +1,82 @@
+import { describeStored, type AdapterIo } from '../adapters/io.js';
+import { exportMergedModel, type ExportSource } from '../adapters/export.js';
+import { mergeAdapters, type MergeOptions, type MergeSource } from '../adapters/merge.js';
+import type { PeftAdapter } from '../adapters/peft.js';
+import { AdapterStore, type AdapterLimits } from '../adapters/store.js';
+import type { ModelSpec } from '../models/spec.js';
+import { loadTrainData as readTrainData, type DataLimits, type DataSourceInput } from '../train/data.js';
+import { loadTokenizer, type Tokenizer } from '../tokenizer/index.js';
+import { promptIds, type PromptInput, type PromptLimits } from '../validate/generate.js';
+import type { QuantOptions } from '../../kernels/quant/index.js';
+import { diskFullAs } from '../errors.js';
+import { stageTrainData } from '../train/jobs.js';
+import { withTransfer, type WorkerPool } from './pool.js';
+
+/**
+ * The heavy tasks the server runs in its worker pool (src/workers/task-worker.ts runs them). Each takes plain,
+ * cloneable input and returns a result whose tensors are transferred back, not copied.
+ */
+
+// A worker's own handles, made on first use. Its store never sweeps: the main thread's owns the root.
+const stores = new Map<string, AdapterStore>();
+const storeAt = (root: string) => stores.get(root) ?? stores.set(root, new AdapterStore(root, { sweep: false })).get(root)!;
+const tokenizers = new Map<string, Promise<Tokenizer>>();
+const tokenizerAt = (modelDir: string) => tokenizers.get(modelDir) ?? tokenizers.set(modelDir, loadTokenizer(modelDir)).get(modelDir)!;
+
+const adapterBuffers = (a: PeftAdapter) => a.modules.flatMap((m) => [m.a.buffer, m.b.buffer]);
+
+export const tasks = {
+  readAdapter(input: { root: string; key: string; spec: ModelSpec; limits: AdapterLimits }) {
+    const adapter = storeAt(input.root).read(input.key, input.spec, input.limits);
+    return withTransfer(adapter, adapterBuffers(adapter));
+  },
+
+  writeAdapter(input: { root: string; key: string; adapter: PeftAdapter }) {
+    try {
+      storeAt(input.root).write(input.key, input.adapter);
+    } catch (err) {
+      throw diskFullAs(err, 'adapter root'); // errno codes do not cross the pool's boundary; this status does
+    }
+  },
+
+  listStored(input: { root: string }) {
+    const store = storeAt(input.root);
+    return store.list().map((key) => describeStored(store, key));
+  },
+
+  mergeAdapters(input: { sources: MergeSource[]; options: MergeOptions }) {
+    const merged = mergeAdapters(input.sources, input.options);
+    return withTransfer(merged, adapterBuffers(merged));
+  },
+
+  exportMergedModel(input: { modelDir: string; quant: QuantOptions; sources: ExportSource[]; exportRoot: string; outputName: string; dtype: 'F16' | 'F32' }) {
+    try {
+      return exportMergedModel(input.modelDir, input.quant, input.sources, input.exportRoot, input.outputName, input.dtype);
+    } catch (err) {
+      throw diskFullAs(err, 'export root');
+    }
+  },
+
+  async tokenizePrompt(input: { modelDir: string; prompt: PromptInput; limits: PromptLimits }) {
+    return promptIds(input.prompt, await tokenizerAt(input.modelDir), input.limits);
+  },
+
+  /** Reads and validates a Train request's data, and stages it in the job root as the job's future data.json. */
+  loadTrainData(input: { source: DataSourceInput; limits: DataLimits; jobRoot: string }) {
+    const data = readTrainData(input.source, input.limits);
+    return { stagedFile: stageTrainData(input.jobRoot, data), trainExamples: data.train.length, evalExamples: data.eval?.length ?? null };
+  },
+};
+
+export type Tasks = typeof tasks;
+export type TaskPool = WorkerPool<Tasks>;
+
+/** The adapter manager's slow work, in the pool. */
+export function pooledAdapterIo(pool: TaskPool, root: string): AdapterIo {
+  return {
+    read: (key, spec, limits) => pool.run('readAdapter', { root, key, spec, limits }),
+    merge: (sources, options) => pool.run('mergeAdapters', { sources, options }),
+    write: (key, adapter) => pool.run('writeAdapter', { root, key, adapter }),
+    listStored: () => pool.run('listStored', { root }),
+  };
+}
