@@ -204,7 +204,8 @@ async function weightedSources(app: App, principal: Principal, list: WeightedAda
   return Promise.all(
     list.map(async (w) => {
       const key = scopeAdapterId(principal, w.adapterId);
-      return { adapterId: key, weight: w.weight ?? 1, adapter: await app.adapters.tensors(key) };
+      // The client's own id: it is what merge messages (and an export's metadata) show.
+      return { adapterId: w.adapterId, weight: w.weight ?? 1, adapter: await app.adapters.tensors(key) };
     }),
   );
 }

@@ -6,10 +6,11 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { execFileSync } from 'node:child_process';
-import { readdirSync } from 'node:fs';
+import { closeSync, openSync, readdirSync, rmSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import type { TrainEvent } from '../../src/gen/loraplex/v1/train_pb.js';
+import { MergeMethod } from '../../src/gen/loraplex/v1/adapters_pb.js';
 import { startTestServer, type TestServer } from '../helpers/server.js';
 import { tempDir } from '../helpers/engine.js';
 
@@ -25,16 +26,20 @@ const remount = (dir: string, size: string) => execFileSync('mount', ['-o', `rem
 const unmount = (dir: string) => execFileSync('umount', ['-l', dir], { stdio: 'pipe' });
 
 const adapterRoot = tempDir('full-adapters');
-const skip = mountTmpfs(adapterRoot, '4k');
+const exportRoot = tempDir('full-exports');
+const skip = mountTmpfs(adapterRoot, '4k') ?? mountTmpfs(exportRoot, '4k');
 let s: TestServer;
 
 before(async () => {
   if (skip) return;
-  s = await startTestServer({ adapterRoot });
+  s = await startTestServer({ adapterRoot, exportRoot });
 });
 after(async () => {
   await s?.close();
-  if (!skip) unmount(adapterRoot);
+  if (!skip) {
+    unmount(adapterRoot);
+    unmount(exportRoot);
+  }
 });
 
 const sentences = Array.from({ length: 24 }, (_, i) => ({ example: { case: 'text' as const, value: `Tom found a red ball number ${i} in the garden.` } }));
@@ -66,4 +71,31 @@ test('Train into a full adapter root: RESOURCE_EXHAUSTED naming it, checkpoints 
   for await (const m of out) if (m.event.case === 'delta') tokens += m.event.value.tokenIds.length;
   assert.equal(tokens, 4, 'the retried adapter serves');
   await assert.rejects(s.train.retryTrainJob({ jobId: job!.jobId }), (e: grpc.ServiceError) => e.code === grpc.status.FAILED_PRECONDITION && /only a job that failed writing its adapter/.test(e.details));
+});
+
+test('MergeAdapters into a full adapter root and ExportMergedModel into a full export root: RESOURCE_EXHAUSTED naming the root, nothing left behind', { skip: skip ?? false }, async () => {
+  // The adapter 'full' of the test above is the source; then fill what is left of the adapter root.
+  const filler = join(adapterRoot, '.filler');
+  const chunk = Buffer.alloc(64 * 1024, 1);
+  const fd = openSync(filler, 'w');
+  try {
+    for (;;) writeSync(fd, chunk);
+  } catch (err) {
+    assert.equal((err as NodeJS.ErrnoException).code, 'ENOSPC');
+  } finally {
+    closeSync(fd);
+  }
+  const merge = await s.adapters.mergeAdapters({ newAdapterId: 'merged', method: MergeMethod.CAT, sources: [{ adapterId: 'full', weight: 0.5 }] }).catch((e: grpc.ServiceError) => e);
+  assert.ok(merge instanceof Error);
+  assert.equal(merge.code, grpc.status.RESOURCE_EXHAUSTED);
+  assert.equal(merge.details, 'adapter root: no space left on the device; free space and retry');
+  assert.deepEqual((await s.adapters.listAdapters({})).adapters.map((a) => a.adapterId), ['full']);
+  assert.deepEqual(readdirSync(adapterRoot).sort(), ['.filler', 'full']);
+  rmSync(filler);
+
+  const exported = await s.adapters.exportMergedModel({ outputName: 'story-full', adapters: [{ adapterId: 'full' }] }).catch((e: grpc.ServiceError) => e);
+  assert.ok(exported instanceof Error);
+  assert.equal(exported.code, grpc.status.RESOURCE_EXHAUSTED);
+  assert.equal(exported.details, 'export root: no space left on the device; free space and retry');
+  assert.deepEqual(readdirSync(exportRoot), [], 'no partial export');
 });

@@ -184,6 +184,15 @@ test('the owner can use its adapter on every RPC; the answers carry plain ids', 
   assert.ok(existsSync(join(s.adapterRoot, 'acme', ACME_ONLY)));
 });
 
+test("error messages show the caller's adapter ids, never the internal tenant~id keys", async () => {
+  const twice = await failure(s.adapters.mergeAdapters({ newAdapterId: 'm-twice', method: MergeMethod.CAT, sources: [{ adapterId: ACME_ONLY }, { adapterId: ACME_ONLY }] }, as('acme')));
+  assert.equal(twice.code, grpc.status.INVALID_ARGUMENT);
+  assert.equal(twice.details, `sources: adapter_id "${ACME_ONLY}" is given twice; give it once with the summed weight`);
+  const negative = await failure(s.adapters.mergeAdapters({ newAdapterId: 'm-neg', method: MergeMethod.LINEAR, sources: [{ adapterId: ACME_ONLY }, { adapterId: DUP, weight: -1 }] }, as('acme')));
+  assert.match(negative.details, new RegExp(`"${DUP}"`));
+  for (const e of [twice, negative]) assert.ok(!e.details.includes('acme~'), e.details);
+});
+
 test('the same id in two namespaces is two adapters', async () => {
   const run = (who: Tenant) => collect(s.inference.generate({ prompt: text('Once upon a time'), adapterId: DUP, sampling: greedy }, as(who)));
   const [a, g] = await Promise.all([run('acme'), run('globex')]);
