@@ -24,6 +24,10 @@ export interface AdapterIo {
   write(key: string, adapter: PeftAdapter): Promise<void>;
   /** Every stored adapter (store.list()) with its description and size. */
   listStored(): Promise<StoredAdapter[]>;
+  /** One stored adapter's listing entry, or null when the store does not hold it. */
+  describe(key: string): Promise<StoredAdapter | null>;
+  /** store.delete: the directory is renamed away at once, then removed (NOT_FOUND when absent). */
+  delete(key: string): Promise<void>;
 }
 
 /** One stored adapter's listing entry, through the store's public methods. */
@@ -43,5 +47,7 @@ export function inlineAdapterIo(store: AdapterStore): AdapterIo {
     merge: async (sources, opts) => mergeAdapters(sources, opts),
     write: async (key, adapter) => store.write(key, adapter),
     listStored: async () => store.list().map((key) => describeStored(store, key)),
+    describe: async (key) => (store.has(key) ? describeStored(store, key) : null),
+    delete: async (key) => store.delete(key),
   };
 }

@@ -177,10 +177,10 @@ export class AdapterManager {
     return this.serial(id, async () => {
       const rec = this.registry.get(id);
       if (!rec) {
-        if (!this.store.has(id)) throw this.missing(id);
-        const info = this.storedInfo(id);
-        if (opts.deleteFromStore) this.deleteFromStore(id);
-        return info;
+        const stored = await this.io.describe(id);
+        if (!stored) throw this.missing(id);
+        if (opts.deleteFromStore) await this.deleteFromStore(id);
+        return this.storedInfoOf(stored);
       }
       if (rec.activeRequests > 0) {
         throw failedPrecondition(
@@ -189,24 +189,18 @@ export class AdapterManager {
       }
       const cleared = this.drop(rec);
       await cleared;
-      const info = this.store.has(id) ? { ...this.storedInfo(id), lastUsed: rec.lastUsed } : toInfo(rec);
-      if (opts.deleteFromStore && this.store.has(id)) this.deleteFromStore(id);
+      const stored = await this.io.describe(id);
+      const info = stored ? { ...this.storedInfoOf(stored), lastUsed: rec.lastUsed } : toInfo(rec);
+      if (opts.deleteFromStore && stored) await this.deleteFromStore(id);
       return info;
     });
   }
 
-  /** Every adapter in the store or in memory, sorted by id. Reads the store's directory each call. */
-  list(): AdapterInfo[] {
-    const ids = new Set(this.store.list());
-    for (const r of this.registry.values()) if (!r.adapterId.startsWith(MIX_PREFIX)) ids.add(r.adapterId);
-    return [...ids].sort().map((id) => {
-      const rec = this.registry.get(id);
-      return rec ? toInfo(rec) : this.storedInfo(id);
-    });
-  }
-
-  /** list(), with the store's reading (directories, configs, sizes) done by the AdapterIo (off the event loop). */
-  async listInfo(): Promise<AdapterInfo[]> {
+  /**
+   * Every adapter in the store or in memory, sorted by id. The store's directory is read fresh each call, by the
+   * AdapterIo (off the event loop).
+   */
+  async list(): Promise<AdapterInfo[]> {
     const stored = new Map((await this.io.listStored()).map((s) => [s.key, s]));
     const ids = new Set(stored.keys());
     for (const r of this.registry.values()) if (!r.adapterId.startsWith(MIX_PREFIX)) ids.add(r.adapterId);
@@ -218,12 +212,14 @@ export class AdapterManager {
     });
   }
 
-  info(adapterId: string): AdapterInfo {
+  /** One adapter's info: from memory, or described by the AdapterIo (off the event loop). */
+  async info(adapterId: string): Promise<AdapterInfo> {
     const id = validKey(adapterId);
     const rec = this.registry.get(id);
     if (rec) return toInfo(rec);
-    if (!this.store.has(id)) throw this.missing(id);
-    return this.storedInfo(id);
+    const stored = await this.io.describe(id);
+    if (!stored) throw this.missing(id);
+    return this.storedInfoOf(stored);
   }
 
   stats(): AdapterStats {
@@ -269,7 +265,9 @@ export class AdapterManager {
       }
       if (this.registry.get(id) || this.store.has(id)) throw new LoraplexError('ALREADY_EXISTS', `adapter_id ${quote(id)} already exists`);
       await this.io.write(id, adapter);
-      return this.storedInfo(id);
+      const stored = await this.io.describe(id);
+      if (!stored) throw this.missing(id); // deleted the instant after it was written
+      return this.storedInfoOf(stored);
     });
   }
 
@@ -397,13 +395,9 @@ export class AdapterManager {
     return cleared;
   }
 
-  private deleteFromStore(id: string): void {
-    this.store.delete(id);
+  private async deleteFromStore(id: string): Promise<void> {
+    await this.io.delete(id);
     this.lastUsedOnDisk.delete(id);
-  }
-
-  private storedInfo(id: string): AdapterInfo {
-    return this.storedInfoOf(describeStored(this.store, id));
   }
 
   /** A stored adapter's record from its listing entry (read here, or in the pool by the AdapterIo). */

@@ -54,7 +54,7 @@ export function inferenceHandlers(state: AppState): ServiceImpl<(typeof Inferenc
       if (req.adapters.length > 0 && req.adapterId !== '') throw invalidArgument('adapters: set either adapter_id or adapters (a mix), not both');
       const { ids } = await tokenizePrompt(app, input.prompt);
       const valid = validateGenerate(input, ids, limits(app));
-      const adapterId = req.adapters.length > 0 ? mixKey(app, ctx.principal, req.adapters) : valid.adapterId === null ? null : scopeAdapterId(ctx.principal, valid.adapterId);
+      const adapterId = req.adapters.length > 0 ? await mixKey(app, ctx.principal, req.adapters) : valid.adapterId === null ? null : scopeAdapterId(ctx.principal, valid.adapterId);
       const logText = app.cfg.logPrompts;
       annotate(ctx, { adapterId: req.adapterId || null, ...(req.adapters.length ? { mixOf: req.adapters.length } : {}), promptTokens: valid.promptIds.length, ...(logText ? { prompt: input.prompt } : {}) });
       // Errors name the adapter as the client did, never by its internal key.
@@ -142,7 +142,7 @@ export function adapterHandlers(state: AppState): ServiceImpl<(typeof AdapterSer
     },
     async listAdapters(_req, ctx) {
       const app = state.ready();
-      return { adapters: visibleAdapters(ctx.principal, await app.adapters.listInfo()).map(adapterInfo) };
+      return { adapters: visibleAdapters(ctx.principal, await app.adapters.list()).map(adapterInfo) };
     },
 
     async mergeAdapters(req, ctx) {
@@ -215,17 +215,17 @@ async function weightedSources(app: App, principal: Principal, list: WeightedAda
  * cached with the loaded adapters). NOT_FOUND for a missing source; INVALID_ARGUMENT when the ranks add up to more
  * than maxLoraRank (the mix must fit one slot).
  */
-function mixKey(app: App, principal: Principal, list: WeightedAdapter[]): string {
+async function mixKey(app: App, principal: Principal, list: WeightedAdapter[]): Promise<string> {
   checkWeights(list, 'adapters');
   const seen = new Set<string>();
-  let rank = 0;
   const sources = list.map((w) => {
     const key = scopeAdapterId(principal, w.adapterId);
     if (seen.has(key)) throw invalidArgument(`adapters: adapter_id "${w.adapterId}" is given twice; give it once with the summed weight`);
     seen.add(key);
-    rank += app.adapters.info(key).rank;
     return { key, weight: w.weight ?? 1 };
   });
+  const infos = await Promise.all(sources.map((s) => app.adapters.info(s.key)));
+  const rank = infos.reduce((sum, info) => sum + info.rank, 0);
   if (rank > app.cfg.maxLoraRank) throw invalidArgument(`adapters: the mix has rank ${rank} (the sum of the ranks), over maxLoraRank ${app.cfg.maxLoraRank}`);
   return app.adapters.defineMix(sources);
 }

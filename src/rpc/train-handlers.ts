@@ -150,9 +150,9 @@ export function trainEvent(e: JobEvent): MessageInitShape<typeof TrainEventSchem
 }
 
 /** True when the caller's namespace holds the adapter (stored or in memory). */
-function adapterExists(app: App, key: string): boolean {
+async function adapterExists(app: App, key: string): Promise<boolean> {
   try {
-    app.adapters.info(key);
+    await app.adapters.info(key);
     return true;
   } catch (err) {
     if (err instanceof LoraplexError && err.code === 'NOT_FOUND') return false;
@@ -172,7 +172,7 @@ export function trainHandlers(state: AppState): ServiceImpl<(typeof TrainService
       let job;
       try {
         if (config.evalFraction > 0 && data.evalExamples !== null) throw invalidArgument(`eval_fraction ${config.evalFraction}: set eval_fraction or a separate eval set, not both`);
-        if (adapterExists(app, key)) throw new LoraplexError('ALREADY_EXISTS', `adapter_id ${JSON.stringify(req.adapterId)} already exists`);
+        if (await adapterExists(app, key)) throw new LoraplexError('ALREADY_EXISTS', `adapter_id ${JSON.stringify(req.adapterId)} already exists`);
         job = app.jobs.submit({
           tenant: ctx.principal.tenant,
           adapterId: req.adapterId,

@@ -44,6 +44,15 @@ export const tasks = {
     return store.list().map((key) => describeStored(store, key));
   },
 
+  describeStored(input: { root: string; key: string }) {
+    const store = storeAt(input.root);
+    return store.has(input.key) ? describeStored(store, input.key) : null;
+  },
+
+  deleteAdapter(input: { root: string; key: string }) {
+    storeAt(input.root).delete(input.key);
+  },
+
   mergeAdapters(input: { sources: MergeSource[]; options: MergeOptions }) {
     const merged = mergeAdapters(input.sources, input.options);
     return withTransfer(merged, adapterBuffers(merged));
@@ -78,5 +87,7 @@ export function pooledAdapterIo(pool: TaskPool, root: string): AdapterIo {
     merge: (sources, options) => pool.run('mergeAdapters', { sources, options }),
     write: (key, adapter) => pool.run('writeAdapter', { root, key, adapter }),
     listStored: () => pool.run('listStored', { root }),
+    describe: (key) => pool.run('describeStored', { root, key }),
+    delete: (key) => pool.run('deleteAdapter', { root, key }),
   };
 }

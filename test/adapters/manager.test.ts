@@ -114,7 +114,7 @@ async function rejectsWith(p: Promise<unknown> | (() => unknown), code: ErrorCod
   return caught;
 }
 
-const states = (m: AdapterManager) => Object.fromEntries(m.list().map((i) => [i.adapterId, i.state]));
+const states = async (m: AdapterManager) => Object.fromEntries((await m.list()).map((i) => [i.adapterId, i.state]));
 
 test('invalid ids are INVALID_ARGUMENT everywhere and never touch the disk', async () => {
   const f = fixture();
@@ -132,8 +132,8 @@ test('invalid ids are INVALID_ARGUMENT everywhere and never touch the disk', asy
 test('load reads and validates into memory; info reports it', async () => {
   const f = fixture();
   const a = put(f, 'alpha', adapter(3, 8, ['q_proj', 'v_proj', 'down_proj'], 16));
-  assert.deepEqual(states(f.manager), { alpha: 'stored' });
-  const stored = f.manager.info('alpha');
+  assert.deepEqual(await states(f.manager), { alpha: 'stored' });
+  const stored = (await f.manager.info('alpha'));
   assert.equal(stored.rank, 8);
   assert.equal(stored.alpha, 16);
   assert.deepEqual(stored.targetModules, ['q_proj', 'v_proj', 'down_proj']);
@@ -171,20 +171,20 @@ test('memory holds at most maxCpuLoras adapters, evicting the least recently use
   await f.manager.load('b');
   await f.manager.load('a'); // touch: b is now the LRU
   await f.manager.load('c');
-  assert.deepEqual(states(f.manager), { a: 'loaded', b: 'stored', c: 'loaded', d: 'stored' });
+  assert.deepEqual(await states(f.manager), { a: 'loaded', b: 'stored', c: 'loaded', d: 'stored' });
   assert.equal(f.manager.stats().evictions, 1);
 
   // Pinned adapters are never evicted.
   await f.manager.load('a', { pin: true });
   await f.manager.load('d');
-  assert.deepEqual(states(f.manager), { a: 'loaded', b: 'stored', c: 'stored', d: 'loaded' });
+  assert.deepEqual(await states(f.manager), { a: 'loaded', b: 'stored', c: 'stored', d: 'loaded' });
   await f.manager.load('d', { pin: true });
   await rejectsWith(f.manager.load('b'), 'RESOURCE_EXHAUSTED', /maxCpuLoras 2 .*pinned/);
   await rejectsWith(f.manager.tryAcquire('b'), 'RESOURCE_EXHAUSTED', /maxCpuLoras 2/);
   // Unloading a pinned adapter makes room.
   await f.manager.unload('d');
   await f.manager.load('b');
-  assert.deepEqual(states(f.manager), { a: 'loaded', b: 'loaded', c: 'stored', d: 'stored' });
+  assert.deepEqual(await states(f.manager), { a: 'loaded', b: 'loaded', c: 'stored', d: 'stored' });
   const s = f.manager.stats();
   assert.deepEqual([s.stored, s.loaded, s.active], [2, 2, 0]);
 });
@@ -197,12 +197,12 @@ test('an adapter serving requests is not evicted from memory; tryAcquire waits i
   assert.equal(lease.slot, 1);
   // Not now: a's request holds the only slot and the only memory place.
   assert.equal(await f.manager.tryAcquire('b'), null);
-  assert.equal(f.manager.info('b').state, 'stored', 'nothing is loaded for a request that cannot run');
+  assert.equal((await f.manager.info('b')).state, 'stored', 'nothing is loaded for a request that cannot run');
   await rejectsWith(f.manager.load('b'), 'RESOURCE_EXHAUSTED', /maxCpuLoras 1 .*serving requests; retry later/);
   lease.release();
   const lb = (await f.manager.tryAcquire('b'))!;
   assert.equal(lb.slot, 1);
-  assert.deepEqual(states(f.manager), { a: 'stored', b: 'active' });
+  assert.deepEqual(await states(f.manager), { a: 'stored', b: 'active' });
   lb.release();
 });
 
@@ -214,7 +214,7 @@ test('slots: LRU among adapters without running requests; a lease pins the slot'
   const lb = (await f.manager.tryAcquire('b'))!;
   assert.deepEqual([la.slot, lb.slot], [1, 2]);
   assert.deepEqual(f.writer.sets(), [1, 2]);
-  assert.deepEqual(states(f.manager), { a: 'active', b: 'active', c: 'stored', d: 'stored' });
+  assert.deepEqual(await states(f.manager), { a: 'active', b: 'active', c: 'stored', d: 'stored' });
 
   // Both slots are held by running requests: c must wait.
   assert.equal(await f.manager.tryAcquire('c'), null);
@@ -226,11 +226,11 @@ test('slots: LRU among adapters without running requests; a lease pins the slot'
   f.clock.t = 3_000;
   la.release();
   lb.release(); // idempotent
-  assert.equal(f.manager.info('b').activeRequests, 0);
+  assert.equal((await f.manager.info('b')).activeRequests, 0);
   const lc = (await f.manager.tryAcquire('c'))!;
   assert.equal(lc.slot, 2);
   assert.deepEqual(f.manager.slotTable(), [null, 'a', 'c']);
-  assert.deepEqual(states(f.manager), { a: 'active', b: 'loaded', c: 'active', d: 'stored' });
+  assert.deepEqual(await states(f.manager), { a: 'active', b: 'loaded', c: 'active', d: 'stored' });
   assert.equal(f.manager.stats().slotEvictions, 1);
 
   // a's slot is idle, c's is held by a request: d takes a's slot.
@@ -241,7 +241,7 @@ test('slots: LRU among adapters without running requests; a lease pins the slot'
   // Several requests on one adapter share its slot; it stays pinned until the last one leaves.
   const lc2 = (await f.manager.tryAcquire('c'))!;
   assert.equal(lc2.slot, 2);
-  assert.equal(f.manager.info('c').activeRequests, 2);
+  assert.equal((await f.manager.info('c')).activeRequests, 2);
   ld.release();
   lc.release();
   const la2 = (await f.manager.tryAcquire('a'))!;
@@ -263,7 +263,7 @@ test('pinned adapters still give up their slot when idle', async () => {
   (await f.manager.tryAcquire('p'))!.release();
   const lq = (await f.manager.tryAcquire('q'))!;
   assert.equal(lq.slot, 1);
-  const p = f.manager.info('p');
+  const p = (await f.manager.info('p'));
   assert.equal(p.state, 'loaded');
   assert.equal(p.pinned, true);
   lq.release();
@@ -297,7 +297,7 @@ test('tryAcquire returns null while every slot is busy, then succeeds after a re
 
 test('an adapter written into the store after the manager started is found; so is a plain copy', async () => {
   const f = fixture();
-  assert.deepEqual(f.manager.list(), []);
+  assert.deepEqual((await f.manager.list()), []);
   await rejectsWith(f.manager.tryAcquire('late'), 'NOT_FOUND', /^adapter_id "late" is not in the adapter store$/);
   put(f, 'late');
   const lease = await f.manager.tryAcquire('late');
@@ -306,7 +306,7 @@ test('an adapter written into the store after the manager started is found; so i
   // Copied in by hand (e.g. rsync of a PEFT directory), not through the store.
   writePeftAdapter(join(f.root, 'copied'), adapter(5));
   assert.deepEqual(
-    f.manager.list().map((i) => [i.adapterId, i.state]),
+    (await f.manager.list()).map((i) => [i.adapterId, i.state]),
     [
       ['copied', 'stored'],
       ['late', 'active'],
@@ -333,10 +333,10 @@ test('unload: FAILED_PRECONDITION while requests run; clears the slot; NOT_FOUND
   assert.equal(info.activeRequests, 0);
   assert.deepEqual(f.writer.clears(), [l1.slot]);
   assert.deepEqual(f.manager.slotTable(), [null, null, null]);
-  assert.equal(f.manager.info('u').state, 'stored');
-  assert.equal(f.manager.info('u').lastUsed, 9_000, 'lastUsed survives the unload');
+  assert.equal((await f.manager.info('u')).state, 'stored');
+  assert.equal((await f.manager.info('u')).lastUsed, 9_000, 'lastUsed survives the unload');
   l1.release(); // a late release after the unload changes nothing
-  assert.equal(f.manager.info('u').activeRequests, 0);
+  assert.equal((await f.manager.info('u')).activeRequests, 0);
 
   // Stored only: without delete a no-op returning its info; with delete it is gone.
   const again = await f.manager.unload('u');
@@ -352,7 +352,7 @@ test('unload: FAILED_PRECONDITION while requests run; clears the slot; NOT_FOUND
   (await f.manager.tryAcquire('v'))!.release();
   const gone = await f.manager.unload('v', { deleteFromStore: true });
   assert.equal(gone.adapterId, 'v');
-  assert.deepEqual(f.manager.list(), []);
+  assert.deepEqual((await f.manager.list()), []);
   await rejectsWith(f.manager.tryAcquire('v'), 'NOT_FOUND');
   assert.deepEqual(
     readdirSync(f.root).filter((n) => n.startsWith('.')),
@@ -380,7 +380,7 @@ test('unload frees the memory of the adapters', async () => {
   const base = arrayBuffers();
   for (const id of ids.slice(0, 2)) await f.manager.load(id);
   for (const id of ids.slice(2)) (await f.manager.tryAcquire(id))!.release();
-  const total = f.manager.list().reduce((n, i) => n + i.bytes, 0);
+  const total = (await f.manager.list()).reduce((n, i) => n + i.bytes, 0);
   assert.ok(total > 8e6, `adapters hold ${total} bytes`);
   assert.equal(f.manager.stats().memoryBytes, total);
   const loaded = arrayBuffers();
@@ -431,7 +431,7 @@ test('invalid adapters are INVALID_ARGUMENT naming the adapter and the rule', as
   await rejectsWith(other.manager.load('wrong-model'), 'INVALID_ARGUMENT', /adapter for a different model/);
 
   for (const m of [g, h, other]) {
-    for (const info of m.manager.list()) assert.equal(info.state, 'stored');
+    for (const info of (await m.manager.list())) assert.equal(info.state, 'stored');
     // Messages go to clients: never a server path.
     for (const id of ['big-rank', 'o-proj', 'dora', 'nan', 'inf', 'huge', 'wrong-model']) {
       try {
@@ -460,11 +460,11 @@ test('concurrent acquires of one adapter load it once and use one slot', async (
   const s = f.manager.stats();
   assert.equal(s.loads, 1);
   assert.deepEqual(f.writer.sets(), [1]);
-  assert.equal(f.manager.info('hot').activeRequests, 8);
+  assert.equal((await f.manager.info('hot')).activeRequests, 8);
   assert.equal(s.misses, 1);
   assert.equal(s.hits, 7);
   for (const l of leases) l!.release();
-  assert.equal(f.manager.info('hot').activeRequests, 0);
+  assert.equal((await f.manager.info('hot')).activeRequests, 0);
 });
 
 test('concurrent acquires of different adapters never share a slot', async () => {
@@ -489,7 +489,7 @@ test('a failed copy into a slot is reported and leaves the slot usable', async (
   put(f, 'a');
   f.writer.failNext = true;
   await assert.rejects(f.manager.tryAcquire('a'), /engine down/);
-  assert.equal(f.manager.info('a').state, 'loaded');
+  assert.equal((await f.manager.info('a')).state, 'loaded');
   const lease = (await f.manager.tryAcquire('a'))!;
   assert.equal(lease.slot, 1);
   lease.release();

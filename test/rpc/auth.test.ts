@@ -329,9 +329,9 @@ test('manager: tenant keys through load, list, unload; NOT_FOUND the same for an
   });
   const loaded = await manager.load('acme~style');
   assert.equal(loaded.info.adapterId, 'acme~style');
-  assert.deepEqual(manager.list().map((i) => i.adapterId), ['acme~style', 'globex~other']);
-  assert.deepEqual(visibleAdapters(acme, manager.list()).map((i) => [i.adapterId, i.state]), [['style', 'loaded']]);
-  assert.deepEqual(visibleAdapters(globex, manager.list()).map((i) => i.adapterId), ['other']);
+  assert.deepEqual((await manager.list()).map((i) => i.adapterId), ['acme~style', 'globex~other']);
+  assert.deepEqual(visibleAdapters(acme, (await manager.list())).map((i) => [i.adapterId, i.state]), [['style', 'loaded']]);
+  assert.deepEqual(visibleAdapters(globex, (await manager.list())).map((i) => i.adapterId), ['other']);
 
   const message = async (p: Promise<unknown>) => p.then(() => 'ok', (e: LoraplexError) => `${e.code} ${e.message}`);
   const theirs = await message(manager.load(scopeAdapterId(globex, 'style')));
@@ -347,7 +347,7 @@ test('manager: tenant keys through load, list, unload; NOT_FOUND the same for an
   const unloaded = await manager.unload('acme~style', { deleteFromStore: true });
   assert.equal(unloaded.adapterId, 'acme~style');
   assert.equal(store.has('acme~style'), false);
-  assert.deepEqual(manager.list().map((i) => i.adapterId), ['globex~other']);
+  assert.deepEqual((await manager.list()).map((i) => i.adapterId), ['globex~other']);
 });
 
 // --- bridge hooks ------------------------------------------------------------------------------------

@@ -80,14 +80,14 @@ test('cancel frees the row and the adapter pin; a full queue is RESOURCE_EXHAUST
     const long = s.scheduler.submit(s.request('Once upon a time', 'a1', { params: greedy(200), signal: ctl.signal }));
     const it = long[Symbol.asyncIterator]();
     await it.next(); // running
-    assert.equal(s.adapters.info('a1').activeRequests, 1);
+    assert.equal((await s.adapters.info('a1')).activeRequests, 1);
     const queued = s.scheduler.submit(s.request('One day', null));
     assert.throws(() => s.scheduler.submit(s.request('The cat', null)), (e: unknown) => e instanceof LoraplexError && e.code === 'RESOURCE_EXHAUSTED' && /maxWaiting 1/.test(e.message));
     ctl.abort(new LoraplexError('CANCELLED', 'client cancelled'));
     await assert.rejects(async () => { for (;;) { const r = await it.next(); if (r.done) break; } }, /client cancelled/);
     const q = await collect(queued);
     assert.equal(q.finished?.type, 'finished');
-    assert.equal(s.adapters.info('a1').activeRequests, 0);
+    assert.equal((await s.adapters.info('a1')).activeRequests, 0);
     assert.equal(s.scheduler.stats().freeRows, 1);
     await assert.rejects(collect(s.scheduler.submit(s.request('x', 'nope'))), (e: unknown) => e instanceof LoraplexError && e.code === 'NOT_FOUND');
   } finally {

@@ -98,7 +98,7 @@ test('Unload of an adapter in use is FAILED_PRECONDITION; cancel frees the row a
   await assert.rejects(async () => { for (;;) if ((await it.next()).done) break; }, (e) => code(e) === grpc.status.CANCELLED);
   for (let i = 0; i < 100 && s.server.app.scheduler.stats().running > 0; i++) await new Promise((r) => setTimeout(r, 10));
   assert.equal(s.server.app.scheduler.stats().running, 0);
-  assert.equal(s.server.app.adapters.info('tenant-3').activeRequests, 0);
+  assert.equal((await s.server.app.adapters.info('tenant-3')).activeRequests, 0);
   await s.adapters.unloadAdapter({ adapterId: 'tenant-3' });
 });
 
