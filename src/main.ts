@@ -2,15 +2,16 @@ import { mkdirSync } from 'node:fs';
 import { AdapterManager } from './adapters/manager.js';
 import { AdapterStore } from './adapters/store.js';
 import { sweepExportTemps } from './adapters/export.js';
-import { startEngine, type EngineSettings, type LoadedEngine } from './cli/common.js';
-import { settingDefault } from './config/parse.js';
+import { withDefaults, type ServerConfigInput } from './config/server-config.js';
+import { startEngine, type LoadedEngine } from './engine/start.js';
 import type { Logger } from './obs/logger.js';
 import { startMetricsServer, type MetricsServer } from './obs/http.js';
 import { createMetrics, type Metrics } from './obs/metrics.js';
-import { createRequestLog } from './obs/requests.js';
 import { createAuthenticator } from './rpc/auth.js';
 import type { CallObserver } from './rpc/bridge.js';
-import { createRpcServer, type App } from './rpc/server.js';
+import { createRequestLog } from './rpc/request-log.js';
+import type { App } from './rpc/app.js';
+import { createRpcServer } from './rpc/server.js';
 import { serverCredentials, tlsMode } from './rpc/tls.js';
 import { Scheduler } from './scheduler/scheduler.js';
 import { JobManager } from './train/jobs.js';
@@ -23,64 +24,6 @@ import { pooledAdapterIo, type Tasks } from './workers/tasks.js';
  * loads and large prompts, and with the engine worker's threads the CPUs are full anyway.
  */
 const TASK_THREADS = 2;
-
-/** The composition root: config -> engine -> adapters -> scheduler -> rpc. No logic of its own. */
-export interface ServerConfig extends EngineSettings {
-  host: string;
-  /** 0 picks a free port (tests). */
-  port: number;
-  adapterRoot: string;
-  maxCpuLoras: number;
-  maxWaiting: number;
-  maxAdapterBytes: number;
-  maxNewTokensDefault: number;
-  /** Grace period for running streams on SIGTERM. */
-  drainSeconds: number;
-  /** Shown by GetModelInfo: the model directory, or 'demo'. */
-  source: string;
-  /** Where merged models are exported. */
-  exportRoot: string;
-  /** 'required': every loraplex RPC needs an API key from apiKeysFile; 'disabled': everyone is LOCAL_PRINCIPAL. */
-  auth: 'required' | 'disabled';
-  /** A JSON/YAML keys file, or a directory of them (a mounted Secret); see src/rpc/auth.ts. */
-  apiKeysFile: string | null;
-  /** PEM files; cert + key = TLS, + clientCa = mutual TLS. */
-  tlsCert: string | null;
-  tlsKey: string | null;
-  tlsClientCa: string | null;
-  logLevel: string;
-  /** Include prompt and output text in logs. */
-  logPrompts: boolean;
-  /** Prometheus /metrics HTTP port; 0 = off. */
-  metricsPort: number;
-  /** How many tenants get their own metrics label (0 = none). */
-  maxTenantLabels: number;
-  /** Training data files; Train paths are relative to it and never leave it. */
-  dataRoot: string;
-  /** Training job records and checkpoints; jobs found running or queued here resume on start. */
-  jobRoot: string;
-  /** onnxruntime intra-op threads of the training worker. */
-  trainThreads: number;
-  /** Jobs waiting behind the running one before Train says RESOURCE_EXHAUSTED. */
-  maxQueuedTrainJobs: number;
-}
-
-/** Settings added after the first release: callers that build a ServerConfig by hand may leave them out. */
-type AddedSettings =
-  | 'exportRoot' | 'auth' | 'apiKeysFile' | 'tlsCert' | 'tlsKey' | 'tlsClientCa' | 'logLevel' | 'logPrompts' | 'metricsPort' | 'maxTenantLabels'
-  | 'dataRoot' | 'jobRoot' | 'trainThreads' | 'maxQueuedTrainJobs';
-
-/** What startServer takes: a ServerConfig whose later settings default as in the schema (src/config). */
-export type ServerConfigInput = Omit<ServerConfig, AddedSettings> & Partial<Pick<ServerConfig, AddedSettings>>;
-
-const ADDED_SETTINGS: readonly AddedSettings[] = ['exportRoot', 'auth', 'apiKeysFile', 'tlsCert', 'tlsKey', 'tlsClientCa', 'logLevel', 'logPrompts', 'metricsPort', 'maxTenantLabels', 'dataRoot', 'jobRoot', 'trainThreads', 'maxQueuedTrainJobs'];
-
-/** Fills the added settings left out with the schema's defaults (auth 'required' included: it needs apiKeysFile). */
-export function withDefaults(cfg: ServerConfigInput): ServerConfig {
-  const out: Record<string, unknown> = { ...cfg };
-  for (const name of ADDED_SETTINGS) if (out[name] === undefined) out[name] = settingDefault(name);
-  return out as unknown as ServerConfig;
-}
 
 /** Extension points for the composition root's callers. */
 export interface ServerHooks {
@@ -104,6 +47,7 @@ export interface RunningServer {
   close(): Promise<void>;
 }
 
+/** The composition root: config -> engine -> adapters -> scheduler -> rpc. No logic of its own. */
 export async function startServer(input: ServerConfigInput, log: Logger, hooks: ServerHooks = {}): Promise<RunningServer> {
   const cfg = withDefaults(input);
   // Keys and certificates are checked before anything slow, so a bad file fails the start at once.

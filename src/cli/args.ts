@@ -1,6 +1,5 @@
 import { parseArgs, type ParseArgsConfig } from 'node:util';
-
-export class UsageError extends Error {}
+import { UsageError } from '../config/usage-error.js';
 
 type Options = NonNullable<ParseArgsConfig['options']>;
 

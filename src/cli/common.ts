@@ -1,98 +1,53 @@
-import { availableParallelism } from 'node:os';
-import type { QuantKind, QuantOptions } from '../../kernels/quant/index.js';
-import { compileModel, type CompiledModel } from '../engine/compile.js';
-import { Engine } from '../engine/engine.js';
-import { loadTokenizer, type Tokenizer } from '../tokenizer/index.js';
-import { cacheDirDefault, QUANT_KINDS } from '../config/schema.js';
+import type { QuantOptions } from '../../kernels/quant/index.js';
+import type { EngineSettings } from '../config/server-config.js';
+import { cacheDirDefault, defaultBlockSize, defaultOf, QUANT_KINDS, SETTINGS_BY_NAME, type Setting } from '../config/schema.js';
 import { num, str } from './args.js';
 
-export const QUANT_FLAG_KINDS: readonly QuantKind[] = QUANT_KINDS;
+/** The serve settings that commands running the model (`generate`) take as flags, with serve's defaults and bounds. */
+const ENGINE_FLAG_SETTINGS = ['model', 'quant', 'blockSize', 'accuracyLevel', 'asymmetric', 'threads', 'cacheDir', 'maxModelLen', 'maxNumSeqs', 'maxLoras', 'maxLoraRank', 'prefillChunk', 'allowSpinning'] as const;
+
+const schemaSetting = (name: string): Setting => SETTINGS_BY_NAME.get(name)!;
+const flagName = (s: Setting) => s.flag.slice('--'.length);
 
 /** Flags shared by every command that runs the model (`serve` reads its settings from src/config instead). */
-export const engineFlags = {
-  model: { type: 'string' },
-  quant: { type: 'string' },
-  'block-size': { type: 'string' },
-  'accuracy-level': { type: 'string' },
-  asymmetric: { type: 'boolean' },
-  threads: { type: 'string' },
-  'cache-dir': { type: 'string' },
-  'max-model-len': { type: 'string' },
-  'max-num-seqs': { type: 'string' },
-  'max-loras': { type: 'string' },
-  'max-lora-rank': { type: 'string' },
-  'prefill-chunk': { type: 'string' },
-  'allow-spinning': { type: 'boolean' },
-} as const;
-
-export interface EngineSettings {
-  modelDir: string;
-  quant: QuantOptions;
-  threads: number;
-  cacheDir: string;
-  maxModelLen: number | null;
-  maxNumSeqs: number;
-  maxLoras: number;
-  maxLoraRank: number;
-  prefillChunk: number;
-  allowSpinning: boolean;
-  /** onnxruntime execution provider; default cpu. */
-  executionProvider?: 'cpu' | 'cuda';
-}
+export const engineFlags = Object.fromEntries(
+  ENGINE_FLAG_SETTINGS.map((name) => [flagName(schemaSetting(name)), { type: schemaSetting(name).type === 'bool' ? 'boolean' : 'string' } as const]),
+);
 
 export function defaultCacheDir(): string {
   return process.env['LORAPLEX_CACHE_DIR'] || cacheDirDefault(process.env);
 }
 
+/** A numeric flag checked against the schema's bounds (a short value list counts as its range). */
+function numericFlag(v: Record<string, unknown>, name: string, def: number): number {
+  const s = schemaSetting(name);
+  const values = s.values as readonly number[] | undefined;
+  const min = s.min ?? (values ? Math.min(...values) : undefined);
+  const max = s.max ?? (values ? Math.max(...values) : undefined);
+  return num(v, flagName(s), def, { integer: s.type === 'int', ...(min !== undefined ? { min } : {}), ...(max !== undefined ? { max } : {}) });
+}
+
+/** A numeric flag whose default is the schema's. */
+const numericSetting = (v: Record<string, unknown>, name: string) => numericFlag(v, name, defaultOf(schemaSetting(name), process.env) as number);
+
 export function engineSettings(v: Record<string, unknown>, modelDir: string): EngineSettings {
-  const kind = str(v, 'quant', 'int4', QUANT_FLAG_KINDS);
+  const kind = str(v, 'quant', defaultOf(schemaSetting('quant'), process.env) as QuantOptions['kind'], QUANT_KINDS);
   const quant: QuantOptions = { kind };
-  if (kind !== 'none') quant.blockSize = num(v, 'block-size', kind === 'nf4' ? 64 : 32, { integer: true, min: 16, max: 256 });
+  if (kind !== 'none') quant.blockSize = numericFlag(v, 'blockSize', defaultBlockSize(kind));
   if (kind === 'int4' || kind === 'int8') {
-    quant.accuracyLevel = num(v, 'accuracy-level', 4, { integer: true, min: 0, max: 4 });
+    quant.accuracyLevel = numericSetting(v, 'accuracyLevel');
     quant.symmetric = !v['asymmetric'];
   }
   return {
     modelDir,
     quant,
-    threads: num(v, 'threads', Math.min(2, availableParallelism()), { integer: true, min: 1, max: 256 }),
+    threads: numericSetting(v, 'threads'),
     cacheDir: typeof v['cache-dir'] === 'string' ? v['cache-dir'] : defaultCacheDir(),
-    maxModelLen: v['max-model-len'] === undefined ? null : num(v, 'max-model-len', 0, { integer: true, min: 2, max: 1 << 20 }),
-    maxNumSeqs: num(v, 'max-num-seqs', 8, { integer: true, min: 1, max: 1024 }),
-    maxLoras: num(v, 'max-loras', 4, { integer: true, min: 1, max: 256 }),
-    maxLoraRank: num(v, 'max-lora-rank', 16, { integer: true, min: 1, max: 1024 }),
-    prefillChunk: num(v, 'prefill-chunk', 64, { integer: true, min: 1, max: 1 << 16 }),
+    maxModelLen: v['max-model-len'] === undefined ? null : numericFlag(v, 'maxModelLen', 0),
+    maxNumSeqs: numericSetting(v, 'maxNumSeqs'),
+    maxLoras: numericSetting(v, 'maxLoras'),
+    maxLoraRank: numericSetting(v, 'maxLoraRank'),
+    prefillChunk: numericSetting(v, 'prefillChunk'),
     allowSpinning: Boolean(v['allow-spinning']),
   };
-}
-
-export interface LoadedEngine {
-  engine: Engine;
-  compiled: CompiledModel;
-  tokenizer: Tokenizer;
-  maxModelLen: number;
-  /** Seconds from the start of loading until the engine accepted steps. */
-  startSeconds: number;
-}
-
-/** Quantizes (or reuses the cache), starts the engine worker and loads the tokenizer. */
-export async function startEngine(s: EngineSettings): Promise<LoadedEngine> {
-  const t0 = performance.now();
-  const compiled = compileModel(s.modelDir, { quant: s.quant, cacheDir: s.cacheDir });
-  const maxModelLen = Math.min(s.maxModelLen ?? compiled.spec.maxPositions, compiled.spec.maxPositions);
-  const [engine, tokenizer] = await Promise.all([
-    Engine.start({
-      modelPath: compiled.modelPath,
-      layout: compiled.layout,
-      maxNumSeqs: s.maxNumSeqs,
-      maxModelLen,
-      slots: s.maxLoras + 1,
-      maxLoraRank: s.maxLoraRank,
-      intraOpThreads: s.threads,
-      executionProviders: [s.executionProvider ?? 'cpu'],
-      allowSpinning: s.allowSpinning,
-    }),
-    loadTokenizer(s.modelDir),
-  ]);
-  return { engine, compiled, tokenizer, maxModelLen, startSeconds: (performance.now() - t0) / 1000 };
 }

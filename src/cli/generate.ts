@@ -2,8 +2,10 @@ import { readPeftAdapter } from '../adapters/peft.js';
 import { validateSamplingParams, type SamplingParams } from '../sampling/index.js';
 import { Sequence } from '../scheduler/sequence.js';
 import { runBatch } from '../scheduler/batch.js';
-import { num, parse, str, UsageError } from './args.js';
-import { engineFlags, engineSettings, startEngine } from './common.js';
+import { UsageError } from '../config/usage-error.js';
+import { startEngine } from '../engine/start.js';
+import { num, parse, str } from './args.js';
+import { engineFlags, engineSettings } from './common.js';
 
 export const GENERATE_USAGE = `loraplex generate --model DIR [--adapter DIR] [--quant none|int4|nf4|int8] [--prompt TEXT]
     [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S]

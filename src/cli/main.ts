@@ -1,5 +1,5 @@
 #!/usr/bin/env node
-import { UsageError } from './args.js';
+import { UsageError } from '../config/usage-error.js';
 import { GENERATE_USAGE, generateCommand } from './generate.js';
 import { MAKE_MODEL_USAGE, makeModelCommand } from './make-model.js';
 import { SERVE_USAGE, serveCommand } from './serve.js';

@@ -1,5 +1,6 @@
 import { makeModel } from '../models/make.js';
-import { num, parse, str, UsageError } from './args.js';
+import { UsageError } from '../config/usage-error.js';
+import { num, parse, str } from './args.js';
 
 export const MAKE_MODEL_USAGE = 'loraplex make-model --arch llama|gpt2 --size tiny|small|1b --out DIR [--seed S]';
 

@@ -7,8 +7,9 @@ import { validateTrainConfig, type TrainConfigInput } from '../train/config.js';
 import { loadTrainData } from '../train/data.js';
 import { runTraining, type TrainEvent } from '../train/trainer.js';
 import { LoraplexError } from '../errors.js';
-import { num, parse, str, UsageError } from './args.js';
-import { QUANT_FLAG_KINDS } from './common.js';
+import { QUANT_KINDS } from '../config/schema.js';
+import { UsageError } from '../config/usage-error.js';
+import { num, parse, str } from './args.js';
 import type { QuantOptions } from '../../kernels/quant/index.js';
 
 export const TRAIN_USAGE = `loraplex train --model DIR --data FILE(.txt|.jsonl) --out DIR [--quant int4|nf4|int8|none]
@@ -33,7 +34,7 @@ export async function trainCommand(argv: string[]): Promise<void> {
   const modelDir = v['model'] as string;
   const out = resolve(v['out'] as string);
   if (existsSync(out)) throw new UsageError(`--out ${out}: already exists (choose a new directory)`);
-  const kind = str(v, 'quant', 'int4', QUANT_FLAG_KINDS);
+  const kind = str(v, 'quant', 'int4', QUANT_KINDS);
   // Training computes in float32 activations: accuracy level 0 keeps the 4-bit matmuls exact to the dequantized weights.
   const quant: QuantOptions = kind === 'none' ? { kind } : { kind, ...(kind === 'nf4' ? {} : { accuracyLevel: 0 }) };
   const { spec, weights } = loadModelDir(modelDir);

@@ -2,17 +2,20 @@ import { readFileSync, statSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import type { QuantOptions } from '../../kernels/quant/index.js';
-import { UsageError } from '../cli/args.js';
-import type { ServerConfig } from '../main.js';
+import type { ServerConfig } from './server-config.js';
+import { UsageError } from './usage-error.js';
 import {
   CONFIG_ENV,
   CONFIG_FLAG,
   SETTINGS,
   SETTINGS_BY_FLAG,
   SETTINGS_BY_NAME,
+  defaultBlockSize,
   defaultOf,
   ruleOf,
+  settingDefault,
   type DefaultEnv,
+  type ExecutionProvider,
   type Setting,
   type SettingValue,
 } from './schema.js';
@@ -96,14 +99,6 @@ export function resolveConfig(input: ParseConfigInput): ParsedConfig {
 /** `--help`: true when argv asks for the usage instead of a server. */
 export function wantsHelp(argv: readonly string[]): boolean {
   return argv.some((a) => a === '--help' || a === '-h');
-}
-
-/** A setting's default as parseConfig would give it (paths resolved against cwd). */
-export function settingDefault(name: string, env: DefaultEnv = process.env, cwd = process.cwd()): SettingValue {
-  const s = SETTINGS_BY_NAME.get(name);
-  if (!s) throw new Error(`no setting ${name}`);
-  const d = defaultOf(s, env);
-  return s.type === 'path' && typeof d === 'string' ? resolve(cwd, d) : d;
 }
 
 // --- sources ----------------------------------------------------------------------------------------
@@ -314,7 +309,7 @@ function toServerConfig(settings: ReadonlyMap<string, Resolved>, configFile: str
   const quant: QuantOptions = { kind };
   if (kind === 'none') {
     for (const name of ['blockSize', 'asymmetric', 'accuracyLevel']) if (set(name)) problems.push(`${at(name)}: only applies to quantized weights, and ${at('quant')}`);
-  } else quant.blockSize = v<number | null>('blockSize') ?? (kind === 'nf4' ? 64 : 32);
+  } else quant.blockSize = v<number | null>('blockSize') ?? defaultBlockSize(kind);
   if (kind === 'int4' || kind === 'int8') {
     quant.accuracyLevel = v<number>('accuracyLevel');
     quant.symmetric = !v<boolean>('asymmetric');
@@ -329,7 +324,7 @@ function toServerConfig(settings: ReadonlyMap<string, Resolved>, configFile: str
     source: model ?? 'demo',
     quant,
     threads: v('threads'),
-    executionProvider: v<'cpu' | 'cuda'>('executionProvider'),
+    executionProvider: v<ExecutionProvider>('executionProvider'),
     cacheDir,
     maxModelLen: v('maxModelLen'),
     maxNumSeqs: v('maxNumSeqs'),

@@ -1,5 +1,6 @@
 import { availableParallelism, homedir } from 'node:os';
-import { join } from 'node:path';
+import { join, resolve } from 'node:path';
+import type { QuantKind } from '../../kernels/quant/index.js';
 
 /**
  * Every `loraplex serve` setting, declared once. Flags, environment variables, config-file keys, `--help`
@@ -45,11 +46,19 @@ function setting(s: SettingSpec): Setting {
   return { ...s, flag: `--${kebab(s.name)}`, env: `LORAPLEX_${upperSnake(s.name)}` };
 }
 
-export const QUANT_KINDS = ['none', 'int4', 'nf4', 'int8'] as const;
+export const QUANT_KINDS = ['none', 'int4', 'nf4', 'int8'] as const satisfies readonly QuantKind[];
 export const AUTH_MODES = ['required', 'disabled'] as const;
+export type AuthMode = (typeof AUTH_MODES)[number];
+export const EXECUTION_PROVIDERS = ['cpu', 'cuda'] as const;
+export type ExecutionProvider = (typeof EXECUTION_PROVIDERS)[number];
 export const LOG_LEVELS = ['fatal', 'error', 'warn', 'info', 'debug', 'trace', 'silent'] as const;
 
 const MIB = 1024 * 1024;
+
+/** The quantization block size when none is set (blockSize's default depends on the kind). */
+export function defaultBlockSize(kind: QuantKind): number {
+  return kind === 'nf4' ? 64 : 32;
+}
 
 /** $XDG_CACHE_HOME/loraplex, or ~/.cache/loraplex. */
 export function cacheDirDefault(env: DefaultEnv): string {
@@ -63,7 +72,7 @@ export const SETTINGS: readonly Setting[] = [
   setting({ name: 'blockSize', type: 'int', values: [16, 32, 64, 128, 256], default: null, defaultText: '32 (64 for nf4)', description: 'quantization block size' }),
   setting({ name: 'accuracyLevel', type: 'int', min: 0, max: 4, default: 4, description: 'MatMulNBits accuracy level for int4/int8 (4 = int8 activations, fast; 0 = float32)' }),
   setting({ name: 'asymmetric', type: 'bool', default: false, description: 'asymmetric int4/int8 quantization (with zero points)' }),
-  setting({ name: 'executionProvider', type: 'enum', values: ['cpu', 'cuda'], default: 'cpu', description: 'onnxruntime execution provider; cuda needs onnxruntime-node installed with its CUDA 12 libraries (ONNXRUNTIME_NODE_INSTALL=cuda12)' }),
+  setting({ name: 'executionProvider', type: 'enum', values: EXECUTION_PROVIDERS, default: 'cpu', description: 'onnxruntime execution provider; cuda needs onnxruntime-node installed with its CUDA 12 libraries (ONNXRUNTIME_NODE_INSTALL=cuda12)' }),
   setting({ name: 'threads', type: 'int', min: 1, max: 256, default: () => Math.min(2, availableParallelism()), defaultText: 'min(2, CPUs)', description: 'onnxruntime intra-op threads' }),
   setting({ name: 'cacheDir', type: 'path', default: cacheDirDefault, defaultText: '$XDG_CACHE_HOME/loraplex or ~/.cache/loraplex', description: 'quantized graph cache' }),
   setting({ name: 'maxModelLen', type: 'int', min: 2, max: 1 << 20, default: null, defaultText: "the model's", description: 'tokens per sequence (prompt + generated)' }),
@@ -111,6 +120,14 @@ export const SETTINGS_BY_FLAG: ReadonlyMap<string, Setting> = new Map(SETTINGS.m
 /** The default of a setting, computed when it depends on the environment. */
 export function defaultOf(s: Setting, env: DefaultEnv): SettingValue {
   return typeof s.default === 'function' ? s.default(env) : s.default;
+}
+
+/** A setting's default as parseConfig would give it (paths resolved against cwd). */
+export function settingDefault(name: string, env: DefaultEnv = process.env, cwd = process.cwd()): SettingValue {
+  const s = SETTINGS_BY_NAME.get(name);
+  if (!s) throw new Error(`no setting ${name}`);
+  const d = defaultOf(s, env);
+  return s.type === 'path' && typeof d === 'string' ? resolve(cwd, d) : d;
 }
 
 /** The rule a value must follow, as error messages and --help state it: `an integer in [1, 256]`. */

@@ -1,4 +1,3 @@
-import type { AdapterStats } from '../adapters/manager.js';
 /**
  * The one prom-client Registry with every loraplex metric. Names: prefix `loraplex_`, unit in the name; labels
  * are bounded (method and status names, step kind, adapter state, at most `maxTenantLabels` tenants) and never
@@ -8,8 +7,14 @@ import type { AdapterStats } from '../adapters/manager.js';
 import { status as GrpcStatus } from '@grpc/grpc-js';
 import { collectDefaultMetrics, Counter, Gauge, Histogram, Registry } from 'prom-client';
 
-/** The adapter figures metrics read at scrape time: AdapterManager.stats(). */
-export type AdapterCounts = AdapterStats;
+/**
+ * The adapter figures metrics read at scrape time (the server hands it AdapterManager.stats()): adapters by
+ * state, bytes held in memory, and counters since start; each metric's help says what it counts.
+ */
+export type AdapterCounts = Record<
+  'stored' | 'loaded' | 'active' | 'memoryBytes' | 'loads' | 'evictions' | 'slotEvictions' | 'hits' | 'misses' | 'loadSecondsTotal',
+  number
+>;
 
 export type StepKind = 'prefill' | 'decode';
 

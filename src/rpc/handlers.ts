@@ -6,10 +6,10 @@ import { invalidArgument } from '../errors.js';
 import { FinishReason, type InferenceService } from '../gen/loraplex/v1/inference_pb.js';
 import { LoraplexError } from '../errors.js';
 import { asSeenBy, requireAdmin, scopeAdapterId, visibleAdapters, type Principal } from '../adapters/tenancy.js';
-import { annotate } from '../obs/requests.js';
+import { annotate } from './request-log.js';
 import { checkPromptSize, promptIds, validateGenerate, type GenerateLimits, type PromptInput } from '../validate/generate.js';
 import { adapterInfo, generateInput, promptInput } from './convert.js';
-import type { App } from './server.js';
+import type { App } from './app.js';
 
 /** Bounds on request size that no model setting implies. */
 const MAX_CHAT_MESSAGES = 256;

@@ -1,34 +1,15 @@
 import * as grpc from '@grpc/grpc-js';
-import type { AdapterManager } from '../adapters/manager.js';
-import type { CompiledModel } from '../engine/compile.js';
 import { AdapterService } from '../gen/loraplex/v1/adapters_pb.js';
 import { InferenceService } from '../gen/loraplex/v1/inference_pb.js';
 import { TrainService } from '../gen/loraplex/v1/train_pb.js';
-import type { JobManager } from '../train/jobs.js';
-import type { ServerConfig } from '../main.js';
 import type { Logger } from '../obs/logger.js';
-import type { Scheduler } from '../scheduler/scheduler.js';
-import type { Tokenizer } from '../tokenizer/index.js';
-import type { TaskPool } from '../workers/tasks.js';
+import type { App } from './app.js';
 import { addService, type CallObserver } from './bridge.js';
 import type { Principal } from '../adapters/tenancy.js';
 import { adapterHandlers, inferenceHandlers, unavailable } from './handlers.js';
 import { createHealth, type Health } from './health.js';
 import { addReflection } from './reflection.js';
 import { trainHandlers } from './train-handlers.js';
-
-/** Everything the handlers use, available once the model is loaded. */
-export interface App {
-  cfg: ServerConfig;
-  compiled: CompiledModel;
-  tokenizer: Tokenizer;
-  maxModelLen: number;
-  adapters: AdapterManager;
-  scheduler: Scheduler;
-  jobs: JobManager;
-  /** Heavy work (tokenizing large prompts, merges, exports, training data) runs here, off the event loop. */
-  pool: TaskPool;
-}
 
 export interface RpcServer {
   server: grpc.Server;

@@ -13,13 +13,13 @@ import {
   type TrainRequest,
   type TrainService,
 } from '../gen/loraplex/v1/train_pb.js';
-import { annotate } from '../obs/requests.js';
+import { annotate } from './request-log.js';
 import { validateTrainConfig, type TrainConfigInput } from '../train/config.js';
 import { type DataSourceInput, type ExampleInput, type TextSplit as DomainTextSplit } from '../train/data.js';
 import type { JobEvent, JobInfo, JobMetrics, JobState } from '../train/jobs.js';
 import type { ServiceImpl } from './bridge.js';
 import type { AppState } from './handlers.js';
-import type { App } from './server.js';
+import type { App } from './app.js';
 import { STATUS_BY_CODE } from './status.js';
 
 /** TrainService: validation in, job events out. The jobs themselves live in src/train/jobs.ts. */

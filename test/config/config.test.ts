@@ -5,7 +5,7 @@ import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ConfigError, parseConfig, resolveConfig, serveUsage, settingsMarkdown, type ParseConfigInput } from '../../src/config/parse.js';
 import { SETTINGS } from '../../src/config/schema.js';
-import { UsageError } from '../../src/cli/args.js';
+import { UsageError } from '../../src/config/usage-error.js';
 import { tempDir } from '../helpers/engine.js';
 
 const CLI = new URL('../../src/cli/main.js', import.meta.url).pathname;

@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
 import * as grpc from '@grpc/grpc-js';
 import { pino } from 'pino';
-import { startServer, type RunningServer, type ServerConfig } from '../../src/main.js';
+import type { ServerConfig } from '../../src/config/server-config.js';
+import { startServer, type RunningServer } from '../../src/main.js';
 import { makeClient } from '../../src/rpc/bridge.js';
 import { AdapterService } from '../../src/gen/loraplex/v1/adapters_pb.js';
 import { InferenceService, type GenerateResponse } from '../../src/gen/loraplex/v1/inference_pb.js';

@@ -24,7 +24,7 @@ import { startServer, type RunningServer } from '../../src/main.js';
 import { readModelSpec } from '../../src/models/config.js';
 import { startMetricsServer, type MetricsServer } from '../../src/obs/http.js';
 import { createMetrics, type Metrics } from '../../src/obs/metrics.js';
-import { createRequestLog } from '../../src/obs/requests.js';
+import { createRequestLog } from '../../src/rpc/request-log.js';
 import { makeClient } from '../../src/rpc/bridge.js';
 import { STORIES, tempDir } from '../helpers/engine.js';
 import { collect } from '../helpers/server.js';

@@ -4,7 +4,7 @@ import { Writable } from 'node:stream';
 import * as grpc from '@grpc/grpc-js';
 import { pino } from 'pino';
 import { createMetrics } from '../../src/obs/metrics.js';
-import { annotate, createRequestLog, requestId } from '../../src/obs/requests.js';
+import { annotate, createRequestLog, requestId } from '../../src/rpc/request-log.js';
 import type { CallContext } from '../../src/rpc/bridge.js';
 
 function capture(level = 'info') {

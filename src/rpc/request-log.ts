@@ -4,9 +4,9 @@
  */
 import { randomUUID } from 'node:crypto';
 import { status as GrpcStatus } from '@grpc/grpc-js';
-import type { CallContext, CallEndInfo, CallObserver } from '../rpc/bridge.js';
-import type { Logger } from './logger.js';
-import { shortMethod, statusName, type Metrics } from './metrics.js';
+import type { Logger } from '../obs/logger.js';
+import { shortMethod, statusName, type Metrics } from '../obs/metrics.js';
+import type { CallContext, CallEndInfo, CallObserver } from './bridge.js';
 
 export type { CallEndInfo, CallObserver };
 
