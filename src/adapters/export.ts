@@ -1,12 +1,13 @@
-import { copyFileSync, existsSync, lstatSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, writeFileSync, type Stats } from 'node:fs';
+import { copyFileSync, existsSync, lstatSync, readdirSync, readFileSync, rmSync, writeFileSync, type Stats } from 'node:fs';
 import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { LoraplexError, invalidArgument } from '../errors.js';
 import { dequantizeLinear, quantizeLinear, type QuantOptions } from '../../kernels/quant/index.js';
 import { loadModelDir } from '../models/load.js';
-import { fsyncDir, writeShardedSafetensors, writeSafetensors, type TensorToWrite } from '../models/safetensors.js';
+import { writeShardedSafetensors, writeSafetensors, type TensorToWrite } from '../models/safetensors.js';
 import type { HostTensor, ModelSpec } from '../models/spec.js';
 import type { PeftAdapter } from './peft.js';
+import { writeDirAtomic } from '../files/atomic-dir.js';
 import { parseJsonCapped } from '../files/json.js';
 
 /** Files of a Hugging Face model directory besides the weights that an export carries over when present. */
@@ -59,6 +60,8 @@ function linearModuleOf(spec: ModelSpec, name: string): string | null {
   return re.exec(name)?.[1] ?? null;
 }
 
+const outputExists = (outputName: string) => new LoraplexError('ALREADY_EXISTS', `output_name ${JSON.stringify(outputName)} already exists in the export root`);
+
 /**
  * Writes base + weighted adapter deltas as a plain Hugging Face model directory: the served base, i.e. every
  * linear weight quantized and dequantized with the served codec (exactly what the server computes with; the
@@ -69,7 +72,7 @@ export function exportMergedModel(modelDir: string, quant: QuantOptions, sources
   const t0 = performance.now();
   validateOutputName(outputName);
   const dest = join(exportRoot, outputName);
-  if (lstatOrNull(dest)) throw new LoraplexError('ALREADY_EXISTS', `output_name ${JSON.stringify(outputName)} already exists in the export root`);
+  if (lstatOrNull(dest)) throw outputExists(outputName);
   const { spec, weights } = loadModelDir(modelDir);
   const deltas = new Map<string, { adapter: PeftAdapter; weight: number; index: number }[]>();
   for (const s of sources) {
@@ -114,10 +117,8 @@ export function exportMergedModel(modelDir: string, quant: QuantOptions, sources
   const tensors: TensorToWrite[] = weights.names().map((name) => ({ name, shape: weights.shape(name), data: () => served(name).data }));
   const totalBytes = tensors.reduce((n, t) => n + t.shape.reduce((a, b) => a * b, 1) * (dtype === 'F16' ? 2 : 4), 0);
 
-  mkdirSync(exportRoot, { recursive: true });
-  const tmp = join(exportRoot, `${TMP_PREFIX}${outputName}-${randomBytes(4).toString('hex')}`);
-  mkdirSync(tmp);
-  try {
+  const temp = join(exportRoot, `${TMP_PREFIX}${outputName}-${randomBytes(4).toString('hex')}`);
+  const fill = (tmp: string) => {
     if (totalBytes > MAX_SHARD_BYTES) writeShardedSafetensors(tmp, tensors, dtype, MAX_SHARD_BYTES);
     else writeSafetensors(join(tmp, 'model.safetensors'), tensors, dtype);
     // The model directory is the operator's (a Hugging Face cache links its files), so symlinks are fine here.
@@ -132,13 +133,8 @@ export function exportMergedModel(modelDir: string, quant: QuantOptions, sources
       specModelType: spec.modelType,
     };
     writeFileSync(join(tmp, 'loraplex_export.json'), `${JSON.stringify(provenance, null, 2)}\n`);
-    fsyncDir(tmp);
-    renameSync(tmp, dest);
-    fsyncDir(exportRoot);
-  } catch (e) {
-    rmSync(tmp, { recursive: true, force: true });
-    throw e;
-  }
+  };
+  if (!writeDirAtomic(dest, fill, { temp, syncTemp: true, syncDirs: [exportRoot] })) throw outputExists(outputName);
   let bytes = 0;
   for (const f of ['model.safetensors']) bytes += lstatOrNull(join(dest, f))?.size ?? 0;
   return { dir: dest, bytes: bytes || totalBytes, seconds: (performance.now() - t0) / 1000 };

@@ -1,10 +1,10 @@
-import { existsSync, mkdirSync, renameSync, rmSync } from 'node:fs';
-import { randomBytes } from 'node:crypto';
-import { basename, dirname, join } from 'node:path';
+import { existsSync } from 'node:fs';
+import { basename, join } from 'node:path';
 import { fillNormal } from '../models/make.js';
 import { SafetensorsError, SafetensorsSource, type SafetensorsDtype, writeFileAtomic, writeSafetensors } from '../models/safetensors.js';
 import type { ModelSpec, ModelFamily } from '../models/spec.js';
 import { RE2JS } from 're2js';
+import { writeDirAtomic } from '../files/atomic-dir.js';
 import { clipJson, parseJsonCapped, UntrustedJsonError } from '../files/json.js';
 import { readUnderRoot, UnderRootError } from '../files/under-root.js';
 
@@ -450,27 +450,14 @@ export function writePeftAdapter(dir: string, adapter: PeftAdapter, opts: WriteP
     { name: `base_model.model.${full(m.module)}.lora_B.weight`, shape: [m.outFeatures, m.r], data: m.b },
   ]);
 
-  const parent = dirname(dir);
-  mkdirSync(parent, { recursive: true });
-  const tag = `${process.pid}-${randomBytes(4).toString('hex')}`;
-  const tmp = join(parent, `.${basename(dir)}.tmp-${tag}`);
-  mkdirSync(tmp);
-  try {
-    writeFileAtomic(join(tmp, 'adapter_config.json'), JSON.stringify(config, null, 2) + '\n');
-    writeSafetensors(join(tmp, 'adapter_model.safetensors'), tensors, opts.dtype ?? 'F32', { format: 'pt' });
-    if (existsSync(dir)) {
-      // rename() cannot replace a non-empty directory: move the old one aside, swap, then delete it.
-      const old = join(parent, `.${basename(dir)}.old-${tag}`);
-      renameSync(dir, old);
-      renameSync(tmp, dir);
-      rmSync(old, { recursive: true, force: true });
-    } else {
-      renameSync(tmp, dir);
-    }
-  } catch (err) {
-    rmSync(tmp, { recursive: true, force: true });
-    throw err;
-  }
+  writeDirAtomic(
+    dir,
+    (tmp) => {
+      writeFileAtomic(join(tmp, 'adapter_config.json'), JSON.stringify(config, null, 2) + '\n');
+      writeSafetensors(join(tmp, 'adapter_model.safetensors'), tensors, opts.dtype ?? 'F32', { format: 'pt' });
+    },
+    { replace: true },
+  );
 }
 
 export interface RandomAdapterOptions {

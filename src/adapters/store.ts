@@ -1,4 +1,4 @@
-import { existsSync, lstatSync, mkdirSync, readdirSync, realpathSync, renameSync, rmSync, statSync } from 'node:fs';
+import { existsSync, lstatSync, mkdirSync, readdirSync, realpathSync, rmSync, statSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { dirname, join, relative, resolve } from 'node:path';
 import { LoraplexError, invalidArgument, notFound } from '../errors.js';
@@ -7,7 +7,7 @@ import type { LoraModuleInfo } from '../models/graph.js';
 import type { ModelSpec } from '../models/spec.js';
 import { validateAdapterId } from './ids.js';
 import { adapterKeyPath, displayId, isTenantName, parseAdapterKey, TENANT_SEPARATOR } from './tenancy.js';
-import { fsyncDir } from '../models/safetensors.js';
+import { installDir, removeDirAtomic } from '../files/atomic-dir.js';
 import { MAX_ALPHA, MAX_PATTERN_LENGTH, MAX_RANK, PeftFormatError, readPeftConfig, readPeftWeights, writePeftAdapter, type PeftAdapter, type PeftConfig, type PeftLocation } from './peft.js';
 import { isUnder } from '../files/under-root.js';
 
@@ -281,20 +281,7 @@ export class AdapterStore {
     mkdirSync(dirname(dir), { recursive: true });
     try {
       writePeftAdapter(tmp, adapter);
-      for (let attempt = 0; ; attempt++) {
-        try {
-          renameSync(tmp, dir);
-          break;
-        } catch (err) {
-          const code = errno(err);
-          if (code !== 'ENOTEMPTY' && code !== 'EEXIST' && code !== 'ENOTDIR') throw err;
-          if (!mayReplace()) throw this.exists(id);
-          if (attempt >= 3) throw err;
-          this.moveAsideAndRemove(dir);
-        }
-      }
-      fsyncDir(dirname(dir));
-      if (dirname(dir) !== this.root) fsyncDir(this.root);
+      if (!installDir(tmp, dir, { replace: mayReplace, aside: () => this.tombstone(), syncDirs: this.syncDirs(dir) })) throw this.exists(id);
     } finally {
       rmSync(tmp, { recursive: true, force: true });
     }
@@ -310,17 +297,17 @@ export class AdapterStore {
 
   /** False when dir vanished meanwhile. */
   private moveAsideAndRemove(dir: string): boolean {
-    const tomb = join(this.root, `${TOMBSTONE_PREFIX}${tag()}`);
-    try {
-      renameSync(dir, tomb);
-    } catch (err) {
-      if (errno(err) === 'ENOENT') return false;
-      throw err;
-    }
-    fsyncDir(dirname(dir));
-    if (dirname(dir) !== this.root) fsyncDir(this.root);
-    rmSync(tomb, { recursive: true, force: true });
-    return true;
+    return removeDirAtomic(dir, this.tombstone(), this.syncDirs(dir));
+  }
+
+  /** Where a deleted or replaced adapter goes before it is removed (startup sweeps leftovers). */
+  private tombstone(): string {
+    return join(this.root, `${TOMBSTONE_PREFIX}${tag()}`);
+  }
+
+  /** The directories a rename under the root changes: the adapter's parent, and the root above a tenant's. */
+  private syncDirs(dir: string): string[] {
+    return dirname(dir) === this.root ? [this.root] : [dirname(dir), this.root];
   }
 
   private missing(id: string): LoraplexError {

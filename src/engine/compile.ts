@@ -1,7 +1,8 @@
 import { createHash } from 'node:crypto';
-import { existsSync, mkdirSync, readFileSync, renameSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { writeOnnxModel } from '../../kernels/onnx.js';
+import { writeDirAtomic } from '../files/atomic-dir.js';
 import type { QuantOptions } from '../../kernels/quant/index.js';
 import { buildServingGraph, type ServingLayout } from '../models/graph.js';
 import { quantizedLinear } from '../models/linear.js';
@@ -72,18 +73,18 @@ export function compileModel(modelDir: string, opts: CompileOptions): CompiledMo
     embeddingFp16: opts.quant.kind !== 'none',
     toFp16,
   });
-  mkdirSync(opts.cacheDir, { recursive: true });
-  const tmp = `${entry}.tmp-${process.pid}-${Date.now()}`;
-  rmSync(tmp, { recursive: true, force: true });
-  mkdirSync(tmp);
   try {
-    writeOnnxModel(graph.toOnnx(), tmp, 'model');
-    const meta: CacheMeta = { engineVersion: ENGINE_VERSION, spec, layout, notes, quant: opts.quant };
-    writeFileSync(join(tmp, 'meta.json'), JSON.stringify(meta));
-    rmSync(entry, { recursive: true, force: true });
-    renameSync(tmp, entry);
+    // An entry of an older engine version is replaced.
+    writeDirAtomic(
+      entry,
+      (tmp) => {
+        writeOnnxModel(graph.toOnnx(), tmp, 'model');
+        const meta: CacheMeta = { engineVersion: ENGINE_VERSION, spec, layout, notes, quant: opts.quant };
+        writeFileSync(join(tmp, 'meta.json'), JSON.stringify(meta));
+      },
+      { replace: true },
+    );
   } catch (e) {
-    rmSync(tmp, { recursive: true, force: true });
     if (!existsSync(metaPath)) throw e;
     // Another process finished the same entry first; use theirs.
   }

@@ -1,8 +1,8 @@
-import { existsSync, mkdirSync, readdirSync, readFileSync, renameSync, rmSync, statSync } from 'node:fs';
-import { randomBytes } from 'node:crypto';
+import { existsSync, mkdirSync, readdirSync, readFileSync, rmSync, statSync } from 'node:fs';
 import { join } from 'node:path';
 import { readPeftAdapter, writePeftAdapter, type PeftAdapter } from '../adapters/peft.js';
-import { fsyncDir, SafetensorsSource, writeFileAtomic, writeSafetensors, type TensorToWrite } from '../models/safetensors.js';
+import { writeDirAtomic } from '../files/atomic-dir.js';
+import { SafetensorsSource, writeFileAtomic, writeSafetensors, type TensorToWrite } from '../models/safetensors.js';
 import type { ModelSpec } from '../models/spec.js';
 import { Rng } from '../sampling/rng.js';
 import type { TrainConfig } from './config.js';
@@ -74,44 +74,33 @@ export function writeCheckpoint(jobDir: string, state: CheckpointState, opts: { 
   mkdirSync(jobDir, { recursive: true });
   const name = checkpointDirName(state.step);
   const final = join(jobDir, name);
-  const tag = `${process.pid}-${randomBytes(4).toString('hex')}`;
-  const tmp = join(jobDir, `.${name}.tmp-${tag}`);
-  mkdirSync(tmp);
-  try {
-    writePeftAdapter(join(tmp, ADAPTER_DIR), state.adapter);
-    const tensors: TensorToWrite[] = [];
-    for (const [param, m] of state.optimizer.expAvg) {
-      const v = state.optimizer.expAvgSq.get(param);
-      if (!v) throw new Error(`writeCheckpoint: optimizer state of ${param} has no exp_avg_sq`);
-      tensors.push({ name: `${param}.exp_avg`, shape: [m.length], data: m }, { name: `${param}.exp_avg_sq`, shape: [v.length], data: v });
-    }
-    writeSafetensors(join(tmp, OPTIMIZER_FILE), tensors, 'F32', { format: 'pt' });
-    const json = {
-      format: CHECKPOINT_FORMAT,
-      step: state.step,
-      epoch: state.epoch,
-      batchIndex: state.batchIndex,
-      optimizerStep: state.optimizer.step,
-      rng: state.rng,
-      config: state.config,
-      metrics: state.metrics,
-      extra: state.extra ?? {},
-    };
-    writeFileAtomic(join(tmp, STATE_FILE), JSON.stringify(json, null, 1) + '\n');
-    if (existsSync(final)) {
-      // rename() cannot replace a non-empty directory: move the old one aside first.
-      const old = join(jobDir, `.${name}.old-${tag}`);
-      renameSync(final, old);
-      renameSync(tmp, final);
-      rmSync(old, { recursive: true, force: true });
-    } else {
-      renameSync(tmp, final);
-    }
-    fsyncDir(jobDir);
-  } catch (err) {
-    rmSync(tmp, { recursive: true, force: true });
-    throw err;
-  }
+  // Temp and replaced checkpoints are `.checkpoint-<step>.{tmp,old}-*` beside it: pruneCheckpoints sweeps them.
+  writeDirAtomic(
+    final,
+    (tmp) => {
+      writePeftAdapter(join(tmp, ADAPTER_DIR), state.adapter);
+      const tensors: TensorToWrite[] = [];
+      for (const [param, m] of state.optimizer.expAvg) {
+        const v = state.optimizer.expAvgSq.get(param);
+        if (!v) throw new Error(`writeCheckpoint: optimizer state of ${param} has no exp_avg_sq`);
+        tensors.push({ name: `${param}.exp_avg`, shape: [m.length], data: m }, { name: `${param}.exp_avg_sq`, shape: [v.length], data: v });
+      }
+      writeSafetensors(join(tmp, OPTIMIZER_FILE), tensors, 'F32', { format: 'pt' });
+      const json = {
+        format: CHECKPOINT_FORMAT,
+        step: state.step,
+        epoch: state.epoch,
+        batchIndex: state.batchIndex,
+        optimizerStep: state.optimizer.step,
+        rng: state.rng,
+        config: state.config,
+        metrics: state.metrics,
+        extra: state.extra ?? {},
+      };
+      writeFileAtomic(join(tmp, STATE_FILE), JSON.stringify(json, null, 1) + '\n');
+    },
+    { replace: true, syncDirs: [jobDir] },
+  );
   if (opts.keep !== undefined) pruneCheckpoints(jobDir, opts.keep);
   return final;
 }
