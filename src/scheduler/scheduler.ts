@@ -2,7 +2,7 @@ import { LoraplexError, resourceExhausted } from '../errors.js';
 import type { StepRow } from '../engine/runtime.js';
 import type { SamplingParams } from '../sampling/index.js';
 import type { Tokenizer } from '../tokenizer/index.js';
-import { EventQueue } from './events.js';
+import { AsyncQueue } from '../util/async-queue.js';
 import { NonFiniteLogits, Sequence, type FinishReason, type TokenEvent } from './sequence.js';
 
 /** What the scheduler needs from the engine: one forward step at a time. */
@@ -76,7 +76,7 @@ export interface Timings {
 interface Entry {
   seq: Sequence;
   req: GenerationRequest;
-  events: EventQueue<GenerationEvent>;
+  events: AsyncQueue<GenerationEvent>;
   arrived: number;
   admitted: number | null;
   firstToken: number | null;
@@ -161,12 +161,10 @@ export class Scheduler {
   submit(req: GenerationRequest): AsyncIterable<GenerationEvent> {
     if (!this.accepting) throw new LoraplexError('UNAVAILABLE', 'server is draining; retry on another replica');
     if (this.waiting.length >= this.opts.maxWaiting) {
-      const err = resourceExhausted(`queue full: ${this.waiting.length} requests waiting (maxWaiting ${this.opts.maxWaiting}); retry later`);
-      (err as LoraplexError & { retryAfterMs?: number }).retryAfterMs = 1000;
-      throw err;
+      throw resourceExhausted(`queue full: ${this.waiting.length} requests waiting (maxWaiting ${this.opts.maxWaiting}); retry later`, { retryAfterMs: 1000 });
     }
     const seq = new Sequence(req.promptIds, req.params, this.tokenizer, 0, this.opts.eosTokenIds, this.opts.maxModelLen);
-    const entry: Entry = { seq, req, events: new EventQueue(), arrived: performance.now(), admitted: null, firstToken: null, lastToken: null, lease: null, abort: null };
+    const entry: Entry = { seq, req, events: new AsyncQueue<GenerationEvent>(), arrived: performance.now(), admitted: null, firstToken: null, lastToken: null, lease: null, abort: null };
     if (req.signal) {
       const onAbort = () => this.abortEntry(entry, req.signal!.reason);
       if (req.signal.aborted) onAbort();
