@@ -84,7 +84,7 @@ test('cancel frees the row and the adapter pin; a full queue is RESOURCE_EXHAUST
     await it.next(); // running
     assert.equal((await s.adapters.info('a1')).activeRequests, 1);
     const queued = s.scheduler.submit(s.request('One day', null));
-    assert.throws(() => s.scheduler.submit(s.request('The cat', null)), (e: unknown) => e instanceof LoraplexError && e.code === 'RESOURCE_EXHAUSTED' && /maxWaiting 1/.test(e.message));
+    assert.throws(() => s.scheduler.submit(s.request('The cat', null)), (e: unknown) => e instanceof LoraplexError && e.code === 'RESOURCE_EXHAUSTED' && e.retryAfterMs === 1000 && /maxWaiting 1/.test(e.message));
     ctl.abort(new LoraplexError('CANCELLED', 'client cancelled'));
     await assert.rejects(async () => { for (;;) { const r = await it.next(); if (r.done) break; } }, /client cancelled/);
     const q = await collect(queued);
