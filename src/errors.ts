@@ -15,21 +15,32 @@ export type ErrorCode =
   | 'DEADLINE_EXCEEDED'
   | 'INTERNAL';
 
+export interface LoraplexErrorOptions {
+  /** For the log only: never shown to the client. */
+  cause?: unknown;
+  /** RESOURCE_EXHAUSTED: when a retry may succeed; src/rpc sends it as a trailer (connect-es keeps such metadata on the error). */
+  retryAfterMs?: number;
+}
+
 export class LoraplexError extends Error {
+  /** Set only when given, so errors without a hint keep their shape (`declare`: no own property otherwise). */
+  declare readonly retryAfterMs?: number;
+
   constructor(
     readonly code: ErrorCode,
     message: string,
-    options?: { cause?: unknown },
+    options?: LoraplexErrorOptions,
   ) {
-    super(message, options);
+    super(message, options && 'cause' in options ? { cause: options.cause } : undefined);
     this.name = 'LoraplexError';
+    if (options?.retryAfterMs !== undefined) Object.assign(this, { retryAfterMs: options.retryAfterMs });
   }
 }
 
 export const invalidArgument = (message: string, cause?: unknown) => new LoraplexError('INVALID_ARGUMENT', message, { cause });
 export const notFound = (message: string) => new LoraplexError('NOT_FOUND', message);
 export const failedPrecondition = (message: string) => new LoraplexError('FAILED_PRECONDITION', message);
-export const resourceExhausted = (message: string) => new LoraplexError('RESOURCE_EXHAUSTED', message);
+export const resourceExhausted = (message: string, options?: LoraplexErrorOptions) => new LoraplexError('RESOURCE_EXHAUSTED', message, options);
 
 /** errno codes of a full disk or an exhausted quota. */
 const DISK_FULL = new Set(['ENOSPC', 'EDQUOT']);

@@ -35,7 +35,7 @@ export function toStatus(err: unknown, method: string, log?: ErrorLogger): Serve
     // INTERNAL thrown on purpose still means something is broken: log it, but its message was written for the client.
     if (code === Status.INTERNAL) log?.(err, method);
     const metadata = new Metadata();
-    const retryAfterMs = (err as { retryAfterMs?: unknown }).retryAfterMs;
+    const { retryAfterMs } = err;
     if (code === Status.RESOURCE_EXHAUSTED && typeof retryAfterMs === 'number' && Number.isFinite(retryAfterMs) && retryAfterMs >= 0) {
       metadata.set(RETRY_AFTER_HEADER, String(Math.ceil(retryAfterMs)));
     }

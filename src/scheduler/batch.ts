@@ -11,7 +11,8 @@ export interface BatchOptions {
 /**
  * Runs a fixed set of sequences to completion: each prompt is prefilled in chunks (one sequence per step,
  * which ORT's attention needs), then all running sequences decode together, one token per row per step;
- * rows leave the batch as they finish. The server's continuous scheduler builds on the same steps.
+ * rows leave the batch as they finish. The same sequence state, rows and output stage as the server's
+ * scheduler (a fixed batch with caller-set slots needs no admission, leases or streams).
  */
 export async function runBatch(engine: Engine, seqs: Sequence[], opts: BatchOptions): Promise<void> {
   if (seqs.length > engine.opts.maxNumSeqs) throw new RangeError(`${seqs.length} sequences: more than maxNumSeqs ${engine.opts.maxNumSeqs}`);
@@ -22,9 +23,9 @@ export async function runBatch(engine: Engine, seqs: Sequence[], opts: BatchOpti
   };
   for (const s of seqs) {
     while (s.prefilling) {
-      const tokens = s.nextInput(opts.prefillChunk);
-      const { logits } = await engine.step([{ kvRow: s.kvRow, slot: s.slot, pastLen: s.pastLen, tokens }]);
-      s.advance(tokens.length);
+      const row = s.stepRow(opts.prefillChunk);
+      const { logits } = await engine.step([row]);
+      s.advance(row.tokens.length);
       if (!s.prefilling) emit(s, logits);
     }
   }
@@ -32,7 +33,7 @@ export async function runBatch(engine: Engine, seqs: Sequence[], opts: BatchOpti
   for (;;) {
     const running = seqs.filter((s) => !s.done);
     if (running.length === 0) break;
-    const rows: StepRow[] = running.map((s) => ({ kvRow: s.kvRow, slot: s.slot, pastLen: s.pastLen, tokens: s.nextInput(1) }));
+    const rows: StepRow[] = running.map((s) => s.stepRow(1));
     const { logits } = await engine.step(rows);
     running.forEach((s, b) => {
       s.advance(1);

@@ -8,6 +8,7 @@ import type { PeftAdapter } from '../adapters/peft.js';
 import { adapterKey } from '../adapters/tenancy.js';
 import { LoraplexError, diskFullAs, failedPrecondition, invalidArgument, notFound, resourceExhausted, type ErrorCode } from '../errors.js';
 import { fsyncDir, writeFileAtomic } from '../models/safetensors.js';
+import { AsyncQueue } from '../util/async-queue.js';
 import { isCheckpointDir, listCheckpoints } from './checkpoint.js';
 import type { TrainConfig } from './config.js';
 import type { TrainData } from './data.js';
@@ -181,48 +182,12 @@ const DATA_FILE = 'data.json';
 /** A watcher that does not read keeps at most this many events (older progress is dropped first). */
 const MAX_PENDING_EVENTS = 256;
 
-/** One watcher's events, waiting to be read. */
-class EventQueue {
-  private readonly items: JobEvent[] = [];
-  private wake: (() => void) | null = null;
-  private error: Error | null = null;
-
-  push(e: JobEvent): void {
-    if (this.items.length >= MAX_PENDING_EVENTS) {
-      const i = this.items.findIndex((x) => x.type === 'progress');
-      this.items.splice(i >= 0 ? i : 0, 1);
-    }
-    this.items.push(e);
-    this.wake?.();
-  }
-
-  fail(err: Error): void {
-    this.error = err;
-    this.wake?.();
-  }
-
-  async next(signal?: AbortSignal): Promise<JobEvent> {
-    for (;;) {
-      signal?.throwIfAborted();
-      const e = this.items.shift();
-      if (e) return e;
-      if (this.error) throw this.error;
-      await new Promise<void>((resolve) => {
-        const done = () => {
-          this.wake = null;
-          signal?.removeEventListener('abort', done);
-          resolve();
-        };
-        this.wake = done;
-        signal?.addEventListener('abort', done, { once: true });
-      });
-    }
-  }
-}
+/** One watcher's events, waiting to be read; a watcher that does not read loses old progress first. */
+const watcherQueue = () => new AsyncQueue<JobEvent>({ maxPending: MAX_PENDING_EVENTS, droppable: (e) => e.type === 'progress' });
 
 interface Job {
   rec: JobRecord;
-  watchers: Set<EventQueue>;
+  watchers: Set<AsyncQueue<JobEvent>>;
   ended: Promise<void>;
   markEnded: () => void;
   cancelRequested: boolean;
@@ -364,12 +329,14 @@ export class JobManager {
       yield* replay;
       return;
     }
-    const queue = new EventQueue();
+    const queue = watcherQueue();
     job.watchers.add(queue);
     try {
       yield* replay;
       for (;;) {
-        const e = await queue.next(signal);
+        const r = await queue.next(signal);
+        if (r.done) return;
+        const e = r.value;
         yield e;
         if (isFinalEvent(e)) return;
       }
@@ -444,7 +411,7 @@ export class JobManager {
     this.running?.handle.stop();
     await this.runDone;
     const err = new LoraplexError('UNAVAILABLE', 'server is shutting down; the job resumes when it starts again');
-    for (const j of this.jobs.values()) for (const w of j.watchers) w.fail(err);
+    for (const j of this.jobs.values()) for (const w of j.watchers) w.end(err);
   }
 
   // --- internals ---------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import { Scheduler, type GenerationEvent, type SchedulerObserver } from '../../s
 import { loadTokenizer } from '../../src/tokenizer/index.js';
 import type { SamplingParams } from '../../src/sampling/index.js';
 import { STORIES } from '../helpers/engine.js';
+import type { AdapterKey } from '../../src/adapter-key.js';
 
 const greedy = (maxNewTokens: number): SamplingParams => ({ temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1, maxNewTokens, stopTokenIds: [], stopStrings: [] });
 const TOKEN = 300; // every row's argmax: never EOS
@@ -52,8 +53,8 @@ test('steps, tokens, requests and queue state reach the observer', async () => {
   try {
     const prompt = tokenizer.encode('Once upon a time there was a cat');
     const got = await Promise.all([
-      drain(scheduler.submit({ promptIds: prompt, params: greedy(5), adapterId: null, adapterScale: 1, tenant: 'acme' })),
-      drain(scheduler.submit({ promptIds: prompt, params: greedy(3), adapterId: 'a1', adapterScale: 1 })),
+      drain(scheduler.submit({ promptIds: prompt, params: greedy(5), adapterKey: null, adapterScale: 1, tenant: 'acme' })),
+      drain(scheduler.submit({ promptIds: prompt, params: greedy(3), adapterKey: 'a1' as AdapterKey, adapterScale: 1 })),
     ]);
     assert.deepEqual(got, [5, 3]);
     await new Promise((r) => setTimeout(r, 20)); // the loop reports the idle state after the last step
@@ -92,7 +93,7 @@ test('a cancelled request is reported as aborted; a throwing observer fails no r
   scheduler.observer = rec.observer; // attached after construction, as a test server does
   try {
     const ac = new AbortController();
-    const events = scheduler.submit({ promptIds: tokenizer.encode('Hello'), params: greedy(100), adapterId: null, adapterScale: 1, signal: ac.signal });
+    const events = scheduler.submit({ promptIds: tokenizer.encode('Hello'), params: greedy(100), adapterKey: null, adapterScale: 1, signal: ac.signal });
     let seen = 0;
     await assert.rejects(async () => {
       for await (const e of events) if (e.type === 'token' && ++seen === 3) ac.abort();
@@ -103,7 +104,7 @@ test('a cancelled request is reported as aborted; a throwing observer fails no r
     assert.ok(rec.requests[0]!.generatedTokens >= 3);
 
     scheduler.observer = { ...rec.observer, observeInterToken: () => { throw new Error('observer bug'); } };
-    assert.equal(await drain(scheduler.submit({ promptIds: tokenizer.encode('Hello'), params: greedy(4), adapterId: null, adapterScale: 1 })), 4);
+    assert.equal(await drain(scheduler.submit({ promptIds: tokenizer.encode('Hello'), params: greedy(4), adapterKey: null, adapterScale: 1 })), 4);
     assert.equal(errors.length, 3);
     assert.match(String(errors[0]), /scheduler observer failed/);
     assert.match(String((errors[0] as Error).cause), /observer bug/);

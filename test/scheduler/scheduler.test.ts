@@ -7,6 +7,7 @@ import { Scheduler, type GenerationEvent, type GenerationRequest } from '../../s
 import { loadTokenizer } from '../../src/tokenizer/index.js';
 import { LoraplexError } from '../../src/errors.js';
 import type { SamplingParams } from '../../src/sampling/index.js';
+import type { AdapterKey } from '../../src/adapter-key.js';
 import { startTestEngine, STORIES, tempDir } from '../helpers/engine.js';
 
 const greedy = (maxNewTokens: number): SamplingParams => ({ temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1, maxNewTokens, stopTokenIds: [], stopStrings: [] });
@@ -33,8 +34,9 @@ async function setup(opts: { maxNumSeqs: number; maxWaiting?: number; maxLoras?:
   const scheduler = new Scheduler(engine, adapters, tokenizer, {
     maxNumSeqs: opts.maxNumSeqs, maxWaiting: opts.maxWaiting ?? 64, maxModelLen: 256, prefillChunk: 3, eosTokenIds: compiled.spec.eosTokenIds,
   });
+  // Without tenancy an adapter's key is its id.
   const request = (prompt: string, adapterId: string | null, extra: Partial<GenerationRequest> = {}): GenerationRequest => ({
-    promptIds: tokenizer.encode(prompt), params: greedy(20), adapterId, adapterScale: 1, ...extra,
+    promptIds: tokenizer.encode(prompt), params: greedy(20), adapterKey: adapterId as AdapterKey | null, adapterScale: 1, ...extra,
   });
   return { engine, scheduler, adapters, request, close: async () => { await scheduler.close(); await engine.close(); } };
 }
@@ -82,7 +84,7 @@ test('cancel frees the row and the adapter pin; a full queue is RESOURCE_EXHAUST
     await it.next(); // running
     assert.equal((await s.adapters.info('a1')).activeRequests, 1);
     const queued = s.scheduler.submit(s.request('One day', null));
-    assert.throws(() => s.scheduler.submit(s.request('The cat', null)), (e: unknown) => e instanceof LoraplexError && e.code === 'RESOURCE_EXHAUSTED' && /maxWaiting 1/.test(e.message));
+    assert.throws(() => s.scheduler.submit(s.request('The cat', null)), (e: unknown) => e instanceof LoraplexError && e.code === 'RESOURCE_EXHAUSTED' && e.retryAfterMs === 1000 && /maxWaiting 1/.test(e.message));
     ctl.abort(new LoraplexError('CANCELLED', 'client cancelled'));
     await assert.rejects(async () => { for (;;) { const r = await it.next(); if (r.done) break; } }, /client cancelled/);
     const q = await collect(queued);
