@@ -1,4 +1,3 @@
-import { isAbsolute, relative, resolve, sep } from 'node:path';
 import { invalidArgument } from '../errors.js';
 
 /**
@@ -27,19 +26,4 @@ export function validateAdapterId(id: unknown): string {
   // because dots are allowed inside a name ('v1.2').
   if (!ID_RE.test(id) || id.includes('..')) throw invalidArgument(`adapter_id ${quoted(id)}: ${RULE}`);
   return id;
-}
-
-/**
- * The directory of `id` under `root`, after validating the id and checking (belt and braces) that the
- * resolved path is a direct child of the resolved root.
- */
-export function adapterPath(root: string, id: string): string {
-  validateAdapterId(id);
-  const base = resolve(root);
-  const full = resolve(base, id);
-  const rel = relative(base, full);
-  if (rel !== id || rel.includes(sep) || isAbsolute(rel) || rel.startsWith('..')) {
-    throw invalidArgument(`adapter_id ${quoted(id)}: ${RULE}`);
-  }
-  return full;
 }

@@ -1,3 +1,4 @@
+import type { AdapterKey } from '../adapter-key.js';
 import { LoraplexError } from '../errors.js';
 import type { ModelSpec } from '../models/spec.js';
 import { mergeAdapters, type MergeOptions, type MergeSource } from './merge.js';
@@ -6,7 +7,7 @@ import type { AdapterDescription, AdapterLimits, AdapterStore } from './store.js
 
 /** What a listing needs of one stored adapter, read without touching its tensors. */
 export interface StoredAdapter {
-  key: string;
+  adapterKey: AdapterKey;
   description: AdapterDescription;
   /** Bytes on disk; 0 when the directory vanished meanwhile. */
   bytes: number;
@@ -18,36 +19,36 @@ export interface StoredAdapter {
  * (tests, tools).
  */
 export interface AdapterIo {
-  read(key: string, spec: ModelSpec, limits: AdapterLimits): Promise<PeftAdapter>;
+  read(adapterKey: AdapterKey, spec: ModelSpec, limits: AdapterLimits): Promise<PeftAdapter>;
   merge(sources: MergeSource[], opts: MergeOptions): Promise<PeftAdapter>;
   /** store.write without overwrite (ALREADY_EXISTS when taken). The adapter is copied, the caller keeps it. */
-  write(key: string, adapter: PeftAdapter): Promise<void>;
+  write(adapterKey: AdapterKey, adapter: PeftAdapter): Promise<void>;
   /** Every stored adapter (store.list()) with its description and size. */
   listStored(): Promise<StoredAdapter[]>;
   /** One stored adapter's listing entry, or null when the store does not hold it. */
-  describe(key: string): Promise<StoredAdapter | null>;
+  describe(adapterKey: AdapterKey): Promise<StoredAdapter | null>;
   /** store.delete: the directory is renamed away at once, then removed (NOT_FOUND when absent). */
-  delete(key: string): Promise<void>;
+  delete(adapterKey: AdapterKey): Promise<void>;
 }
 
 /** One stored adapter's listing entry, through the store's public methods. */
-export function describeStored(store: AdapterStore, key: string): StoredAdapter {
+export function describeStored(store: AdapterStore, adapterKey: AdapterKey): StoredAdapter {
   let bytes = 0;
   try {
-    bytes = store.diskBytes(key);
+    bytes = store.diskBytes(adapterKey);
   } catch (err) {
     if (!(err instanceof LoraplexError)) throw err;
   }
-  return { key, description: store.describe(key), bytes };
+  return { adapterKey, description: store.describe(adapterKey), bytes };
 }
 
 export function inlineAdapterIo(store: AdapterStore): AdapterIo {
   return {
-    read: async (key, spec, limits) => store.read(key, spec, limits),
+    read: async (adapterKey, spec, limits) => store.read(adapterKey, spec, limits),
     merge: async (sources, opts) => mergeAdapters(sources, opts),
-    write: async (key, adapter) => store.write(key, adapter),
-    listStored: async () => store.list().map((key) => describeStored(store, key)),
-    describe: async (key) => (store.has(key) ? describeStored(store, key) : null),
-    delete: async (key) => store.delete(key),
+    write: async (adapterKey, adapter) => store.write(adapterKey, adapter),
+    listStored: async () => store.list().map((adapterKey) => describeStored(store, adapterKey)),
+    describe: async (adapterKey) => (store.has(adapterKey) ? describeStored(store, adapterKey) : null),
+    delete: async (adapterKey) => store.delete(adapterKey),
   };
 }

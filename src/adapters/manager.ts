@@ -5,20 +5,21 @@ import { describeStored, inlineAdapterIo, type AdapterIo, type StoredAdapter } f
 import { createHash } from 'node:crypto';
 import type { LoraModuleInfo } from '../models/graph.js';
 import type { ModelSpec } from '../models/spec.js';
-import { displayId, parseAdapterKey } from './tenancy.js';
+import type { AdapterKey } from '../adapter-key.js';
+import { displayId } from './tenancy.js';
 import { AdapterRegistry, toInfo, type AdapterInfo, type AdapterRecord } from './registry.js';
 import { SlotTable, type Lease, type SlotWriter } from './slots.js';
 import type { AdapterLimits, AdapterStore } from './store.js';
 
 /**
  * Owns the adapters' lifecycle: store (disk) -> memory (LRU of maxCpuLoras) -> slot (LRU of maxLoras among
- * adapters without running requests). Every operation on one adapter id runs after the previous one on that
- * id has finished (a promise chain per id), so concurrent requests never load an adapter twice or put it into
- * two slots. Operations on different ids interleave; whatever they share (slot ownership, the registry) is
+ * adapters without running requests). Every operation on one adapter key runs after the previous one on that
+ * key has finished (a promise chain per key), so concurrent requests never load an adapter twice or put it into
+ * two slots. Operations on different keys interleave; whatever they share (slot ownership, the registry) is
  * changed synchronously, between awaits.
  *
- * Adapters are named by their key (tenancy.ts: `id`, or `tenant~id`); the handlers scope the client's id
- * into the caller's namespace before calling in here. Messages show only the id part.
+ * Adapters are named by their AdapterKey (tenancy.ts: `id`, or `tenant~id`), which the handlers make (and
+ * validate) from the client's id; nothing here checks it again. Messages show only the id part.
  */
 
 export interface AdapterManagerOptions {
@@ -61,13 +62,17 @@ export interface AdapterStats {
 
 export type { AdapterInfo, Lease, SlotWriter };
 
-const quote = (key: string) => JSON.stringify(displayId(key));
+const quote = (key: AdapterKey) => JSON.stringify(displayId(key));
 
-/** The key unchanged once both its parts are valid names (INVALID_ARGUMENT otherwise). */
 /** Keys of per-request mixes: '!' can start neither an adapter id nor a tenant, so they never collide. */
 const MIX_PREFIX = '!mix-';
 const MAX_MIX_RECIPES = 1024;
-const validKey = (key: string) => (key.startsWith(MIX_PREFIX) ? key : (parseAdapterKey(key), key));
+
+/** One source of a per-request mix: an adapter's key and its weight. */
+export interface MixSource {
+  adapterKey: AdapterKey;
+  weight: number;
+}
 
 export class AdapterManager {
   private readonly store: AdapterStore;
@@ -78,13 +83,13 @@ export class AdapterManager {
   private readonly now: () => number;
   private readonly registry = new AdapterRegistry();
   private readonly slots: SlotTable;
-  /** Tail of each id's operation chain, and how many operations are queued or running for it. */
-  private readonly chains = new Map<string, Promise<void>>();
-  private readonly inflight = new Map<string, number>();
+  /** Tail of each key's operation chain, and how many operations are queued or running for it. */
+  private readonly chains = new Map<AdapterKey, Promise<void>>();
+  private readonly inflight = new Map<AdapterKey, number>();
   /** lastUsed of adapters no longer in memory, so that listings keep it. */
-  private readonly lastUsedOnDisk = new Map<string, number>();
-  /** Per-request mixes: key -> sources (scoped keys and weights), least recently defined first. */
-  private readonly mixes = new Map<string, { key: string; weight: number }[]>();
+  private readonly lastUsedOnDisk = new Map<AdapterKey, number>();
+  /** Per-request mixes: key -> sources, least recently defined first. */
+  private readonly mixes = new Map<AdapterKey, MixSource[]>();
   private counters = { loads: 0, evictions: 0, hits: 0, misses: 0, loadSecondsTotal: 0 };
 
   constructor(opts: AdapterManagerOptions) {
@@ -104,7 +109,7 @@ export class AdapterManager {
     this.limits = { maxLoraRank: opts.maxLoraRank, maxAdapterBytes: opts.maxAdapterBytes, loraModules: opts.loraModules };
     this.maxCpuLoras = opts.maxCpuLoras;
     this.now = opts.now ?? Date.now;
-    this.slots = new SlotTable(opts.maxLoras, opts.slotWriter, (id) => this.inflight.has(id));
+    this.slots = new SlotTable(opts.maxLoras, opts.slotWriter, (key) => this.inflight.has(key));
   }
 
   /**
@@ -112,17 +117,16 @@ export class AdapterManager {
    * until unloaded; a load without pin never unpins. RESOURCE_EXHAUSTED when memory is full of adapters that
    * are pinned or serving requests.
    */
-  async load(adapterId: string, opts: { pin?: boolean } = {}): Promise<{ info: AdapterInfo; loadSeconds: number }> {
-    const id = validKey(adapterId);
-    return this.serial(id, async () => {
+  async load(adapterKey: AdapterKey, opts: { pin?: boolean } = {}): Promise<{ info: AdapterInfo; loadSeconds: number }> {
+    return this.serial(adapterKey, async () => {
       const pin = opts.pin ?? false;
-      const existing = this.registry.get(id);
+      const existing = this.registry.get(adapterKey);
       if (existing) {
         if (pin) existing.pinned = true;
         this.registry.touch(existing, this.now());
         return { info: toInfo(existing), loadSeconds: 0 };
       }
-      const loaded = await this.loadLocked(id, pin, 'throw');
+      const loaded = await this.loadLocked(adapterKey, pin, 'throw');
       return { info: toInfo(loaded!.rec), loadSeconds: loaded!.seconds };
     });
   }
@@ -134,19 +138,18 @@ export class AdapterManager {
    * the caller keeps the request waiting and tries again later. NOT_FOUND when it is neither in memory nor
    * in the store; INVALID_ARGUMENT when the stored adapter is unusable.
    */
-  async tryAcquire(adapterId: string): Promise<Lease | null> {
-    const ready = this.leaseReady(adapterId);
+  async tryAcquire(adapterKey: AdapterKey): Promise<Lease | null> {
+    const ready = this.leaseReady(adapterKey);
     if (ready) return ready;
-    const id = validKey(adapterId);
-    return this.serial(id, async () => {
-      let rec = this.registry.get(id);
+    return this.serial(adapterKey, async () => {
+      let rec = this.registry.get(adapterKey);
       if (rec && rec.state === 'active') return this.hit(rec);
-      if (!rec && !this.exists(id)) throw this.missing(id);
+      if (!rec && !this.exists(adapterKey)) throw this.missing(adapterKey);
       // Nothing is loaded for a request that could not run now: waiting adapters would otherwise push each
       // other out of memory on every retry.
       if (!this.slots.available()) return null;
       if (!rec) {
-        const loaded = await this.loadLocked(id, false, 'null');
+        const loaded = await this.loadLocked(adapterKey, false, 'null');
         if (!loaded) return null;
         rec = loaded.rec;
       }
@@ -158,13 +161,12 @@ export class AdapterManager {
   }
 
   /**
-   * A lease at once when the adapter already sits in a slot and nothing else is going on for its id; null
+   * A lease at once when the adapter already sits in a slot and nothing else is going on for its key; null
    * otherwise (then tryAcquire does the slow part). Never waits: the scheduler calls it on its loop.
    */
-  leaseReady(adapterId: string): Lease | null {
-    const id = validKey(adapterId);
-    const hot = this.registry.get(id);
-    return hot && hot.state === 'active' && !this.inflight.has(id) ? this.hit(hot) : null;
+  leaseReady(adapterKey: AdapterKey): Lease | null {
+    const hot = this.registry.get(adapterKey);
+    return hot && hot.state === 'active' && !this.inflight.has(adapterKey) ? this.hit(hot) : null;
   }
 
   /**
@@ -172,53 +174,51 @@ export class AdapterManager {
    * info as it now is: state 'stored' (the last description when it was deleted). FAILED_PRECONDITION while
    * requests use it; NOT_FOUND when it is neither in memory nor in the store.
    */
-  async unload(adapterId: string, opts: { deleteFromStore?: boolean } = {}): Promise<AdapterInfo> {
-    const id = validKey(adapterId);
-    return this.serial(id, async () => {
-      const rec = this.registry.get(id);
+  async unload(adapterKey: AdapterKey, opts: { deleteFromStore?: boolean } = {}): Promise<AdapterInfo> {
+    return this.serial(adapterKey, async () => {
+      const rec = this.registry.get(adapterKey);
       if (!rec) {
-        const stored = await this.io.describe(id);
-        if (!stored) throw this.missing(id);
-        if (opts.deleteFromStore) await this.deleteFromStore(id);
+        const stored = await this.io.describe(adapterKey);
+        if (!stored) throw this.missing(adapterKey);
+        if (opts.deleteFromStore) await this.deleteFromStore(adapterKey);
         return this.storedInfoOf(stored);
       }
       if (rec.activeRequests > 0) {
         throw failedPrecondition(
-          `adapter_id ${quote(id)} has ${rec.activeRequests} running request${rec.activeRequests === 1 ? '' : 's'}; retry when they finish`,
+          `adapter_id ${quote(adapterKey)} has ${rec.activeRequests} running request${rec.activeRequests === 1 ? '' : 's'}; retry when they finish`,
         );
       }
       const cleared = this.drop(rec);
       await cleared;
-      const stored = await this.io.describe(id);
+      const stored = await this.io.describe(adapterKey);
       const info = stored ? { ...this.storedInfoOf(stored), lastUsed: rec.lastUsed } : toInfo(rec);
-      if (opts.deleteFromStore && stored) await this.deleteFromStore(id);
+      if (opts.deleteFromStore && stored) await this.deleteFromStore(adapterKey);
       return info;
     });
   }
 
   /**
-   * Every adapter in the store or in memory, sorted by id. The store's directory is read fresh each call, by the
+   * Every adapter in the store or in memory, sorted by key. The store's directory is read fresh each call, by the
    * AdapterIo (off the event loop).
    */
   async list(): Promise<AdapterInfo[]> {
-    const stored = new Map((await this.io.listStored()).map((s) => [s.key, s]));
-    const ids = new Set(stored.keys());
-    for (const r of this.registry.values()) if (!r.adapterId.startsWith(MIX_PREFIX)) ids.add(r.adapterId);
-    return [...ids].sort().map((id) => {
-      const rec = this.registry.get(id);
+    const stored = new Map((await this.io.listStored()).map((s) => [s.adapterKey, s]));
+    const keys = new Set(stored.keys());
+    for (const r of this.registry.values()) if (!r.adapterKey.startsWith(MIX_PREFIX)) keys.add(r.adapterKey);
+    return [...keys].sort().map((adapterKey) => {
+      const rec = this.registry.get(adapterKey);
       if (rec) return toInfo(rec);
       // Stored when listed, loaded and evicted since: its last use is known here.
-      return this.storedInfoOf(stored.get(id)!);
+      return this.storedInfoOf(stored.get(adapterKey)!);
     });
   }
 
   /** One adapter's info: from memory, or described by the AdapterIo (off the event loop). */
-  async info(adapterId: string): Promise<AdapterInfo> {
-    const id = validKey(adapterId);
-    const rec = this.registry.get(id);
+  async info(adapterKey: AdapterKey): Promise<AdapterInfo> {
+    const rec = this.registry.get(adapterKey);
     if (rec) return toInfo(rec);
-    const stored = await this.io.describe(id);
-    if (!stored) throw this.missing(id);
+    const stored = await this.io.describe(adapterKey);
+    if (!stored) throw this.missing(adapterKey);
     return this.storedInfoOf(stored);
   }
 
@@ -231,12 +231,12 @@ export class AdapterManager {
       else loaded++;
       memoryBytes += r.bytes;
     }
-    const stored = this.store.list().filter((id) => !this.registry.get(id)).length;
+    const stored = this.store.list().filter((adapterKey) => !this.registry.get(adapterKey)).length;
     return { stored, loaded, active, memoryBytes, ...this.counters, slotEvictions: this.slots.evictions };
   }
 
-  /** Adapter ids by slot (index 0, the base model, is always null). */
-  slotTable(): (string | null)[] {
+  /** Adapter keys by slot (index 0, the base model, is always null). */
+  slotTable(): (AdapterKey | null)[] {
     return this.slots.snapshot();
   }
 
@@ -246,27 +246,25 @@ export class AdapterManager {
    * An adapter's tensors for merging or export: from memory, or read from the store (without taking a memory
    * slot of the LRU). Callers must not modify them.
    */
-  async tensors(adapterId: string): Promise<PeftAdapter> {
-    const id = validKey(adapterId);
-    return this.serial(id, async () => {
-      const rec = this.registry.get(id);
+  async tensors(adapterKey: AdapterKey): Promise<PeftAdapter> {
+    return this.serial(adapterKey, async () => {
+      const rec = this.registry.get(adapterKey);
       if (rec?.adapter) return rec.adapter;
-      if (!this.store.has(id)) throw this.missing(id);
-      return this.io.read(id, this.spec, this.limits);
+      if (!this.store.has(adapterKey)) throw this.missing(adapterKey);
+      return this.io.read(adapterKey, this.spec, this.limits);
     });
   }
 
   /** Writes a new adapter into the store (atomically; ALREADY_EXISTS when the id is taken) and returns its info. */
-  async create(adapterId: string, adapter: PeftAdapter): Promise<AdapterInfo> {
-    const id = validKey(adapterId);
-    return this.serial(id, async () => {
+  async create(adapterKey: AdapterKey, adapter: PeftAdapter): Promise<AdapterInfo> {
+    return this.serial(adapterKey, async () => {
       if (adapter.r > this.limits.maxLoraRank) {
-        throw invalidArgument(`adapter_id ${quote(id)}: rank ${adapter.r} exceeds maxLoraRank ${this.limits.maxLoraRank}`);
+        throw invalidArgument(`adapter_id ${quote(adapterKey)}: rank ${adapter.r} exceeds maxLoraRank ${this.limits.maxLoraRank}`);
       }
-      if (this.registry.get(id) || this.store.has(id)) throw new LoraplexError('ALREADY_EXISTS', `adapter_id ${quote(id)} already exists`);
-      await this.io.write(id, adapter);
-      const stored = await this.io.describe(id);
-      if (!stored) throw this.missing(id); // deleted the instant after it was written
+      if (this.registry.get(adapterKey) || this.store.has(adapterKey)) throw new LoraplexError('ALREADY_EXISTS', `adapter_id ${quote(adapterKey)} already exists`);
+      await this.io.write(adapterKey, adapter);
+      const stored = await this.io.describe(adapterKey);
+      if (!stored) throw this.missing(adapterKey); // deleted the instant after it was written
       return this.storedInfoOf(stored);
     });
   }
@@ -276,10 +274,12 @@ export class AdapterManager {
    * a request first needs it and then held and slotted like any loaded adapter; LRU eviction just drops it
    * (it is rebuilt from the sources on the next use). Never written to the store, never listed. Returns its key.
    */
-  defineMix(sources: { key: string; weight: number }[]): string {
-    for (const s of sources) validKey(s.key);
-    const canonical = [...sources].sort((a, b) => (a.key < b.key ? -1 : a.key > b.key ? 1 : 0)).map((s) => `${s.key}\u0000${s.weight}`).join('\u0001');
-    const key = `${MIX_PREFIX}${createHash('sha256').update(canonical).digest('hex').slice(0, 24)}`;
+  defineMix(sources: MixSource[]): AdapterKey {
+    const canonical = [...sources]
+      .sort((a, b) => (a.adapterKey < b.adapterKey ? -1 : a.adapterKey > b.adapterKey ? 1 : 0))
+      .map((s) => `${s.adapterKey}\u0000${s.weight}`)
+      .join('\u0001');
+    const key = `${MIX_PREFIX}${createHash('sha256').update(canonical).digest('hex').slice(0, 24)}` as AdapterKey;
     this.mixes.delete(key);
     this.mixes.set(key, sources);
     // Bounded recipes (tiny); the tensors themselves live in the registry under the maxCpuLoras LRU.
@@ -288,35 +288,39 @@ export class AdapterManager {
   }
 
   /** Reads a stored adapter, or builds a mix from its sources (from memory when loaded, else the store). */
-  private async readAdapter(id: string): Promise<PeftAdapter> {
-    const mix = this.mixes.get(id);
-    if (!mix) return this.io.read(id, this.spec, this.limits);
+  private async readAdapter(adapterKey: AdapterKey): Promise<PeftAdapter> {
+    const mix = this.mixes.get(adapterKey);
+    if (!mix) return this.io.read(adapterKey, this.spec, this.limits);
     const adapters = await Promise.all(
-      mix.map(async (s) => ({ adapterId: s.key, weight: s.weight, adapter: this.registry.get(s.key)?.adapter ?? (await this.io.read(s.key, this.spec, this.limits)) })),
+      mix.map(async (s) => ({
+        adapterId: displayId(s.adapterKey),
+        weight: s.weight,
+        adapter: this.registry.get(s.adapterKey)?.adapter ?? (await this.io.read(s.adapterKey, this.spec, this.limits)),
+      })),
     );
     const merged = await this.io.merge(adapters, { method: 'cat' });
     if (merged.r > this.limits.maxLoraRank) throw invalidArgument(`adapters: the mix has rank ${merged.r} (the sum of the ranks), over maxLoraRank ${this.limits.maxLoraRank}`);
     return merged;
   }
 
-  private exists(id: string): boolean {
-    return this.mixes.has(id) || this.store.has(id);
+  private exists(adapterKey: AdapterKey): boolean {
+    return this.mixes.has(adapterKey) || this.store.has(adapterKey);
   }
 
-  private serial<T>(id: string, fn: () => Promise<T>): Promise<T> {
-    this.inflight.set(id, (this.inflight.get(id) ?? 0) + 1);
-    const prev = this.chains.get(id) ?? Promise.resolve();
+  private serial<T>(adapterKey: AdapterKey, fn: () => Promise<T>): Promise<T> {
+    this.inflight.set(adapterKey, (this.inflight.get(adapterKey) ?? 0) + 1);
+    const prev = this.chains.get(adapterKey) ?? Promise.resolve();
     const run = prev.then(fn).finally(() => {
-      const n = this.inflight.get(id)! - 1;
-      if (n > 0) this.inflight.set(id, n);
-      else this.inflight.delete(id);
-      if (this.chains.get(id) === tail) this.chains.delete(id);
+      const n = this.inflight.get(adapterKey)! - 1;
+      if (n > 0) this.inflight.set(adapterKey, n);
+      else this.inflight.delete(adapterKey);
+      if (this.chains.get(adapterKey) === tail) this.chains.delete(adapterKey);
     });
     const tail: Promise<void> = run.then(
       () => undefined,
       () => undefined,
     );
-    this.chains.set(id, tail);
+    this.chains.set(adapterKey, tail);
     return run;
   }
 
@@ -334,24 +338,24 @@ export class AdapterManager {
   /**
    * Reads `id` from the store into memory, evicting the LRU evictable adapter when memory is full. When
    * nothing is evictable: RESOURCE_EXHAUSTED, or null with whenFull 'null' if the blockage is temporary
-   * (running requests, not pins). Must run inside serial(id).
+   * (running requests, not pins). Must run inside serial(adapterKey).
    */
-  private async loadLocked(id: string, pin: boolean, whenFull: 'throw' | 'null'): Promise<{ rec: AdapterRecord; seconds: number } | null> {
+  private async loadLocked(adapterKey: AdapterKey, pin: boolean, whenFull: 'throw' | 'null'): Promise<{ rec: AdapterRecord; seconds: number } | null> {
     // Find room first (changing nothing) so that a full memory fails before any read.
-    if (!this.victims(id, whenFull)) return null;
+    if (!this.victims(adapterKey, whenFull)) return null;
 
     const t0 = performance.now();
-    const adapter = await this.readAdapter(id);
+    const adapter = await this.readAdapter(adapterKey);
     const seconds = (performance.now() - t0) / 1000;
 
     // Other adapters may have been loaded or leased while this one was read: find room again.
-    const victims = this.victims(id, whenFull);
+    const victims = this.victims(adapterKey, whenFull);
     if (!victims) return null;
     const clears = victims.map((v) => {
       this.counters.evictions++;
       return this.drop(v);
     });
-    const rec = this.registry.add(id, adapter, pin, this.now());
+    const rec = this.registry.add(adapterKey, adapter, pin, this.now());
     this.counters.loads++;
     this.counters.loadSecondsTotal += seconds;
     await Promise.all(clears);
@@ -362,7 +366,7 @@ export class AdapterManager {
    * The adapters to evict so that one more fits in memory (none when it fits). When too few are evictable:
    * RESOURCE_EXHAUSTED, or null with whenFull 'null' if the blockage is temporary (running requests, not pins).
    */
-  private victims(id: string, whenFull: 'throw' | 'null'): AdapterRecord[] | null {
+  private victims(adapterKey: AdapterKey, whenFull: 'throw' | 'null'): AdapterRecord[] | null {
     const overflow = this.registry.size + 1 - this.maxCpuLoras;
     if (overflow <= 0) return [];
     const candidates = this.evictable();
@@ -371,8 +375,8 @@ export class AdapterManager {
     if (whenFull === 'null' && !allPinned) return null;
     throw resourceExhausted(
       allPinned
-        ? `adapter_id ${quote(id)}: cannot load, all maxCpuLoras ${this.maxCpuLoras} adapters in memory are pinned; unload one`
-        : `adapter_id ${quote(id)}: cannot load, all maxCpuLoras ${this.maxCpuLoras} adapters in memory are pinned or serving requests; retry later`,
+        ? `adapter_id ${quote(adapterKey)}: cannot load, all maxCpuLoras ${this.maxCpuLoras} adapters in memory are pinned; unload one`
+        : `adapter_id ${quote(adapterKey)}: cannot load, all maxCpuLoras ${this.maxCpuLoras} adapters in memory are pinned or serving requests; retry later`,
     );
   }
 
@@ -380,7 +384,7 @@ export class AdapterManager {
   private evictable(): AdapterRecord[] {
     return this.registry
       .values()
-      .filter((r) => !r.pinned && r.activeRequests === 0 && !this.inflight.has(r.adapterId))
+      .filter((r) => !r.pinned && r.activeRequests === 0 && !this.inflight.has(r.adapterKey))
       .sort((x, y) => Number(x.slot !== null) - Number(y.slot !== null) || x.useSeq - y.useSeq);
   }
 
@@ -391,26 +395,26 @@ export class AdapterManager {
   private drop(rec: AdapterRecord): Promise<void> {
     const cleared = this.slots.vacate(rec);
     this.registry.remove(rec);
-    if (rec.lastUsed !== null && !rec.adapterId.startsWith(MIX_PREFIX)) this.lastUsedOnDisk.set(rec.adapterId, rec.lastUsed);
+    if (rec.lastUsed !== null && !rec.adapterKey.startsWith(MIX_PREFIX)) this.lastUsedOnDisk.set(rec.adapterKey, rec.lastUsed);
     return cleared;
   }
 
-  private async deleteFromStore(id: string): Promise<void> {
-    await this.io.delete(id);
-    this.lastUsedOnDisk.delete(id);
+  private async deleteFromStore(adapterKey: AdapterKey): Promise<void> {
+    await this.io.delete(adapterKey);
+    this.lastUsedOnDisk.delete(adapterKey);
   }
 
   /** A stored adapter's record from its listing entry (read here, or in the pool by the AdapterIo). */
   private storedInfoOf(s: StoredAdapter): AdapterInfo {
     const d = s.description;
     return {
-      adapterId: s.key,
+      adapterKey: s.adapterKey,
       state: 'stored',
       rank: d.r ?? 0,
       alpha: d.alpha ?? 0,
       targetModules: d.targetModules,
       bytes: s.bytes,
-      lastUsed: this.lastUsedOnDisk.get(s.key) ?? null,
+      lastUsed: this.lastUsedOnDisk.get(s.adapterKey) ?? null,
       pinned: false,
       activeRequests: 0,
       slot: null,
@@ -418,7 +422,7 @@ export class AdapterManager {
     };
   }
 
-  private missing(id: string): LoraplexError {
-    return notFound(`adapter_id ${quote(id)} is not in the adapter store`);
+  private missing(adapterKey: AdapterKey): LoraplexError {
+    return notFound(`adapter_id ${quote(adapterKey)} is not in the adapter store`);
   }
 }

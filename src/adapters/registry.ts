@@ -1,14 +1,16 @@
+import type { AdapterKey } from '../adapter-key.js';
 import type { PeftAdapter } from './peft.js';
 import { shortName } from './store.js';
+import type { SeenByClient } from './tenancy.js';
 
 /**
- * id -> record of every adapter held in memory. States: 'stored' (only on disk: never a record here, built on
+ * key -> record of every adapter held in memory. States: 'stored' (only on disk: never a record here, built on
  * demand for listings), 'loaded' (validated, in CPU memory), 'active' (also in a slot of the engine's pool).
  */
 export type AdapterState = 'stored' | 'loaded' | 'active';
 
 export interface AdapterRecord {
-  adapterId: string;
+  adapterKey: AdapterKey;
   state: AdapterState;
   /** The weights while in memory; undefined once dropped, so nothing here keeps them alive. */
   adapter: PeftAdapter | undefined;
@@ -29,9 +31,9 @@ export interface AdapterRecord {
   slot: number | null;
 }
 
-/** What the API reports about an adapter. */
+/** What the API reports about an adapter, still under its key (asSeenBy turns it into a ClientAdapterInfo). */
 export interface AdapterInfo {
-  adapterId: string;
+  adapterKey: AdapterKey;
   state: AdapterState;
   rank: number;
   alpha: number;
@@ -46,6 +48,9 @@ export interface AdapterInfo {
   invalidReason?: string;
 }
 
+/** AdapterInfo as its owner sees it: the client's id instead of the key. */
+export type ClientAdapterInfo = SeenByClient<AdapterInfo>;
+
 export function adapterBytes(adapter: PeftAdapter): number {
   let n = 0;
   for (const m of adapter.modules) n += m.a.byteLength + m.b.byteLength;
@@ -53,15 +58,15 @@ export function adapterBytes(adapter: PeftAdapter): number {
 }
 
 export class AdapterRegistry {
-  private readonly records = new Map<string, AdapterRecord>();
+  private readonly records = new Map<AdapterKey, AdapterRecord>();
   private seq = 0;
 
   get size(): number {
     return this.records.size;
   }
 
-  get(id: string): AdapterRecord | undefined {
-    return this.records.get(id);
+  get(key: AdapterKey): AdapterRecord | undefined {
+    return this.records.get(key);
   }
 
   values(): AdapterRecord[] {
@@ -69,9 +74,9 @@ export class AdapterRegistry {
   }
 
   /** Records a freshly loaded adapter. */
-  add(adapterId: string, adapter: PeftAdapter, pinned: boolean, now: number): AdapterRecord {
+  add(adapterKey: AdapterKey, adapter: PeftAdapter, pinned: boolean, now: number): AdapterRecord {
     const rec: AdapterRecord = {
-      adapterId,
+      adapterKey,
       state: 'loaded',
       adapter,
       bytes: adapterBytes(adapter),
@@ -84,7 +89,7 @@ export class AdapterRegistry {
       activeRequests: 0,
       slot: null,
     };
-    this.records.set(adapterId, rec);
+    this.records.set(adapterKey, rec);
     return rec;
   }
 
@@ -100,13 +105,13 @@ export class AdapterRegistry {
     rec.state = 'stored';
     rec.slot = null;
     rec.pinned = false;
-    this.records.delete(rec.adapterId);
+    this.records.delete(rec.adapterKey);
   }
 }
 
 export function toInfo(rec: AdapterRecord): AdapterInfo {
   return {
-    adapterId: rec.adapterId,
+    adapterKey: rec.adapterKey,
     state: rec.state,
     rank: rec.rank,
     alpha: rec.alpha,

@@ -1,3 +1,4 @@
+import type { AdapterKey } from '../adapter-key.js';
 import type { SlotModuleWeights } from '../engine/lora-pool.js';
 import type { PeftAdapter } from './peft.js';
 import type { AdapterRecord } from './registry.js';
@@ -16,7 +17,7 @@ export interface SlotWriter {
 
 /** A request's hold on its adapter's slot. release() is idempotent. */
 export interface Lease {
-  readonly adapterId: string;
+  readonly adapterKey: AdapterKey;
   readonly slot: number;
   release(): void;
 }
@@ -41,7 +42,7 @@ export class SlotTable {
     readonly maxLoras: number,
     private readonly writer: SlotWriter,
     /** True while an operation on that adapter is in progress (its record must not change under it). */
-    private readonly busy: (adapterId: string) => boolean,
+    private readonly busy: (adapterKey: AdapterKey) => boolean,
   ) {
     this.owner = new Array<AdapterRecord | null>(maxLoras + 1).fill(null);
     this.writing = new Array<boolean>(maxLoras + 1).fill(false);
@@ -55,7 +56,7 @@ export class SlotTable {
       if (this.writing[s]) continue;
       const o = this.owner[s];
       if (!o) return s;
-      if (o.activeRequests === 0 && !this.busy(o.adapterId) && o.useSeq < bestSeq) {
+      if (o.activeRequests === 0 && !this.busy(o.adapterKey) && o.useSeq < bestSeq) {
         best = s;
         bestSeq = o.useSeq;
       }
@@ -75,7 +76,7 @@ export class SlotTable {
    */
   async assign(rec: AdapterRecord): Promise<boolean> {
     if (rec.slot !== null) return true;
-    if (!rec.adapter) throw new Error(`adapter ${rec.adapterId} is not in memory`);
+    if (!rec.adapter) throw new Error(`adapter ${rec.adapterKey} is not in memory`);
     const slot = this.pick();
     if (slot === null) return false;
     const prev = this.owner[slot];
@@ -110,7 +111,7 @@ export class SlotTable {
   async vacate(rec: AdapterRecord): Promise<void> {
     const slot = rec.slot;
     if (slot === null) return;
-    if (rec.activeRequests > 0) throw new Error(`adapter ${rec.adapterId} has running requests in slot ${slot}`);
+    if (rec.activeRequests > 0) throw new Error(`adapter ${rec.adapterKey} has running requests in slot ${slot}`);
     rec.slot = null;
     if (rec.state === 'active') rec.state = 'loaded';
     this.owner[slot] = null;
@@ -124,11 +125,11 @@ export class SlotTable {
 
   /** Pins an active adapter's slot for one request; `onRelease` runs once, when the request lets go. */
   lease(rec: AdapterRecord, onRelease: () => void): Lease {
-    if (rec.slot === null || rec.state !== 'active') throw new Error(`adapter ${rec.adapterId} has no slot`);
+    if (rec.slot === null || rec.state !== 'active') throw new Error(`adapter ${rec.adapterKey} has no slot`);
     rec.activeRequests++;
     let released = false;
     return {
-      adapterId: rec.adapterId,
+      adapterKey: rec.adapterKey,
       slot: rec.slot,
       release: () => {
         if (released) return;
@@ -139,8 +140,8 @@ export class SlotTable {
     };
   }
 
-  /** Adapter ids by slot (index 0 is always null), for logs and tests. */
-  snapshot(): (string | null)[] {
-    return this.owner.map((o) => o?.adapterId ?? null);
+  /** Adapter keys by slot (index 0 is always null), for logs and tests. */
+  snapshot(): (AdapterKey | null)[] {
+    return this.owner.map((o) => o?.adapterKey ?? null);
   }
 }

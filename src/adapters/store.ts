@@ -6,13 +6,14 @@ import { checkLoraEffect } from './effect-bound.js';
 import type { LoraModuleInfo } from '../models/graph.js';
 import type { ModelSpec } from '../models/spec.js';
 import { validateAdapterId } from './ids.js';
-import { adapterKeyPath, displayId, isTenantName, parseAdapterKey, TENANT_SEPARATOR } from './tenancy.js';
+import type { AdapterKey } from '../adapter-key.js';
+import { adapterKeyPath, displayId, isTenantName, parseAdapterKey, storedAdapterKey } from './tenancy.js';
 import { installDir, removeDirAtomic } from '../files/atomic-dir.js';
 import { MAX_ALPHA, MAX_PATTERN_LENGTH, MAX_RANK, PeftFormatError, readPeftConfig, readPeftWeights, writePeftAdapter, type PeftAdapter, type PeftConfig, type PeftLocation } from './peft.js';
 import { isUnder } from '../files/under-root.js';
 
 /**
- * The adapter store: one PEFT directory per adapter under a root, `<root>/<adapterId>/adapter_config.json +
+ * The adapter store: one PEFT directory per adapter under a root, `<root>/<id>/adapter_config.json +
  * adapter_model.safetensors`. The ONLY module that touches adapter files. Nothing is cached: the directory is
  * the truth, so an adapter copied in (or written by a training job) is visible to the very next call.
  *
@@ -85,22 +86,22 @@ export class AdapterStore {
     }
   }
 
-  /** The directory of an adapter key (validated, always inside the root). It may not exist. */
-  dir(id: string): string {
-    return adapterKeyPath(this.root, id);
+  /** The directory of an adapter key (always inside the root). It may not exist. */
+  dir(adapterKey: AdapterKey): string {
+    return adapterKeyPath(this.root, adapterKey);
   }
 
   /**
    * Keys of every adapter (a directory holding an adapter_config.json) in the flat layout and in every
    * tenant's namespace, sorted. Read fresh each call.
    */
-  list(): string[] {
-    const keys: string[] = [];
+  list(): AdapterKey[] {
+    const keys: AdapterKey[] = [];
     for (const name of this.childDirs(this.root)) {
-      if (existsSync(join(this.root, name, CONFIG))) keys.push(name);
+      if (existsSync(join(this.root, name, CONFIG))) keys.push(storedAdapterKey('', name));
       else if (isTenantName(name)) {
         for (const id of this.childDirs(join(this.root, name))) {
-          if (existsSync(join(this.root, name, id, CONFIG))) keys.push(`${name}${TENANT_SEPARATOR}${id}`);
+          if (existsSync(join(this.root, name, id, CONFIG))) keys.push(storedAdapterKey(name, id));
         }
       }
     }
@@ -129,13 +130,13 @@ export class AdapterStore {
       });
   }
 
-  has(id: string): boolean {
-    return this.namespaceUsable(id) && existsSync(join(this.dir(id), CONFIG));
+  has(adapterKey: AdapterKey): boolean {
+    return this.namespaceUsable(adapterKey) && existsSync(join(this.dir(adapterKey), CONFIG));
   }
 
   /** False when the key's tenant directory is itself an (un-namespaced) adapter: it holds no tenant's adapters. */
-  private namespaceUsable(key: string): boolean {
-    const { tenant } = parseAdapterKey(key);
+  private namespaceUsable(adapterKey: AdapterKey): boolean {
+    const { tenant } = parseAdapterKey(adapterKey);
     return tenant === '' || !existsSync(join(this.root, tenant, CONFIG));
   }
 
@@ -143,13 +144,13 @@ export class AdapterStore {
    * Bytes on disk of the adapter's directory; NOT_FOUND when it is not in the store. 0 for a directory that
    * resolves outside the root: it is never read, so it is not walked either.
    */
-  diskBytes(id: string): number {
-    const dir = this.dir(id);
+  diskBytes(adapterKey: AdapterKey): number {
+    const dir = this.dir(adapterKey);
     try {
       if (!isUnder(realpathSync(this.root), realpathSync(dir))) return 0;
       return treeBytes(dir);
     } catch (err) {
-      if (errno(err) === 'ENOENT' || errno(err) === 'ENOTDIR') throw this.missing(id);
+      if (errno(err) === 'ENOENT' || errno(err) === 'ENOTDIR') throw this.missing(adapterKey);
       throw err;
     }
   }
@@ -158,11 +159,11 @@ export class AdapterStore {
    * The config's rank, alpha and target modules, each only when in range (they go into responses as they
    * are), and why the config is invalid when it is. Never throws for a bad file: list() must not fail.
    */
-  describe(id: string): AdapterDescription {
+  describe(adapterKey: AdapterKey): AdapterDescription {
     let raw: Record<string, unknown> = {};
     let invalidReason: string | null = null;
     try {
-      raw = readPeftConfig(this.location(id)).config.raw;
+      raw = readPeftConfig(this.location(adapterKey)).config.raw;
     } catch (err) {
       // Anything else (an I/O error) is for the log of a load; a listing only says the file cannot be read.
       invalidReason = err instanceof PeftFormatError ? `${err.file ? `${err.file}: ` : ''}${err.detail}` : `${CONFIG}: cannot be read`;
@@ -182,8 +183,8 @@ export class AdapterStore {
   }
 
   /** Where the adapter's files are read: relative to the root, so nothing outside it is ever opened. */
-  private location(id: string): PeftLocation {
-    return { root: this.root, relDir: relative(this.root, this.dir(id)) };
+  private location(adapterKey: AdapterKey): PeftLocation {
+    return { root: this.root, relDir: relative(this.root, this.dir(adapterKey)) };
   }
 
   /**
@@ -191,35 +192,35 @@ export class AdapterStore {
    * disk) come before any tensor is read. Every rejection is INVALID_ARGUMENT naming adapter_id and the rule;
    * an adapter that is not there is NOT_FOUND.
    */
-  read(id: string, spec: ModelSpec, limits: AdapterLimits): PeftAdapter {
-    const dir = this.dir(id);
+  read(adapterKey: AdapterKey, spec: ModelSpec, limits: AdapterLimits): PeftAdapter {
+    const dir = this.dir(adapterKey);
     // An overwrite swaps the directory between our reads of the config and of the tensors; reading again
     // when the directory changed under us avoids mixing an old config with new tensors.
     for (let attempt = 0; ; attempt++) {
-      const before = this.inode(id, dir);
-      const adapter = this.readOnce(id, dir, spec, limits);
-      if (this.inode(id, dir) === before || attempt >= 2) return adapter;
+      const before = this.inode(adapterKey, dir);
+      const adapter = this.readOnce(adapterKey, dir, spec, limits);
+      if (this.inode(adapterKey, dir) === before || attempt >= 2) return adapter;
     }
   }
 
-  private inode(id: string, dir: string): number {
+  private inode(adapterKey: AdapterKey, dir: string): number {
     try {
       return statSync(dir).ino;
     } catch (err) {
-      if (errno(err) === 'ENOENT' || errno(err) === 'ENOTDIR') throw this.missing(id);
+      if (errno(err) === 'ENOENT' || errno(err) === 'ENOTDIR') throw this.missing(adapterKey);
       throw err;
     }
   }
 
-  private readOnce(id: string, dir: string, spec: ModelSpec, limits: AdapterLimits): PeftAdapter {
-    const name = `adapter_id ${JSON.stringify(displayId(id))}`;
-    if (!this.has(id)) throw this.missing(id);
-    const loc = this.location(id);
+  private readOnce(adapterKey: AdapterKey, dir: string, spec: ModelSpec, limits: AdapterLimits): PeftAdapter {
+    const name = `adapter_id ${JSON.stringify(displayId(adapterKey))}`;
+    if (!this.has(adapterKey)) throw this.missing(adapterKey);
+    const loc = this.location(adapterKey);
     const clientError = (err: unknown): unknown => {
       if (!(err instanceof PeftFormatError)) return err;
-      if (!this.has(id)) return this.missing(id); // deleted while we read it
+      if (!this.has(adapterKey)) return this.missing(adapterKey); // deleted while we read it
       // Client-visible: the file and the rule, never the server's paths.
-      const detail = err.detail.split(dir + '/').join('').split(dir).join(displayId(id));
+      const detail = err.detail.split(dir + '/').join('').split(dir).join(displayId(adapterKey));
       return invalidArgument(`${name}: ${err.file ? `${err.file}: ` : ''}${detail}`, err);
     };
 
@@ -233,7 +234,7 @@ export class AdapterStore {
     if (config.r > limits.maxLoraRank) {
       throw invalidArgument(`rank ${config.r} of ${name}: exceeds maxLoraRank ${limits.maxLoraRank}`);
     }
-    const bytes = this.diskBytes(id);
+    const bytes = this.diskBytes(adapterKey);
     if (bytes > limits.maxAdapterBytes) {
       throw invalidArgument(`${name}: ${bytes} bytes on disk exceeds maxAdapterBytes ${limits.maxAdapterBytes}`);
     }
@@ -268,31 +269,31 @@ export class AdapterStore {
    * win). With overwrite the old directory is moved aside first; a reader in that instant sees NOT_FOUND,
    * never half a directory.
    */
-  write(id: string, adapter: PeftAdapter, opts: { overwrite?: boolean } = {}): void {
-    const dir = this.dir(id);
-    if (!this.namespaceUsable(id)) {
-      throw new LoraplexError('FAILED_PRECONDITION', `tenant ${JSON.stringify(parseAdapterKey(id).tenant)}: the adapter root holds an un-namespaced adapter of that name; move it away`);
+  write(adapterKey: AdapterKey, adapter: PeftAdapter, opts: { overwrite?: boolean } = {}): void {
+    const dir = this.dir(adapterKey);
+    if (!this.namespaceUsable(adapterKey)) {
+      throw new LoraplexError('FAILED_PRECONDITION', `tenant ${JSON.stringify(parseAdapterKey(adapterKey).tenant)}: the adapter root holds an un-namespaced adapter of that name; move it away`);
     }
     // Never replace a flat-layout directory that is not an adapter: it may be a tenant's whole namespace.
-    const mayReplace = () => opts.overwrite === true && (parseAdapterKey(id).tenant !== '' || existsSync(join(dir, CONFIG)));
-    if (existsSync(dir) && !mayReplace()) throw this.exists(id);
+    const mayReplace = () => opts.overwrite === true && (parseAdapterKey(adapterKey).tenant !== '' || existsSync(join(dir, CONFIG)));
+    if (existsSync(dir) && !mayReplace()) throw this.exists(adapterKey);
     // Temp files stay in the root (same file system, so the rename is atomic; startup sweeps them).
-    const tmp = join(this.root, `${TMP_PREFIX}${id}-${tag()}`);
+    const tmp = join(this.root, `${TMP_PREFIX}${adapterKey}-${tag()}`);
     mkdirSync(dirname(dir), { recursive: true });
     try {
       writePeftAdapter(tmp, adapter);
-      if (!installDir(tmp, dir, { replace: mayReplace, aside: () => this.tombstone(), syncDirs: this.syncDirs(dir) })) throw this.exists(id);
+      if (!installDir(tmp, dir, { replace: mayReplace, aside: () => this.tombstone(), syncDirs: this.syncDirs(dir) })) throw this.exists(adapterKey);
     } finally {
       rmSync(tmp, { recursive: true, force: true });
     }
   }
 
   /** Removes an adapter: renamed to a tombstone first (atomic), then deleted. NOT_FOUND when absent. */
-  delete(id: string): void {
-    const dir = this.dir(id);
+  delete(adapterKey: AdapterKey): void {
+    const dir = this.dir(adapterKey);
     // Only adapters: in the flat layout a directory without a config may be a tenant's namespace.
-    if (!this.has(id)) throw this.missing(id);
-    if (!this.moveAsideAndRemove(dir)) throw this.missing(id);
+    if (!this.has(adapterKey)) throw this.missing(adapterKey);
+    if (!this.moveAsideAndRemove(dir)) throw this.missing(adapterKey);
   }
 
   /** False when dir vanished meanwhile. */
@@ -310,12 +311,12 @@ export class AdapterStore {
     return dirname(dir) === this.root ? [this.root] : [dirname(dir), this.root];
   }
 
-  private missing(id: string): LoraplexError {
-    return notFound(`adapter_id ${JSON.stringify(displayId(id))} is not in the adapter store`);
+  private missing(adapterKey: AdapterKey): LoraplexError {
+    return notFound(`adapter_id ${JSON.stringify(displayId(adapterKey))} is not in the adapter store`);
   }
 
-  private exists(id: string): LoraplexError {
-    return new LoraplexError('ALREADY_EXISTS', `adapter_id ${JSON.stringify(displayId(id))} already exists in the adapter store`);
+  private exists(adapterKey: AdapterKey): LoraplexError {
+    return new LoraplexError('ALREADY_EXISTS', `adapter_id ${JSON.stringify(displayId(adapterKey))} already exists in the adapter store`);
   }
 }
 

@@ -1,4 +1,5 @@
-import { isAbsolute, relative, resolve, sep } from 'node:path';
+import { relative, resolve, sep } from 'node:path';
+import type { AdapterKey } from '../adapter-key.js';
 import { LoraplexError, invalidArgument } from '../errors.js';
 import { MAX_ADAPTER_ID_LENGTH, validateAdapterId } from './ids.js';
 
@@ -50,59 +51,66 @@ export function validateTenant(name: unknown, field = 'tenant'): string {
   return name;
 }
 
-/** The internal key of (tenant, id). Both are validated. */
-export function adapterKey(tenant: string, id: string): string {
+/**
+ * The client's `adapter_id` -> the key in the caller's namespace: THE validation of a client's id (INVALID_ARGUMENT
+ * for a bad one). The principal's tenant was validated when its API key was read (auth.ts).
+ */
+export function scopeAdapterId(principal: Principal, adapterId: unknown): AdapterKey {
+  const id = validateAdapterId(adapterId);
+  return (principal.tenant === '' ? id : `${principal.tenant}${TENANT_SEPARATOR}${id}`) as AdapterKey;
+}
+
+/**
+ * The key of an adapter the server itself recorded: a directory of the store, a job record's (tenant, id).
+ * Both parts are validated: the files may have been edited by hand.
+ */
+export function storedAdapterKey(tenant: string, id: string): AdapterKey {
   validateAdapterId(id);
-  if (tenant === '') return id;
-  return `${validateTenant(tenant)}${TENANT_SEPARATOR}${id}`;
+  if (tenant === '') return id as AdapterKey;
+  return `${validateTenant(tenant)}${TENANT_SEPARATOR}${id}` as AdapterKey;
 }
 
-/** The client's `adapter_id` -> the internal key in the caller's namespace; INVALID_ARGUMENT for a bad id. */
-export function scopeAdapterId(principal: Principal, adapterId: unknown): string {
-  return adapterKey(principal.tenant, validateAdapterId(adapterId));
-}
-
-/** Splits a key (validating both parts). Keys come from scopeAdapterId or the store, so a bad one is a bug. */
-export function parseAdapterKey(key: string): { tenant: string; id: string } {
+/** Splits a key. Keys are valid by construction (scopeAdapterId, storedAdapterKey), so nothing is checked here. */
+export function parseAdapterKey(key: AdapterKey): { tenant: string; id: string } {
   const i = key.indexOf(TENANT_SEPARATOR);
-  if (i < 0) return { tenant: '', id: validateAdapterId(key) };
-  const tenant = key.slice(0, i);
-  const id = key.slice(i + 1);
-  validateAdapterId(id); // also refuses a second '~'
-  if (!isTenantName(tenant)) throw invalidArgument(`adapter_id ${JSON.stringify(displayId(key))}: bad tenant in adapter key`);
-  return { tenant, id };
+  return i < 0 ? { tenant: '', id: key } : { tenant: key.slice(0, i), id: key.slice(i + 1) };
 }
 
 /** The id part of a key: what messages show, so they read the same in every namespace. */
-export function displayId(key: string): string {
+export function displayId(key: AdapterKey): string {
   return key.slice(key.indexOf(TENANT_SEPARATOR) + 1);
 }
 
 /** The tenant part of a key ('' for the flat store), e.g. for a metrics label. */
-export function tenantOf(key: string): string {
+export function tenantOf(key: AdapterKey): string {
   const i = key.indexOf(TENANT_SEPARATOR);
   return i < 0 ? '' : key.slice(0, i);
 }
 
 /** True when the key is in the principal's namespace. */
-export function visibleTo(principal: Principal, key: string): boolean {
+export function visibleTo(principal: Principal, key: AdapterKey): boolean {
   return tenantOf(key) === principal.tenant;
 }
 
 /** The client's id for a key in its namespace; null for another tenant's key (treat it as missing). */
-export function unscopeAdapterId(principal: Principal, key: string): string | null {
+export function unscopeAdapterId(principal: Principal, key: AdapterKey): string | null {
   return visibleTo(principal, key) ? displayId(key) : null;
 }
 
-/** An adapter record or info as the principal sees it (its id unscoped); null when not in its namespace. */
-export function asSeenBy<T extends { adapterId: string }>(principal: Principal, item: T): T | null {
-  const adapterId = unscopeAdapterId(principal, item.adapterId);
-  return adapterId === null ? null : { ...item, adapterId };
+/** An item as a client sees it: the key replaced by the client's id. */
+export type SeenByClient<T extends { adapterKey: AdapterKey }> = Omit<T, 'adapterKey'> & { adapterId: string };
+
+/** An adapter record or info as the principal sees it (its key unscoped); null when not in its namespace. */
+export function asSeenBy<T extends { adapterKey: AdapterKey }>(principal: Principal, item: T): SeenByClient<T> | null {
+  const adapterId = unscopeAdapterId(principal, item.adapterKey);
+  if (adapterId === null) return null;
+  const { adapterKey: _key, ...rest } = item;
+  return { ...rest, adapterId };
 }
 
-/** The items in the principal's namespace, ids unscoped (for listings). */
-export function visibleAdapters<T extends { adapterId: string }>(principal: Principal, items: readonly T[]): T[] {
-  const out: T[] = [];
+/** The items in the principal's namespace, keys unscoped (for listings). */
+export function visibleAdapters<T extends { adapterKey: AdapterKey }>(principal: Principal, items: readonly T[]): SeenByClient<T>[] {
+  const out: SeenByClient<T>[] = [];
   for (const item of items) {
     const seen = asSeenBy(principal, item);
     if (seen) out.push(seen);
@@ -116,16 +124,17 @@ export function requireAdmin(principal: Principal, what: string): void {
 }
 
 /**
- * The directory of a key under `root`: `<root>/<tenant>/<id>` or `<root>/<id>`, checked (belt and braces)
- * to lie exactly there, so no key can name anything outside the root.
+ * The directory of a key under `root`: `<root>/<tenant>/<id>` or `<root>/<id>`. Keys are valid names by
+ * construction; belt and braces, each part must still be one plain path component and the result lie exactly
+ * there, so no key can name anything outside the root.
  */
-export function adapterKeyPath(root: string, key: string): string {
+export function adapterKeyPath(root: string, key: AdapterKey): string {
   const { tenant, id } = parseAdapterKey(key);
   const parts = tenant === '' ? [id] : [tenant, id];
   const base = resolve(root);
   const full = resolve(base, ...parts);
-  const rel = relative(base, full);
-  if (rel !== parts.join(sep) || isAbsolute(rel) || rel.startsWith('..')) {
+  const plain = parts.every((p) => p !== '' && p !== '.' && p !== '..' && !p.includes('/') && !p.includes(sep) && !p.includes('\0'));
+  if (!plain || relative(base, full) !== parts.join(sep)) {
     throw invalidArgument(`adapter_id ${JSON.stringify(id)}: must be a plain name`);
   }
   return full;

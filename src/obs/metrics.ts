@@ -20,7 +20,8 @@ export type StepKind = 'prefill' | 'decode';
 
 /** One request leaving the scheduler after it was admitted (it held a KV row). */
 export interface RequestDone {
-  adapterId: string | null;
+  /** The internal adapter key, for observers that need it; never a metrics label. */
+  adapterKey: string | null;
   tenant?: string | undefined;
   /** 'stop' / 'length' when it finished; 'aborted' when cancelled, timed out, drained or failed. */
   outcome: 'stop' | 'length' | 'aborted';

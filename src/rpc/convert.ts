@@ -1,6 +1,6 @@
 import { timestampFromMs } from '@bufbuild/protobuf/wkt';
 import type { MessageInitShape } from '@bufbuild/protobuf';
-import type { AdapterInfo } from '../adapters/registry.js';
+import type { AdapterInfo, ClientAdapterInfo } from '../adapters/registry.js';
 import { AdapterState, type AdapterInfoSchema } from '../gen/loraplex/v1/adapters_pb.js';
 import type { ChatPrompt, GenerateRequest, TokenizeRequest } from '../gen/loraplex/v1/inference_pb.js';
 import type { GenerateInput, PromptInput } from '../validate/generate.js';
@@ -49,7 +49,8 @@ const STATE: Record<AdapterInfo['state'], AdapterState> = {
   active: AdapterState.ACTIVE,
 };
 
-export function adapterInfo(i: AdapterInfo): MessageInitShape<typeof AdapterInfoSchema> {
+/** An adapter as its owner sees it (tenancy.ts asSeenBy): under the client's id, never the key. */
+export function adapterInfo(i: ClientAdapterInfo): MessageInitShape<typeof AdapterInfoSchema> {
   return {
     adapterId: i.adapterId,
     state: STATE[i.state],

@@ -5,6 +5,8 @@ import { validateOutputName } from '../adapters/export.js';
 import { invalidArgument } from '../errors.js';
 import { FinishReason, type InferenceService } from '../gen/loraplex/v1/inference_pb.js';
 import { LoraplexError } from '../errors.js';
+import type { AdapterKey } from '../adapter-key.js';
+import type { MixSource } from '../adapters/manager.js';
 import { asSeenBy, requireAdmin, scopeAdapterId, visibleAdapters, type Principal } from '../adapters/tenancy.js';
 import { annotate } from './request-log.js';
 import { checkPromptSize, promptIds, validateGenerate, type GenerateLimits, type PromptInput } from '../validate/generate.js';
@@ -53,13 +55,13 @@ export function inferenceHandlers(state: AppState): ServiceImpl<(typeof Inferenc
       const input = generateInput(req);
       if (req.adapters.length > 0 && req.adapterId !== '') throw invalidArgument('adapters: set either adapter_id or adapters (a mix), not both');
       const { ids } = await tokenizePrompt(app, input.prompt);
-      const valid = validateGenerate(input, ids, limits(app));
-      const adapterId = req.adapters.length > 0 ? await mixKey(app, ctx.principal, req.adapters) : valid.adapterId === null ? null : scopeAdapterId(ctx.principal, valid.adapterId);
+      const { promptIds: validIds, params, adapterScale, adapterKey: namedKey } = validateGenerate(input, ids, limits(app), ctx.principal);
+      const adapterKey = req.adapters.length > 0 ? await mixKey(app, ctx.principal, req.adapters) : namedKey;
       const logText = app.cfg.logPrompts;
-      annotate(ctx, { adapterId: req.adapterId || null, ...(req.adapters.length ? { mixOf: req.adapters.length } : {}), promptTokens: valid.promptIds.length, ...(logText ? { prompt: input.prompt } : {}) });
+      annotate(ctx, { adapterId: req.adapterId || null, ...(req.adapters.length ? { mixOf: req.adapters.length } : {}), promptTokens: validIds.length, ...(logText ? { prompt: input.prompt } : {}) });
       // Errors name the adapter as the client did, never by its internal key.
-      const adapterLabel = req.adapters.length > 0 ? `adapters (${req.adapters.map((w) => JSON.stringify(w.adapterId)).join(', ')})` : valid.adapterId === null ? undefined : `adapter_id ${JSON.stringify(valid.adapterId)}`;
-      const events = app.scheduler.submit({ ...valid, adapterId, signal: ctx.signal, ...(ctx.principal.tenant ? { tenant: ctx.principal.tenant } : {}), ...(adapterLabel ? { adapterLabel } : {}) });
+      const adapterLabel = req.adapters.length > 0 ? `adapters (${req.adapters.map((w) => JSON.stringify(w.adapterId)).join(', ')})` : namedKey === null ? undefined : `adapter_id ${JSON.stringify(req.adapterId)}`;
+      const events = app.scheduler.submit({ promptIds: validIds, params, adapterScale, adapterKey, signal: ctx.signal, ...(ctx.principal.tenant ? { tenant: ctx.principal.tenant } : {}), ...(adapterLabel ? { adapterLabel } : {}) });
       let generated = 0;
       let text = '';
       try {
@@ -148,7 +150,7 @@ export function adapterHandlers(state: AppState): ServiceImpl<(typeof AdapterSer
     async mergeAdapters(req, ctx) {
       const app = state.ready();
       const t0 = performance.now();
-      const newId = scopeAdapterId(ctx.principal, req.newAdapterId);
+      const newAdapterKey = scopeAdapterId(ctx.principal, req.newAdapterId);
       annotate(ctx, { adapterId: req.newAdapterId });
       const method = MERGE_METHODS[req.method];
       if (!method) throw invalidArgument(`method: set one of ${Object.values(MERGE_METHODS).join(', ')}`);
@@ -162,7 +164,7 @@ export function adapterHandlers(state: AppState): ServiceImpl<(typeof AdapterSer
         ...(req.seed !== undefined ? { seed: Number(BigInt.asUintN(53, req.seed)) } : {}),
       };
       const merged = await app.pool.run('mergeAdapters', { sources, options });
-      const info = await app.adapters.create(newId, merged);
+      const info = await app.adapters.create(newAdapterKey, merged);
       return { adapter: adapterInfo(asSeenBy(ctx.principal, info)!), mergeSeconds: (performance.now() - t0) / 1000 };
     },
 
@@ -203,9 +205,9 @@ async function weightedSources(app: App, principal: Principal, list: WeightedAda
   checkWeights(list, field);
   return Promise.all(
     list.map(async (w) => {
-      const key = scopeAdapterId(principal, w.adapterId);
+      const adapterKey = scopeAdapterId(principal, w.adapterId);
       // The client's own id: it is what merge messages (and an export's metadata) show.
-      return { adapterId: w.adapterId, weight: w.weight ?? 1, adapter: await app.adapters.tensors(key) };
+      return { adapterId: w.adapterId, weight: w.weight ?? 1, adapter: await app.adapters.tensors(adapterKey) };
     }),
   );
 }
@@ -215,16 +217,16 @@ async function weightedSources(app: App, principal: Principal, list: WeightedAda
  * cached with the loaded adapters). NOT_FOUND for a missing source; INVALID_ARGUMENT when the ranks add up to more
  * than maxLoraRank (the mix must fit one slot).
  */
-async function mixKey(app: App, principal: Principal, list: WeightedAdapter[]): Promise<string> {
+async function mixKey(app: App, principal: Principal, list: WeightedAdapter[]): Promise<AdapterKey> {
   checkWeights(list, 'adapters');
-  const seen = new Set<string>();
-  const sources = list.map((w) => {
-    const key = scopeAdapterId(principal, w.adapterId);
-    if (seen.has(key)) throw invalidArgument(`adapters: adapter_id "${w.adapterId}" is given twice; give it once with the summed weight`);
-    seen.add(key);
-    return { key, weight: w.weight ?? 1 };
+  const seen = new Set<AdapterKey>();
+  const sources = list.map((w): MixSource => {
+    const adapterKey = scopeAdapterId(principal, w.adapterId);
+    if (seen.has(adapterKey)) throw invalidArgument(`adapters: adapter_id "${w.adapterId}" is given twice; give it once with the summed weight`);
+    seen.add(adapterKey);
+    return { adapterKey, weight: w.weight ?? 1 };
   });
-  const infos = await Promise.all(sources.map((s) => app.adapters.info(s.key)));
+  const infos = await Promise.all(sources.map((s) => app.adapters.info(s.adapterKey)));
   const rank = infos.reduce((sum, info) => sum + info.rank, 0);
   if (rank > app.cfg.maxLoraRank) throw invalidArgument(`adapters: the mix has rank ${rank} (the sum of the ranks), over maxLoraRank ${app.cfg.maxLoraRank}`);
   return app.adapters.defineMix(sources);

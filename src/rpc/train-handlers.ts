@@ -1,6 +1,7 @@
 import { rmSync } from 'node:fs';
 import { timestampFromMs } from '@bufbuild/protobuf/wkt';
 import type { MessageInitShape } from '@bufbuild/protobuf';
+import type { AdapterKey } from '../adapter-key.js';
 import { scopeAdapterId } from '../adapters/tenancy.js';
 import { LoraplexError, invalidArgument } from '../errors.js';
 import {
@@ -150,9 +151,9 @@ export function trainEvent(e: JobEvent): MessageInitShape<typeof TrainEventSchem
 }
 
 /** True when the caller's namespace holds the adapter (stored or in memory). */
-async function adapterExists(app: App, key: string): Promise<boolean> {
+async function adapterExists(app: App, adapterKey: AdapterKey): Promise<boolean> {
   try {
-    await app.adapters.info(key);
+    await app.adapters.info(adapterKey);
     return true;
   } catch (err) {
     if (err instanceof LoraplexError && err.code === 'NOT_FOUND') return false;
@@ -165,17 +166,16 @@ export function trainHandlers(state: AppState): ServiceImpl<(typeof TrainService
     async *train(req, ctx) {
       const app = state.ready();
       annotate(ctx, { adapterId: req.adapterId });
-      const key = scopeAdapterId(ctx.principal, req.adapterId);
+      const adapterKey = scopeAdapterId(ctx.principal, req.adapterId);
       const config = validateTrainConfig(trainConfigInput(req), { spec: app.compiled.spec, maxLoraRank: app.cfg.maxLoraRank, maxModelLen: app.maxModelLen });
       // Reading, parsing and serializing a data file of many MB is pool work.
       const data = await app.pool.run('loadTrainData', { source: dataSourceInput(req), limits: { dataRoot: app.cfg.dataRoot }, jobRoot: app.cfg.jobRoot });
       let job;
       try {
         if (config.evalFraction > 0 && data.evalExamples !== null) throw invalidArgument(`eval_fraction ${config.evalFraction}: set eval_fraction or a separate eval set, not both`);
-        if (await adapterExists(app, key)) throw new LoraplexError('ALREADY_EXISTS', `adapter_id ${JSON.stringify(req.adapterId)} already exists`);
+        if (await adapterExists(app, adapterKey)) throw new LoraplexError('ALREADY_EXISTS', `adapter_id ${JSON.stringify(req.adapterId)} already exists`);
         job = app.jobs.submit({
-          tenant: ctx.principal.tenant,
-          adapterId: req.adapterId,
+          adapterKey,
           config,
           data: { stagedFile: data.stagedFile },
           dataSummary: { trainExamples: data.trainExamples, evalExamples: data.evalExamples, path: req.path || null, evalPath: req.evalPath || null },

@@ -1,4 +1,3 @@
-import type { AdapterKey } from '../adapter-key.js';
 import { LoraplexError, resourceExhausted } from '../errors.js';
 import type { Tokenizer } from '../tokenizer/index.js';
 import { AsyncQueue } from '../util/async-queue.js';
@@ -12,7 +11,6 @@ import type { AdapterLeaser, GenerationEvent, GenerationRequest, SchedulerObserv
 export type * from './types.js';
 
 /** The field's former name, accepted until every caller passes adapterKey (the rpc layer is renamed on its own). */
-export type LegacyGenerationRequest = Omit<GenerationRequest, 'adapterKey'> & { adapterId: string | null };
 
 /** What the runner keeps with each request: its stream, its text and its timings. */
 interface Stream {
@@ -67,8 +65,7 @@ export class Scheduler {
   }
 
   /** Queues a request; its events stream tokens, then 'finished' (or end with an error). */
-  submit(request: GenerationRequest | LegacyGenerationRequest): AsyncIterable<GenerationEvent> {
-    const req = withAdapterKey(request);
+  submit(req: GenerationRequest): AsyncIterable<GenerationEvent> {
     if (!this.accepting) throw new LoraplexError('UNAVAILABLE', 'server is draining; retry on another replica');
     if (this.core.waitingCount >= this.opts.maxWaiting) {
       throw resourceExhausted(`queue full: ${this.core.waitingCount} requests waiting (maxWaiting ${this.opts.maxWaiting}); retry later`, { retryAfterMs: 1000 });
@@ -188,7 +185,7 @@ export class Scheduler {
     if (r.admitted) {
       this.notify((o) =>
         o.observeRequest({
-          adapterId: r.req.adapterKey,
+          adapterKey: r.req.adapterKey,
           tenant: r.req.tenant,
           outcome: error ? 'aborted' : (r.seq.finishReason ?? 'length'),
           promptTokens: r.seq.promptIds.length,
@@ -236,14 +233,4 @@ export class Scheduler {
       this.onError(new Error('scheduler observer failed', { cause: err }));
     }
   }
-}
-
-/**
- * Callers that still name the field adapterId pass a scoped key under that name (src/rpc scopes every id before
- * it reaches here); it becomes the branded key once, at this edge.
- */
-function withAdapterKey(req: GenerationRequest | LegacyGenerationRequest): GenerationRequest {
-  if ('adapterKey' in req) return req;
-  const { adapterId, ...rest } = req;
-  return { ...rest, adapterKey: adapterId as AdapterKey | null };
 }

@@ -80,7 +80,7 @@ export interface SchedulerObserver {
   setQueue(state: { running: number; waiting: number; rowsUsed: number; rowsFree: number }): void;
   /** A request leaves after having been admitted: finished, or aborted / failed ('aborted'). */
   observeRequest(done: {
-    adapterId: string | null;
+    adapterKey: string | null;
     tenant?: string | undefined;
     outcome: FinishReason | 'aborted';
     promptTokens: number;

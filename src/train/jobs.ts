@@ -5,7 +5,8 @@ import { parseJsonCapped } from '../files/json.js';
 import { readUnderRoot } from '../files/under-root.js';
 import type { Logger } from '../obs/logger.js';
 import type { PeftAdapter } from '../adapters/peft.js';
-import { adapterKey } from '../adapters/tenancy.js';
+import type { AdapterKey } from '../adapter-key.js';
+import { displayId, storedAdapterKey, tenantOf } from '../adapters/tenancy.js';
 import { LoraplexError, diskFullAs, failedPrecondition, invalidArgument, notFound, resourceExhausted, type ErrorCode } from '../errors.js';
 import { fsyncDir, writeFileAtomic } from '../models/safetensors.js';
 import { AsyncQueue } from '../util/async-queue.js';
@@ -120,13 +121,16 @@ export type JobEvent =
   | { type: 'failed'; code: ErrorCode; message: string }
   | { type: 'cancelled'; step: number };
 
+/** The key of a job's adapter; job.json is on disk (it may have been edited), so its parts are validated. */
+const recordAdapterKey = (rec: JobRecord): AdapterKey => storedAdapterKey(rec.tenant, rec.adapterId);
+
 export const isFinalEvent = (e: JobEvent): boolean => e.type === 'completed' || e.type === 'failed' || e.type === 'cancelled';
 
 export interface JobManagerOptions {
   jobRoot: string;
   runner: TrainRunner;
   /** Writes the trained adapter under its key (AdapterManager.create): ALREADY_EXISTS if the id was taken meanwhile. */
-  writeAdapter(key: string, adapter: PeftAdapter): Promise<unknown>;
+  writeAdapter(adapterKey: AdapterKey, adapter: PeftAdapter): Promise<unknown>;
   /** Jobs waiting behind the running one before submit says RESOURCE_EXHAUSTED. */
   maxQueued: number;
   log: Logger;
@@ -141,8 +145,8 @@ export interface JobManagerOptions {
 }
 
 export interface SubmitInput {
-  tenant: string;
-  adapterId: string;
+  /** The adapter to train, in its tenant's namespace (the job belongs to that tenant). */
+  adapterKey: AdapterKey;
   config: TrainConfig;
   /**
    * The examples, or a data.json already written off the event loop into the job root (`stageTrainData`):
@@ -258,10 +262,10 @@ export class JobManager {
   /** Queues a job (it starts at once when none is running). ALREADY_EXISTS when a live job already trains that adapter. */
   submit(input: SubmitInput): JobInfo {
     if (this.closed) throw new LoraplexError('UNAVAILABLE', 'server is shutting down; retry on another replica');
-    const key = adapterKey(input.tenant, input.adapterId);
+    const key = input.adapterKey;
     for (const j of this.jobs.values()) {
-      if (!isTerminal(j.rec.state) && adapterKey(j.rec.tenant, j.rec.adapterId) === key) {
-        throw new LoraplexError('ALREADY_EXISTS', `adapter_id ${JSON.stringify(input.adapterId)}: training job ${j.rec.jobId} is already training it`);
+      if (!isTerminal(j.rec.state) && recordAdapterKey(j.rec) === key) {
+        throw new LoraplexError('ALREADY_EXISTS', `adapter_id ${JSON.stringify(displayId(key))}: training job ${j.rec.jobId} is already training it`);
       }
     }
     if (this.running && this.queue.length >= this.opts.maxQueued) {
@@ -271,8 +275,8 @@ export class JobManager {
     const rec: JobRecord = {
       format: JOB_FORMAT,
       jobId,
-      tenant: input.tenant,
-      adapterId: input.adapterId,
+      tenant: tenantOf(key),
+      adapterId: displayId(key),
       state: 'queued',
       createdAt: this.now(),
       startedAt: null,
@@ -376,8 +380,8 @@ export class JobManager {
     if (rec.state !== 'failed' || rec.retryable !== true) {
       throw failedPrecondition(`job_id ${JSON.stringify(jobId)} is ${rec.state}; only a job that failed writing its adapter can be retried (submit a new Train)`);
     }
-    const key = adapterKey(rec.tenant, rec.adapterId);
-    const rival = [...this.jobs.values()].find((j) => j !== job && !isTerminal(j.rec.state) && adapterKey(j.rec.tenant, j.rec.adapterId) === key);
+    const key = recordAdapterKey(rec);
+    const rival = [...this.jobs.values()].find((j) => j !== job && !isTerminal(j.rec.state) && recordAdapterKey(j.rec) === key);
     if (rival) throw new LoraplexError('ALREADY_EXISTS', `adapter_id ${JSON.stringify(rec.adapterId)}: training job ${rival.rec.jobId} is already training it`);
     let markEnded!: () => void;
     job.ended = new Promise<void>((resolve) => (markEnded = resolve));
@@ -550,7 +554,7 @@ export class JobManager {
   private async complete(job: Job, result: Extract<RunOutcome, { type: 'completed' }>['result']): Promise<void> {
     const { rec } = job;
     try {
-      await this.opts.writeAdapter(adapterKey(rec.tenant, rec.adapterId), result.adapter);
+      await this.opts.writeAdapter(recordAdapterKey(rec), result.adapter);
     } catch (caught) {
       const err = diskFullAs(caught, 'adapter root');
       rec.retryable = true;

@@ -1,7 +1,8 @@
 import { invalidArgument, LoraplexError } from '../errors.js';
 import { SamplingParamsError, validateSamplingParams, type SamplingParams } from '../sampling/index.js';
 import type { ChatMessage, Tokenizer } from '../tokenizer/index.js';
-import { validateAdapterId } from '../adapters/ids.js';
+import type { AdapterKey } from '../adapter-key.js';
+import { scopeAdapterId, type Principal } from '../adapters/tenancy.js';
 
 /** Proto-independent shapes of the request fields (src/rpc converts the messages into these). */
 export interface PromptInput {
@@ -22,6 +23,7 @@ export interface SamplingInput {
 
 export interface GenerateInput {
   prompt: PromptInput;
+  /** The client's id; '' for none. */
   adapterId: string;
   adapterScale?: number;
   sampling?: SamplingInput;
@@ -42,7 +44,8 @@ export type PromptLimits = Pick<GenerateLimits, 'maxChatMessages' | 'maxPromptCh
 export interface ValidGenerate {
   promptIds: number[];
   params: SamplingParams;
-  adapterId: string | null;
+  /** The adapter in the caller's namespace; null for the base model. */
+  adapterKey: AdapterKey | null;
   adapterScale: number;
 }
 
@@ -109,15 +112,18 @@ export function promptIds(prompt: PromptInput, tokenizer: Tokenizer, limits: Pro
   throw invalidArgument('prompt: set text or chat');
 }
 
-/** Validates a request whose prompt is already tokenized (promptIds, here or in a worker). */
-export function validateGenerate(input: GenerateInput, ids: number[], limits: GenerateLimits): ValidGenerate {
+/**
+ * Validates a request whose prompt is already tokenized (promptIds, here or in a worker). Its adapter_id is checked
+ * here, once, as it becomes a key in the caller's namespace.
+ */
+export function validateGenerate(input: GenerateInput, ids: number[], limits: GenerateLimits, principal: Principal): ValidGenerate {
   if (ids.length === 0) throw invalidArgument('text: the prompt encodes to no tokens');
   const left = limits.maxModelLen - ids.length;
   if (left < 1) throw invalidArgument(`prompt: ${ids.length} tokens leave no room to generate within maxModelLen ${limits.maxModelLen}`);
-  const adapterId = input.adapterId === '' ? null : validateAdapterId(input.adapterId);
+  const adapterKey = input.adapterId === '' ? null : scopeAdapterId(principal, input.adapterId);
   const adapterScale = input.adapterScale ?? 1;
   if (!Number.isFinite(adapterScale) || adapterScale < -8 || adapterScale > 8) throw invalidArgument(`adapter_scale ${adapterScale}: must be in [-8, 8]`);
-  if (input.adapterScale !== undefined && adapterId === null) throw invalidArgument('adapter_scale: set only together with adapter_id');
+  if (input.adapterScale !== undefined && adapterKey === null) throw invalidArgument('adapter_scale: set only together with adapter_id');
   const s = input.sampling;
   if (s?.seed !== undefined && s.seed > BigInt(Number.MAX_SAFE_INTEGER)) throw invalidArgument(`sampling.seed ${s.seed}: must be at most ${Number.MAX_SAFE_INTEGER}`);
   const requested = s?.maxNewTokens ?? 0;
@@ -143,5 +149,5 @@ export function validateGenerate(input: GenerateInput, ids: number[], limits: Ge
     }
     throw e instanceof LoraplexError ? e : invalidArgument(String(e));
   }
-  return { promptIds: ids, params, adapterId, adapterScale };
+  return { promptIds: ids, params, adapterKey, adapterScale };
 }

@@ -1,3 +1,4 @@
+import type { AdapterKey } from '../adapter-key.js';
 import { describeStored, type AdapterIo } from '../adapters/io.js';
 import { exportMergedModel, type ExportSource } from '../adapters/export.js';
 import { mergeAdapters, type MergeOptions, type MergeSource } from '../adapters/merge.js';
@@ -26,14 +27,14 @@ const tokenizerAt = (modelDir: string) => tokenizers.get(modelDir) ?? tokenizers
 const adapterBuffers = (a: PeftAdapter) => a.modules.flatMap((m) => [m.a.buffer, m.b.buffer]);
 
 export const tasks = {
-  readAdapter(input: { root: string; key: string; spec: ModelSpec; limits: AdapterLimits }) {
-    const adapter = storeAt(input.root).read(input.key, input.spec, input.limits);
+  readAdapter(input: { root: string; adapterKey: AdapterKey; spec: ModelSpec; limits: AdapterLimits }) {
+    const adapter = storeAt(input.root).read(input.adapterKey, input.spec, input.limits);
     return withTransfer(adapter, adapterBuffers(adapter));
   },
 
-  writeAdapter(input: { root: string; key: string; adapter: PeftAdapter }) {
+  writeAdapter(input: { root: string; adapterKey: AdapterKey; adapter: PeftAdapter }) {
     try {
-      storeAt(input.root).write(input.key, input.adapter);
+      storeAt(input.root).write(input.adapterKey, input.adapter);
     } catch (err) {
       throw diskFullAs(err, 'adapter root'); // errno codes do not cross the pool's boundary; this status does
     }
@@ -41,16 +42,16 @@ export const tasks = {
 
   listStored(input: { root: string }) {
     const store = storeAt(input.root);
-    return store.list().map((key) => describeStored(store, key));
+    return store.list().map((adapterKey) => describeStored(store, adapterKey));
   },
 
-  describeStored(input: { root: string; key: string }) {
+  describeStored(input: { root: string; adapterKey: AdapterKey }) {
     const store = storeAt(input.root);
-    return store.has(input.key) ? describeStored(store, input.key) : null;
+    return store.has(input.adapterKey) ? describeStored(store, input.adapterKey) : null;
   },
 
-  deleteAdapter(input: { root: string; key: string }) {
-    storeAt(input.root).delete(input.key);
+  deleteAdapter(input: { root: string; adapterKey: AdapterKey }) {
+    storeAt(input.root).delete(input.adapterKey);
   },
 
   mergeAdapters(input: { sources: MergeSource[]; options: MergeOptions }) {
@@ -83,11 +84,11 @@ export type TaskPool = WorkerPool<Tasks>;
 /** The adapter manager's slow work, in the pool. */
 export function pooledAdapterIo(pool: TaskPool, root: string): AdapterIo {
   return {
-    read: (key, spec, limits) => pool.run('readAdapter', { root, key, spec, limits }),
+    read: (adapterKey, spec, limits) => pool.run('readAdapter', { root, adapterKey, spec, limits }),
     merge: (sources, options) => pool.run('mergeAdapters', { sources, options }),
-    write: (key, adapter) => pool.run('writeAdapter', { root, key, adapter }),
+    write: (adapterKey, adapter) => pool.run('writeAdapter', { root, adapterKey, adapter }),
     listStored: () => pool.run('listStored', { root }),
-    describe: (key) => pool.run('describeStored', { root, key }),
-    delete: (key) => pool.run('deleteAdapter', { root, key }),
+    describe: (adapterKey) => pool.run('describeStored', { root, adapterKey }),
+    delete: (adapterKey) => pool.run('deleteAdapter', { root, adapterKey }),
   };
 }

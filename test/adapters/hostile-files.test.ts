@@ -13,6 +13,7 @@ import type { ModelSpec } from '../../src/models/spec.js';
 import { loadTrainData } from '../../src/train/data.js';
 import { removeDir, tempDir } from '../models/fixtures.js';
 import { loraplexError } from '../train/train-fixtures.js';
+import { key } from '../helpers/adapter-keys.js';
 
 /** Files a tenant with write access to its adapter folder could plant; none may block, leak or crash. */
 
@@ -43,8 +44,8 @@ const adapter = (r = 4) => makeRandomAdapter(spec, { r, alpha: 8, targetModules:
 
 /** A valid adapter `id` in the store whose `file` is then replaced by `plant(path)`. */
 function planted(id: string, file: string, plant: (path: string) => void): void {
-  store.write(id, adapter());
-  const path = join(store.dir(id), file);
+  store.write(key(id), adapter());
+  const path = join(store.dir(key(id)), file);
   rmSync(path);
   plant(path);
 }
@@ -53,56 +54,56 @@ const notRegular = (file: string) => loraplexError('INVALID_ARGUMENT', new RegEx
 
 test('a FIFO config neither blocks a load nor the listing, and the adapter can still be deleted', () => {
   planted('fifo', ADAPTER_CONFIG_FILE, (p) => execFileSync('mkfifo', [p]));
-  assert.throws(() => store.read('fifo', spec, limits), notRegular(ADAPTER_CONFIG_FILE));
-  const d = store.describe('fifo');
+  assert.throws(() => store.read(key('fifo'), spec, limits), notRegular(ADAPTER_CONFIG_FILE));
+  const d = store.describe(key('fifo'));
   assert.equal(d.r, null);
   assert.match(d.invalidReason ?? '', /adapter_config\.json: is not a regular file/);
-  assert.ok(store.list().includes('fifo'));
-  store.delete('fifo');
-  assert.equal(store.has('fifo'), false);
+  assert.ok(store.list().includes(key('fifo')));
+  store.delete(key('fifo'));
+  assert.equal(store.has(key('fifo')), false);
 });
 
 test('a config symlinked to /dev/zero is refused without reading it', () => {
   planted('zero', ADAPTER_CONFIG_FILE, (p) => symlinkSync('/dev/zero', p));
-  assert.throws(() => store.read('zero', spec, limits), notRegular(ADAPTER_CONFIG_FILE));
-  assert.match(store.describe('zero').invalidReason ?? '', /not a regular file/);
+  assert.throws(() => store.read(key('zero'), spec, limits), notRegular(ADAPTER_CONFIG_FILE));
+  assert.match(store.describe(key('zero')).invalidReason ?? '', /not a regular file/);
 });
 
 test('a config symlinked out of the root: refused, and neither its content nor a server path is shown', () => {
   planted('leak', ADAPTER_CONFIG_FILE, (p) => symlinkSync(join(outside, 'secret.json'), p));
   assert.throws(
-    () => store.read('leak', spec, limits),
+    () => store.read(key('leak'), spec, limits),
     (e: unknown) => loraplexError('INVALID_ARGUMENT', /adapter_config\.json: is not a regular file/)(e) && !String((e as Error).message).includes(outside) && !String((e as Error).message).includes(root),
   );
 });
 
 test('invalid JSON in a config: the message gives a position, never the content', () => {
   planted('badjson', ADAPTER_CONFIG_FILE, (p) => writeFileSync(p, `{"r": 4, "target_modules": ${SECRET}}`));
-  assert.throws(() => store.read('badjson', spec, limits), (e: unknown) => {
+  assert.throws(() => store.read(key('badjson'), spec, limits), (e: unknown) => {
     loraplexError('INVALID_ARGUMENT', /adapter_config\.json: is not valid JSON/)(e);
     assert.ok(!(e as Error).message.includes(SECRET), (e as Error).message);
     return true;
   });
-  assert.ok(!(store.describe('badjson').invalidReason ?? '').includes(SECRET));
+  assert.ok(!(store.describe(key('badjson')).invalidReason ?? '').includes(SECRET));
 });
 
 test('a directory symlinked out of the root is not served, and not walked for its size', () => {
-  store.write('elsewhere', adapter());
+  store.write(key('elsewhere'), adapter());
   const foreign = join(outside, 'adapter');
   rmSync(foreign, { recursive: true, force: true });
-  execFileSync('cp', ['-r', store.dir('elsewhere'), foreign]);
+  execFileSync('cp', ['-r', store.dir(key('elsewhere')), foreign]);
   symlinkSync(foreign, join(root, 'outlink'));
-  assert.throws(() => store.read('outlink', spec, limits), loraplexError('INVALID_ARGUMENT', /resolves outside the root/));
-  assert.match(store.describe('outlink').invalidReason ?? '', /resolves outside the root/);
-  assert.equal(store.diskBytes('outlink'), 0);
+  assert.throws(() => store.read(key('outlink'), spec, limits), loraplexError('INVALID_ARGUMENT', /resolves outside the root/));
+  assert.match(store.describe(key('outlink')).invalidReason ?? '', /resolves outside the root/);
+  assert.equal(store.diskBytes(key('outlink')), 0);
   // A directory symlink that stays inside the root is served.
-  symlinkSync(store.dir('elsewhere'), join(root, 'inlink'));
-  assert.equal(store.read('inlink', spec, limits).r, 4);
+  symlinkSync(store.dir(key('elsewhere')), join(root, 'inlink'));
+  assert.equal(store.read(key('inlink'), spec, limits).r, 4);
 });
 
 test('adapter_model.safetensors as a directory is INVALID_ARGUMENT, not EISDIR', () => {
   planted('dirweights', ADAPTER_WEIGHTS_FILE, (p) => mkdirSync(p));
-  assert.throws(() => store.read('dirweights', spec, limits), notRegular(ADAPTER_WEIGHTS_FILE));
+  assert.throws(() => store.read(key('dirweights'), spec, limits), notRegular(ADAPTER_WEIGHTS_FILE));
 });
 
 test('a safetensors header nested 10k deep is refused by the depth cap', () => {
@@ -112,20 +113,20 @@ test('a safetensors header nested 10k deep is refused by the depth cap', () => {
     len.writeBigUInt64LE(BigInt(json.length));
     writeFileSync(p, Buffer.concat([len, json]));
   });
-  assert.throws(() => store.read('deep', spec, limits), loraplexError('INVALID_ARGUMENT', /adapter_model\.safetensors: header nests deeper than \d+ levels/));
+  assert.throws(() => store.read(key('deep'), spec, limits), loraplexError('INVALID_ARGUMENT', /adapter_model\.safetensors: header nests deeper than \d+ levels/));
 });
 
 test('maxAdapterBytes counts what is read: a symlinked big safetensors is refused', () => {
   const big = makeRandomAdapter(spec, { r: 16, alpha: 8, targetModules: ['all-linear'], seed: 2 });
-  store.write('big', big);
-  const bigFile = join(store.dir('big'), ADAPTER_WEIGHTS_FILE);
+  store.write(key('big'), big);
+  const bigFile = join(store.dir(key('big')), ADAPTER_WEIGHTS_FILE);
   planted('small', ADAPTER_WEIGHTS_FILE, (p) => symlinkSync(bigFile, p));
   const tight = { ...limits, maxAdapterBytes: 64 * 1024 };
-  assert.ok(store.diskBytes('small') < tight.maxAdapterBytes);
-  assert.throws(() => store.read('small', spec, tight), notRegular(ADAPTER_WEIGHTS_FILE));
+  assert.ok(store.diskBytes(key('small')) < tight.maxAdapterBytes);
+  assert.throws(() => store.read(key('small'), spec, tight), notRegular(ADAPTER_WEIGHTS_FILE));
   // The read itself is bounded too (a file that grew after a directory listing counts as it is).
   assert.throws(
-    () => readPeftAdapter(store.dir('big'), spec, { maxBytes: 64 * 1024 }),
+    () => readPeftAdapter(store.dir(key('big')), spec, { maxBytes: 64 * 1024 }),
     /adapter_model\.safetensors: \d+ bytes exceed the limit of \d+/,
   );
 });
@@ -184,12 +185,12 @@ test('out-of-range r and lora_alpha: described as invalid with only in-range val
     ['"lora_alpha": 1e308', /lora_alpha must be a positive number at most/, 'alpha'],
   ];
   cases.forEach(([field, reason, which], i) => {
-    const id = `range${i}`;
+    const id = key(`range${i}`);
     store.write(id, adapter());
     const cfgPath = join(store.dir(id), ADAPTER_CONFIG_FILE);
     const text = readFileSync(cfgPath, 'utf8');
-    const key = field.slice(0, field.indexOf(':'));
-    writeFileSync(cfgPath, text.replace(new RegExp(`${key}: [^,\\n]+`), field));
+    const name = field.slice(0, field.indexOf(':'));
+    writeFileSync(cfgPath, text.replace(new RegExp(`${name}: [^,\\n]+`), field));
     const d = store.describe(id);
     assert.match(d.invalidReason ?? '', reason, field);
     assert.equal(which === 'r' ? d.r : d.alpha, null, field);

@@ -1,7 +1,8 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { join, resolve } from 'node:path';
-import { adapterPath, validateAdapterId } from '../../src/adapters/ids.js';
+import { validateAdapterId } from '../../src/adapters/ids.js';
+import { adapterKeyPath, LOCAL_PRINCIPAL, scopeAdapterId } from '../../src/adapters/tenancy.js';
 import { LoraplexError } from '../../src/errors.js';
 
 const BAD: [string, string][] = [
@@ -50,9 +51,10 @@ test('validateAdapterId accepts safe names unchanged', () => {
   for (const id of GOOD) assert.equal(validateAdapterId(id), id);
 });
 
-test('adapterPath stays a direct child of the root', () => {
+test('a flat key directory stays a direct child of the root; a bad id never becomes a key', () => {
   const root = '/srv/adapters';
-  assert.equal(adapterPath(root, 'my-adapter_v1.2'), join(resolve(root), 'my-adapter_v1.2'));
-  assert.equal(adapterPath('relative/root', 'x'), join(resolve('relative/root'), 'x'));
-  for (const [id] of BAD) assert.throws(() => adapterPath(root, id), /adapter_id/);
+  const flat = (id: string) => scopeAdapterId(LOCAL_PRINCIPAL, id);
+  assert.equal(adapterKeyPath(root, flat('my-adapter_v1.2')), join(resolve(root), 'my-adapter_v1.2'));
+  assert.equal(adapterKeyPath('relative/root', flat('x')), join(resolve('relative/root'), 'x'));
+  for (const [id] of BAD) assert.throws(() => adapterKeyPath(root, flat(id)), /adapter_id/);
 });

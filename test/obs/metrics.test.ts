@@ -6,7 +6,7 @@ import { startMetricsServer } from '../../src/obs/http.js';
 import type { SchedulerObserver } from '../../src/scheduler/scheduler.js';
 
 const done = (over: Partial<RequestDone> = {}): RequestDone => ({
-  adapterId: 'secret-adapter', outcome: 'length', promptTokens: 5, generatedTokens: 3, queueSeconds: 0.01, timeToFirstTokenSeconds: 0.05, totalSeconds: 0.2, ...over,
+  adapterKey: 'secret-adapter', outcome: 'length', promptTokens: 5, generatedTokens: 3, queueSeconds: 0.01, timeToFirstTokenSeconds: 0.05, totalSeconds: 0.2, ...over,
 });
 
 async function values(m: ReturnType<typeof createMetrics>, name: string): Promise<{ labels: Record<string, string | number>; value: number }[]> {

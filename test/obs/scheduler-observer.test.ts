@@ -60,12 +60,12 @@ test('steps, tokens, requests and queue state reach the observer', async () => {
     await new Promise((r) => setTimeout(r, 20)); // the loop reports the idle state after the last step
     assert.equal(rec.requests.length, 2);
     const byTenant = rec.requests.find((d) => d.tenant === 'acme')!;
-    assert.equal(byTenant.adapterId, null);
+    assert.equal(byTenant.adapterKey, null);
     assert.equal(byTenant.outcome, 'length');
     assert.equal(byTenant.promptTokens, prompt.length);
     assert.equal(byTenant.generatedTokens, 5);
     assert.ok(byTenant.queueSeconds >= 0 && byTenant.timeToFirstTokenSeconds! >= byTenant.queueSeconds && byTenant.totalSeconds >= byTenant.timeToFirstTokenSeconds!);
-    const other = rec.requests.find((d) => d.adapterId === 'a1')!;
+    const other = rec.requests.find((d) => d.adapterKey === 'a1')!;
     assert.equal(other.generatedTokens, 3);
     assert.equal(other.tenant, undefined);
     // One gap per token after the first of each sequence.

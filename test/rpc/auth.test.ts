@@ -24,6 +24,7 @@ import {
   parseAdapterKey,
   requireAdmin,
   scopeAdapterId,
+  storedAdapterKey,
   tenantOf,
   unscopeAdapterId,
   visibleAdapters,
@@ -40,6 +41,8 @@ import type { LoraModuleInfo } from '../../src/models/graph.js';
 import { addService, makeClient, type CallContext, type CallEndInfo, type ServiceImpl } from '../../src/rpc/bridge.js';
 import { InferenceService } from '../../src/gen/loraplex/v1/inference_pb.js';
 import { removeDir, tempDir } from '../models/fixtures.js';
+import { key } from '../helpers/adapter-keys.js';
+import type { AdapterKey } from '../../src/adapter-key.js';
 
 const dirs: string[] = [];
 const dir = (prefix: string) => {
@@ -214,26 +217,31 @@ test('tenancy: ids are scoped into the caller namespace and unscoped only there'
   for (const bad of ['', '../x', 'a/b', 'a~b', '.hidden', 'x'.repeat(129)]) {
     assert.throws(() => scopeAdapterId(acme, bad), isError('INVALID_ARGUMENT', /^adapter_id/), bad);
   }
-  assert.equal(unscopeAdapterId(acme, 'acme~style'), 'style');
-  assert.equal(unscopeAdapterId(globex, 'acme~style'), null);
-  assert.equal(unscopeAdapterId(LOCAL_PRINCIPAL, 'acme~style'), null);
-  assert.equal(unscopeAdapterId(acme, 'style'), null, 'the flat store is not any tenant');
-  assert.equal(unscopeAdapterId(LOCAL_PRINCIPAL, 'style'), 'style');
-  assert.equal(visibleTo(acme, 'acme~style'), true);
-  assert.equal(visibleTo(globex, 'acme~style'), false);
-  assert.equal(visibleTo(ops, 'acme~style'), false, 'admins act in their own namespace');
+  const acmeStyle = scopeAdapterId(acme, 'style');
+  const flatStyle = scopeAdapterId(LOCAL_PRINCIPAL, 'style');
+  assert.equal(unscopeAdapterId(acme, acmeStyle), 'style');
+  assert.equal(unscopeAdapterId(globex, acmeStyle), null);
+  assert.equal(unscopeAdapterId(LOCAL_PRINCIPAL, acmeStyle), null);
+  assert.equal(unscopeAdapterId(acme, flatStyle), null, 'the flat store is not any tenant');
+  assert.equal(unscopeAdapterId(LOCAL_PRINCIPAL, flatStyle), 'style');
+  assert.equal(visibleTo(acme, acmeStyle), true);
+  assert.equal(visibleTo(globex, acmeStyle), false);
+  assert.equal(visibleTo(ops, acmeStyle), false, 'admins act in their own namespace');
   // A tenant whose name is a prefix of another's sees nothing of it.
-  assert.equal(visibleTo({ tenant: 'ac', role: 'user' }, 'acme~style'), false);
-  assert.deepEqual(parseAdapterKey('acme~style'), { tenant: 'acme', id: 'style' });
-  assert.deepEqual(parseAdapterKey('style'), { tenant: '', id: 'style' });
-  assert.throws(() => parseAdapterKey('acme~a~b'), isError('INVALID_ARGUMENT'));
-  assert.throws(() => parseAdapterKey('~style'), isError('INVALID_ARGUMENT'));
-  assert.throws(() => parseAdapterKey('../x~style'), isError('INVALID_ARGUMENT'));
-  assert.equal(displayId('acme~style'), 'style');
-  assert.equal(tenantOf('acme~style'), 'acme');
-  assert.equal(tenantOf('style'), '');
+  assert.equal(visibleTo({ tenant: 'ac', role: 'user' }, acmeStyle), false);
+  assert.deepEqual(parseAdapterKey(acmeStyle), { tenant: 'acme', id: 'style' });
+  assert.deepEqual(parseAdapterKey(flatStyle), { tenant: '', id: 'style' });
+  // Keys the server reads back (store directories, job records) are validated as they become keys.
+  assert.equal(storedAdapterKey('acme', 'style'), acmeStyle);
+  assert.equal(storedAdapterKey('', 'style'), flatStyle);
+  assert.throws(() => storedAdapterKey('acme', 'a~b'), isError('INVALID_ARGUMENT'));
+  assert.throws(() => key('~style'), isError('INVALID_ARGUMENT'));
+  assert.throws(() => storedAdapterKey('../x', 'style'), isError('INVALID_ARGUMENT'));
+  assert.equal(displayId(acmeStyle), 'style');
+  assert.equal(tenantOf(acmeStyle), 'acme');
+  assert.equal(tenantOf(flatStyle), '');
 
-  const infos = [{ adapterId: 'acme~a', n: 1 }, { adapterId: 'globex~a', n: 2 }, { adapterId: 'a', n: 3 }, { adapterId: 'acme~b', n: 4 }];
+  const infos = [{ adapterKey: key('acme~a'), n: 1 }, { adapterKey: key('globex~a'), n: 2 }, { adapterKey: key('a'), n: 3 }, { adapterKey: key('acme~b'), n: 4 }];
   assert.deepEqual(visibleAdapters(acme, infos), [{ adapterId: 'a', n: 1 }, { adapterId: 'b', n: 4 }]);
   assert.deepEqual(visibleAdapters(LOCAL_PRINCIPAL, infos), [{ adapterId: 'a', n: 3 }]);
   assert.deepEqual(asSeenBy(globex, infos[1]!), { adapterId: 'a', n: 2 });
@@ -245,11 +253,14 @@ test('tenancy: ids are scoped into the caller namespace and unscoped only there'
 });
 
 test('tenancy: keys map to <root>/<tenant>/<id> or <root>/<id>, never outside the root', () => {
-  assert.equal(adapterKeyPath('/srv/adapters', 'acme~style'), '/srv/adapters/acme/style');
-  assert.equal(adapterKeyPath('/srv/adapters', 'style'), '/srv/adapters/style');
-  assert.equal(adapterKeyPath('/srv/adapters/', 'acme~v1.2'), '/srv/adapters/acme/v1.2');
+  assert.equal(adapterKeyPath('/srv/adapters', key('acme~style')), '/srv/adapters/acme/style');
+  assert.equal(adapterKeyPath('/srv/adapters', key('style')), '/srv/adapters/style');
+  assert.equal(adapterKeyPath('/srv/adapters/', key('acme~v1.2')), '/srv/adapters/acme/v1.2');
   for (const bad of ['..', '../x', 'acme~..', 'acme~../x', '..~x', 'acme/x', '/etc~passwd', 'acme~x~y', '']) {
-    assert.throws(() => adapterKeyPath('/srv/adapters', bad), isError('INVALID_ARGUMENT'), bad);
+    // None of these can become a key...
+    assert.throws(() => key(bad), isError('INVALID_ARGUMENT'), bad);
+    // ...and, belt and braces, none that would climb out of the root or hide in a subdirectory gets a path.
+    if (bad !== 'acme~x~y') assert.throws(() => adapterKeyPath('/srv/adapters', bad as AdapterKey), isError('INVALID_ARGUMENT'), bad);
   }
 });
 
@@ -267,24 +278,24 @@ const limits = () => ({ maxLoraRank: 16, maxAdapterBytes: 64 << 20, loraModules 
 test('store: nested tenant layout next to the flat one; list gives keys; messages show only the id', () => {
   const root = dir('tenancy-store');
   const store = new AdapterStore(root);
-  store.write('acme~style', adapter(1));
-  store.write('globex~style', adapter(2));
-  store.write('flat', adapter(3));
+  store.write(key('acme~style'), adapter(1));
+  store.write(key('globex~style'), adapter(2));
+  store.write(key('flat'), adapter(3));
   assert.ok(existsSync(join(root, 'acme', 'style', 'adapter_config.json')));
   assert.ok(existsSync(join(root, 'globex', 'style', 'adapter_config.json')));
   assert.ok(existsSync(join(root, 'flat', 'adapter_config.json')));
   assert.deepEqual(store.list(), ['acme~style', 'flat', 'globex~style']);
-  assert.equal(store.dir('acme~style'), join(root, 'acme', 'style'));
-  assert.equal(store.has('acme~style'), true);
-  assert.equal(store.has('acme~other'), false);
-  assert.equal(store.has('ops~style'), false);
-  assert.deepEqual(store.read('acme~style', spec, limits()).modules[0]!.a, adapter(1).modules[0]!.a);
-  assert.notDeepEqual(store.read('globex~style', spec, limits()).modules[0]!.a, adapter(1).modules[0]!.a);
+  assert.equal(store.dir(key('acme~style')), join(root, 'acme', 'style'));
+  assert.equal(store.has(key('acme~style')), true);
+  assert.equal(store.has(key('acme~other')), false);
+  assert.equal(store.has(key('ops~style')), false);
+  assert.deepEqual(store.read(key('acme~style'), spec, limits()).modules[0]!.a, adapter(1).modules[0]!.a);
+  assert.notDeepEqual(store.read(key('globex~style'), spec, limits()).modules[0]!.a, adapter(1).modules[0]!.a);
 
   // Another tenant's adapter reads exactly like a missing one.
-  const missing = (key: string) => {
+  const missing = (text: string) => {
     try {
-      store.read(key, spec, limits());
+      store.read(key(text), spec, limits());
     } catch (e) {
       return (e as LoraplexError).code + ' ' + (e as Error).message;
     }
@@ -292,26 +303,26 @@ test('store: nested tenant layout next to the flat one; list gives keys; message
   };
   assert.equal(missing('ops~style'), 'NOT_FOUND adapter_id "style" is not in the adapter store');
   assert.equal(missing('ops~style'), missing('acme~nothing').replace('nothing', 'style'));
-  assert.throws(() => store.write('acme~style', adapter(4)), isError('ALREADY_EXISTS', 'adapter_id "style" already exists in the adapter store'));
-  store.write('acme~style', adapter(4), { overwrite: true });
-  assert.deepEqual(store.read('acme~style', spec, limits()).modules[0]!.a, adapter(4).modules[0]!.a);
-  assert.deepEqual(store.read('globex~style', spec, limits()).modules[0]!.a, adapter(2).modules[0]!.a, 'the other tenant is untouched');
+  assert.throws(() => store.write(key('acme~style'), adapter(4)), isError('ALREADY_EXISTS', 'adapter_id "style" already exists in the adapter store'));
+  store.write(key('acme~style'), adapter(4), { overwrite: true });
+  assert.deepEqual(store.read(key('acme~style'), spec, limits()).modules[0]!.a, adapter(4).modules[0]!.a);
+  assert.deepEqual(store.read(key('globex~style'), spec, limits()).modules[0]!.a, adapter(2).modules[0]!.a, 'the other tenant is untouched');
 
   // The flat layout can neither delete nor replace a tenant's namespace (a directory without a config).
-  assert.throws(() => store.delete('acme'), isError('NOT_FOUND', 'adapter_id "acme" is not in the adapter store'));
-  assert.throws(() => store.write('acme', adapter(5), { overwrite: true }), isError('ALREADY_EXISTS'));
+  assert.throws(() => store.delete(key('acme')), isError('NOT_FOUND', 'adapter_id "acme" is not in the adapter store'));
+  assert.throws(() => store.write(key('acme'), adapter(5), { overwrite: true }), isError('ALREADY_EXISTS'));
   assert.ok(existsSync(join(root, 'acme', 'style', 'adapter_config.json')));
 
   // A flat adapter named like a tenant is an adapter, not a namespace.
-  assert.throws(() => store.write('flat~x', adapter(6)), isError('FAILED_PRECONDITION', /^tenant "flat": the adapter root holds an un-namespaced adapter/));
+  assert.throws(() => store.write(key('flat~x'), adapter(6)), isError('FAILED_PRECONDITION', /^tenant "flat": the adapter root holds an un-namespaced adapter/));
   mkdirSync(join(root, 'flat', 'x'));
   writeFileSync(join(root, 'flat', 'x', 'adapter_config.json'), '{}');
-  assert.equal(store.has('flat~x'), false);
+  assert.equal(store.has(key('flat~x')), false);
   assert.deepEqual(store.list(), ['acme~style', 'flat', 'globex~style']);
 
-  store.delete('acme~style');
+  store.delete(key('acme~style'));
   assert.deepEqual(store.list(), ['flat', 'globex~style']);
-  assert.throws(() => store.delete('acme~style'), isError('NOT_FOUND', 'adapter_id "style" is not in the adapter store'));
+  assert.throws(() => store.delete(key('acme~style')), isError('NOT_FOUND', 'adapter_id "style" is not in the adapter store'));
   // Scratch names (temp files, tombstones) never show up, in the root or in a namespace.
   mkdirSync(join(root, 'globex', '.tmp-x'));
   mkdirSync(join(root, '.tmp-acme~x-1'));
@@ -321,15 +332,15 @@ test('store: nested tenant layout next to the flat one; list gives keys; message
 test('manager: tenant keys through load, list, unload; NOT_FOUND the same for another tenant and for nothing', async () => {
   const root = dir('tenancy-manager');
   const store = new AdapterStore(root);
-  store.write('acme~style', adapter(1));
-  store.write('globex~other', adapter(2));
+  store.write(key('acme~style'), adapter(1));
+  store.write(key('globex~other'), adapter(2));
   const manager = new AdapterManager({
     store, spec, loraModules, maxLoras: 2, maxCpuLoras: 3, maxLoraRank: 16, maxAdapterBytes: 64 << 20,
     slotWriter: { setSlot: async () => undefined, clearSlot: async () => undefined },
   });
-  const loaded = await manager.load('acme~style');
-  assert.equal(loaded.info.adapterId, 'acme~style');
-  assert.deepEqual((await manager.list()).map((i) => i.adapterId), ['acme~style', 'globex~other']);
+  const loaded = await manager.load(key('acme~style'));
+  assert.equal(loaded.info.adapterKey, 'acme~style');
+  assert.deepEqual((await manager.list()).map((i) => i.adapterKey), ['acme~style', 'globex~other']);
   assert.deepEqual(visibleAdapters(acme, (await manager.list())).map((i) => [i.adapterId, i.state]), [['style', 'loaded']]);
   assert.deepEqual(visibleAdapters(globex, (await manager.list())).map((i) => i.adapterId), ['other']);
 
@@ -340,14 +351,14 @@ test('manager: tenant keys through load, list, unload; NOT_FOUND the same for an
   assert.equal(nothing, 'NOT_FOUND adapter_id "nothing" is not in the adapter store');
   assert.equal(await message(manager.unload(scopeAdapterId(globex, 'style'), { deleteFromStore: true })), theirs);
   assert.equal(await message(manager.tryAcquire(scopeAdapterId(globex, 'style'))), theirs);
-  assert.ok(store.has('acme~style'), 'still there');
-  const lease = await manager.tryAcquire('acme~style');
+  assert.ok(store.has(key('acme~style')), 'still there');
+  const lease = await manager.tryAcquire(key('acme~style'));
   assert.ok(lease && lease.slot >= 1);
   lease.release();
-  const unloaded = await manager.unload('acme~style', { deleteFromStore: true });
-  assert.equal(unloaded.adapterId, 'acme~style');
-  assert.equal(store.has('acme~style'), false);
-  assert.deepEqual((await manager.list()).map((i) => i.adapterId), ['globex~other']);
+  const unloaded = await manager.unload(key('acme~style'), { deleteFromStore: true });
+  assert.equal(unloaded.adapterKey, 'acme~style');
+  assert.equal(store.has(key('acme~style')), false);
+  assert.deepEqual((await manager.list()).map((i) => i.adapterKey), ['globex~other']);
 });
 
 // --- bridge hooks ------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ import { LoraplexError } from '../../src/errors.js';
 import type { SamplingParams } from '../../src/sampling/index.js';
 import type { AdapterKey } from '../../src/adapter-key.js';
 import { startTestEngine, STORIES, tempDir } from '../helpers/engine.js';
+import { key } from '../helpers/adapter-keys.js';
 
 const greedy = (maxNewTokens: number): SamplingParams => ({ temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1, maxNewTokens, stopTokenIds: [], stopStrings: [] });
 
@@ -29,7 +30,7 @@ async function setup(opts: { maxNumSeqs: number; maxWaiting?: number; maxLoras?:
   const { engine, compiled } = await startTestEngine(STORIES, { kind: 'int4', blockSize: 32, accuracyLevel: 4 }, { maxNumSeqs: opts.maxNumSeqs, maxLoras: opts.maxLoras ?? 3, maxLoraRank: 8 });
   const tokenizer = await loadTokenizer(STORIES);
   const store = new AdapterStore(tempDir('sched-store'));
-  for (let i = 1; i <= 3; i++) store.write(`a${i}`, makeRandomAdapter(compiled.spec, { r: 4 + i, alpha: 16, targetModules: ['q_proj', 'v_proj', 'down_proj'], seed: i, bStd: 0.3 }));
+  for (let i = 1; i <= 3; i++) store.write(key(`a${i}`), makeRandomAdapter(compiled.spec, { r: 4 + i, alpha: 16, targetModules: ['q_proj', 'v_proj', 'down_proj'], seed: i, bStd: 0.3 }));
   const adapters = new AdapterManager({ store, spec: compiled.spec, loraModules: compiled.layout.loraModules, maxLoras: opts.maxLoras ?? 3, maxCpuLoras: 8, maxLoraRank: 8, maxAdapterBytes: 1 << 24, slotWriter: engine });
   const scheduler = new Scheduler(engine, adapters, tokenizer, {
     maxNumSeqs: opts.maxNumSeqs, maxWaiting: opts.maxWaiting ?? 64, maxModelLen: 256, prefillChunk: 3, eosTokenIds: compiled.spec.eosTokenIds,
@@ -82,14 +83,14 @@ test('cancel frees the row and the adapter pin; a full queue is RESOURCE_EXHAUST
     const long = s.scheduler.submit(s.request('Once upon a time', 'a1', { params: greedy(200), signal: ctl.signal }));
     const it = long[Symbol.asyncIterator]();
     await it.next(); // running
-    assert.equal((await s.adapters.info('a1')).activeRequests, 1);
+    assert.equal((await s.adapters.info(key('a1'))).activeRequests, 1);
     const queued = s.scheduler.submit(s.request('One day', null));
     assert.throws(() => s.scheduler.submit(s.request('The cat', null)), (e: unknown) => e instanceof LoraplexError && e.code === 'RESOURCE_EXHAUSTED' && e.retryAfterMs === 1000 && /maxWaiting 1/.test(e.message));
     ctl.abort(new LoraplexError('CANCELLED', 'client cancelled'));
     await assert.rejects(async () => { for (;;) { const r = await it.next(); if (r.done) break; } }, /client cancelled/);
     const q = await collect(queued);
     assert.equal(q.finished?.type, 'finished');
-    assert.equal((await s.adapters.info('a1')).activeRequests, 0);
+    assert.equal((await s.adapters.info(key('a1'))).activeRequests, 0);
     assert.equal(s.scheduler.stats().freeRows, 1);
     await assert.rejects(collect(s.scheduler.submit(s.request('x', 'nope'))), (e: unknown) => e instanceof LoraplexError && e.code === 'NOT_FOUND');
   } finally {

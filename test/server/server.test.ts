@@ -9,6 +9,7 @@ import { AdapterState } from '../../src/gen/loraplex/v1/adapters_pb.js';
 import { FinishReason } from '../../src/gen/loraplex/v1/inference_pb.js';
 import { collect, startTestServer, type TestServer } from '../helpers/server.js';
 import { STORIES, tempDir } from '../helpers/engine.js';
+import { key } from '../helpers/adapter-keys.js';
 
 const spec = readModelSpec(STORIES);
 const reference = JSON.parse(readFileSync(`${STORIES}/reference.json`, 'utf8')).cases[0];
@@ -98,7 +99,7 @@ test('Unload of an adapter in use is FAILED_PRECONDITION; cancel frees the row a
   await assert.rejects(async () => { for (;;) if ((await it.next()).done) break; }, (e) => code(e) === grpc.status.CANCELLED);
   for (let i = 0; i < 100 && s.server.app.scheduler.stats().running > 0; i++) await new Promise((r) => setTimeout(r, 10));
   assert.equal(s.server.app.scheduler.stats().running, 0);
-  assert.equal((await s.server.app.adapters.info('tenant-3')).activeRequests, 0);
+  assert.equal((await s.server.app.adapters.info(key('tenant-3'))).activeRequests, 0);
   await s.adapters.unloadAdapter({ adapterId: 'tenant-3' });
 });
 

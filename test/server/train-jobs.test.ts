@@ -16,6 +16,7 @@ import { validateTrainConfig } from '../../src/train/config.js';
 import { JobManager, type JobEvent, type JobRecord } from '../../src/train/jobs.js';
 import { WorkerRunner, type RunHandlers, type RunOutcome, type RunSpec, type TrainRunner } from '../../src/train/runner.js';
 import { STORIES, tempDir } from '../helpers/engine.js';
+import { scopeAdapterId } from '../../src/adapters/tenancy.js';
 
 const spec = readModelSpec(STORIES);
 const config = validateTrainConfig({ maxSeqLength: 32, maxSteps: 5 }, { spec, maxLoraRank: 16 });
@@ -60,7 +61,8 @@ function manager(runner: TrainRunner, opts: { writeAdapter?: (key: string) => Pr
 }
 
 const tick = () => new Promise((r) => setImmediate(r));
-const submit = (jobs: JobManager, adapterId: string, tenant = '') => jobs.submit({ tenant, adapterId, config, data, dataSummary: summary });
+const submit = (jobs: JobManager, adapterId: string, tenant = '') =>
+  jobs.submit({ adapterKey: scopeAdapterId({ tenant, role: 'user' }, adapterId), config, data, dataSummary: summary });
 
 async function drain(it: AsyncIterable<JobEvent>): Promise<JobEvent[]> {
   const out: JobEvent[] = [];
