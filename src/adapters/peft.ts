@@ -4,6 +4,7 @@ import { basename, dirname, join } from 'node:path';
 import { fillNormal } from '../models/make.js';
 import { SafetensorsError, SafetensorsSource, type SafetensorsDtype, writeFileAtomic, writeSafetensors } from '../models/safetensors.js';
 import type { ModelSpec, ModelFamily } from '../models/spec.js';
+import type { LoraLayerWeights } from '../models/lora.js';
 import { FAMILIES, familyOfModule, linearModules, loraModuleNames, moduleOrder } from '../models/families/index.js';
 import { RE2JS } from 're2js';
 import { clipJson, parseJsonCapped, UntrustedJsonError } from '../files/json.js';
@@ -47,24 +48,13 @@ export interface PeftConfig {
   raw: Record<string, unknown>;
 }
 
-export interface LoraModule {
-  module: string;
-  /** lora_A, row-major [r, inFeatures]. */
-  a: Float32Array;
-  /** lora_B, row-major [outFeatures, r]. */
-  b: Float32Array;
-  r: number;
-  inFeatures: number;
-  outFeatures: number;
-}
-
 export interface PeftAdapter {
   config: PeftConfig;
   r: number;
   alpha: number;
   /** Multiplier of B·A: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora. */
   scaling: number;
-  modules: LoraModule[];
+  modules: LoraLayerWeights[];
 }
 
 export function loraScaling(r: number, alpha: number, useRslora: boolean): number {
@@ -299,7 +289,7 @@ export function readPeftWeights(loc: PeftLocation, config: PeftConfig, spec: Mod
   if (byModule.size === 0) fail('holds no LoRA tensors');
 
   const known = spec ? new Map(linearModules(spec).map((l) => [l.module, l])) : null;
-  const modules: LoraModule[] = [];
+  const modules: LoraLayerWeights[] = [];
   for (const [module, e] of byModule) {
     if (!e.a || !e.b) fail(`module ${module} has ${e.a ? 'lora_A' : 'lora_B'} but no ${e.a ? 'lora_B' : 'lora_A'}`);
     const family = familyOfModule(module);
@@ -436,7 +426,7 @@ export function makeRandomAdapter(spec: ModelSpec, opts: RandomAdapterOptions): 
   for (const t of opts.targetModules) {
     if (t !== 'all-linear' && !allowed.includes(t)) throw new Error(`target module '${t}' is not a ${spec.family} linear; supported: ${allowed.join(', ')}`);
   }
-  const modules: LoraModule[] = [];
+  const modules: LoraLayerWeights[] = [];
   for (const lin of linearModules(spec)) {
     if (!all && !opts.targetModules.includes(lin.peftName)) continue;
     const a = fillNormal(new Float32Array(opts.r * lin.inFeatures), opts.seed, `${lin.module}.lora_A`, opts.aStd ?? 1 / Math.sqrt(lin.inFeatures));

@@ -3,6 +3,7 @@ import { add, concat, dimOf, gather, reshape, sub } from '../../kernels/ops/basi
 import { attentionContext, cachedAttention, loraDelta } from '../../kernels/ops/nn.js';
 import { familyOf, type LinearWeight } from './families/index.js';
 import type { HostTensor, ModelSpec, WeightSource } from './spec.js';
+import type { LoraModuleShape } from './lora.js';
 
 /**
  * The serving graph: ONE graph for chunked prefill (batch 1, seq > 1) and batched decode (batch n, seq 1),
@@ -26,12 +27,9 @@ export interface LinearEmitter {
   (g: Graph, x: Value, name: string, w: HostTensor, bias: HostTensor | null): Value;
 }
 
-export interface LoraModuleInfo {
-  /** HF module path, e.g. 'model.layers.0.self_attn.q_proj' or 'h.0.attn.c_attn'. */
-  module: string;
-  inFeatures: number;
-  outFeatures: number;
-  /** ||W||_F of the module's base weight (before quantization): the scale adapters are bounded by. */
+/** A LoRA-able module as served, with the scale adapters on it are bounded by. */
+export interface LoraModuleInfo extends LoraModuleShape {
+  /** ||W||_F of the module's base weight (before quantization). */
   baseNorm?: number;
 }
 

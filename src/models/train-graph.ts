@@ -5,6 +5,7 @@ import { quantizeLinear, type QuantOptions } from '../../kernels/quant/index.js'
 import { gradients, quantizedLinearOp } from '../../kernels/autodiff.js';
 import { crossEntropy } from '../../kernels/ops/loss.js';
 import type { ModelSpec, WeightSource } from './spec.js';
+import type { LoraModuleShape } from './lora.js';
 import { constantOf, familyOf, type LinearWeight } from './families/index.js';
 
 /**
@@ -16,16 +17,9 @@ import { constantOf, familyOf, type LinearWeight } from './families/index.js';
  *          lora_a.M [r, in], lora_b.M [out, r] float32 for each trained module M.
  * Outputs: loss (scalar), grad_a.M / grad_b.M (same shapes as the inputs).
  */
-export interface TrainModule {
-  /** HF module path, e.g. 'model.layers.0.self_attn.q_proj'. */
-  module: string;
-  inFeatures: number;
-  outFeatures: number;
-}
-
 export interface TrainGraphOptions {
   quant: QuantOptions;
-  modules: TrainModule[];
+  modules: LoraModuleShape[];
   r: number;
   /** lora_alpha / r (or / sqrt(r) with rsLoRA). */
   scaling: number;
@@ -38,7 +32,7 @@ export interface TrainGraphOptions {
 interface Ctx {
   g: Graph;
   opts: TrainGraphOptions;
-  trained: Map<string, TrainModule>;
+  trained: Map<string, LoraModuleShape>;
   params: { module: string; a: Value; b: Value }[];
   /** train_mode input (bool scalar): dropout is active only while training, not for eval. */
   trainMode: Value | null;
