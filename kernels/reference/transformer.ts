@@ -8,9 +8,33 @@
  * - llama (llama / mistral / qwen2): RMSNorm, rotate-half rotary, grouped-query attention, SwiGLU MLP.
  * - gpt2: learned positions, pre-LayerNorm with bias, Conv1D weights stored [in, out], gelu MLP.
  *
- * Not modelled (none of the ModelSpec fields describe them): rope scaling, sliding-window attention.
+ * Not modelled (none of the ReferenceSpec fields describe them): rope scaling, sliding-window attention.
  */
-import type { HostTensor, ModelSpec, WeightSource } from '../../src/models/spec.js';
+import type { HostTensor, WeightSource } from '../tensor.js';
+
+/**
+ * The model description the reference reads: written out here (not imported from src/) so that the independent
+ * check stays independent; the engine's ModelSpec has these fields and more.
+ */
+export interface ReferenceSpec {
+  family: 'llama' | 'gpt2';
+  modelType: string;
+  hiddenSize: number;
+  intermediateSize: number;
+  numLayers: number;
+  numHeads: number;
+  numKvHeads: number;
+  headDim: number;
+  vocabSize: number;
+  maxPositions: number;
+  normEps: number;
+  ropeTheta: number;
+  attentionBias: boolean;
+  outputBias: boolean;
+  mlpBias: boolean;
+  hiddenAct: 'silu' | 'gelu_new' | 'gelu';
+  tieWordEmbeddings: boolean;
+}
 
 // ---------------------------------------------------------------------------------------------------------
 // Weights
@@ -476,7 +500,7 @@ export interface ReferenceOptions {
  * per-row arithmetic is the same either way, so incremental and full logits agree exactly.
  */
 export class ReferenceDecoder {
-  private readonly spec: ModelSpec;
+  private readonly spec: ReferenceSpec;
   private readonly embedding: Float32Array; // [vocab, hidden] (llama embed_tokens, gpt2 wte)
   private readonly positionEmbedding: Float32Array | null; // gpt2 wpe [maxPositions, hidden]
   private readonly llamaLayers: LlamaLayer[] = [];
@@ -491,7 +515,7 @@ export class ReferenceDecoder {
   private capacity = 0;
   private pos = 0;
 
-  constructor(spec: ModelSpec, weights: ReferenceWeightsInput, opts: ReferenceOptions = {}) {
+  constructor(spec: ReferenceSpec, weights: ReferenceWeightsInput, opts: ReferenceOptions = {}) {
     this.spec = spec;
     const w = toReferenceWeights(weights);
     const { hiddenSize: H, intermediateSize: I, numHeads: NH, numKvHeads: NKV, headDim: D, vocabSize: V } = spec;
@@ -699,7 +723,7 @@ export class ReferenceDecoder {
 
 /** Logits for every position, [tokenIds.length, vocab]: the full causal forward over positions 0..T-1. */
 export function referenceForward(
-  spec: ModelSpec,
+  spec: ReferenceSpec,
   weights: ReferenceWeightsInput,
   tokenIds: readonly number[],
   opts: ReferenceOptions = {},
@@ -712,7 +736,7 @@ export function referenceForward(
  * maxNewTokens times (stopping after a token in stopIds). Returns the new ids only.
  */
 export function referenceGreedy(
-  spec: ModelSpec,
+  spec: ReferenceSpec,
   weights: ReferenceWeightsInput,
   promptIds: readonly number[],
   maxNewTokens: number,
@@ -735,4 +759,4 @@ export function referenceGreedy(
 }
 
 /** Re-exported for callers that build weights from a checkpoint. */
-export type { HostTensor, ModelSpec, WeightSource };
+export type { HostTensor, WeightSource };

@@ -4,6 +4,7 @@ import { randomBytes } from 'node:crypto';
 import { LoraplexError, invalidArgument } from '../errors.js';
 import { dequantizeLinear, quantizeLinear, type QuantOptions } from '../../kernels/quant/index.js';
 import { loadModelDir } from '../models/load.js';
+import { familyOfModule } from '../models/families/index.js';
 import { writeShardedSafetensors, writeSafetensors, type TensorToWrite } from '../models/safetensors.js';
 import type { HostTensor, ModelSpec } from '../models/spec.js';
 import type { PeftAdapter } from './peft.js';
@@ -54,10 +55,10 @@ export function validateOutputName(name: string): string {
   return name;
 }
 
-/** True for a linear layer's weight as the serving graph quantizes it (gpt2 Conv1D weights are [in, out]). */
+/** The module of a linear layer's weight as the serving graph quantizes it (gpt2 Conv1D weights are [in, out]). */
 function linearModuleOf(spec: ModelSpec, name: string): string | null {
-  const re = spec.family === 'gpt2' ? /^(h\.\d+\.(?:attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj))\.weight$/ : /^(model\.layers\.\d+\.(?:self_attn\.[qkvo]_proj|mlp\.(?:gate|up|down)_proj))\.weight$/;
-  return re.exec(name)?.[1] ?? null;
+  const module = name.endsWith('.weight') ? name.slice(0, -'.weight'.length) : null;
+  return module !== null && familyOfModule(module) === spec.family ? module : null;
 }
 
 const outputExists = (outputName: string) => new LoraplexError('ALREADY_EXISTS', `output_name ${JSON.stringify(outputName)} already exists in the export root`);

@@ -1,7 +1,8 @@
 import { invalidArgument } from '../errors.js';
 import { Rng } from '../sampling/index.js';
 import { mat, matmul, qr, svd, transpose, type Mat } from '../../kernels/linalg/svd.js';
-import type { LoraModule, PeftAdapter } from './peft.js';
+import type { PeftAdapter } from './peft.js';
+import type { LoraLayerWeights, LoraModuleShape } from '../models/lora.js';
 
 /**
  * Adapter arithmetic with PEFT's add_weighted_adapter semantics. Every source contributes its delta
@@ -41,7 +42,7 @@ const SHORT = (module: string) => module.slice(module.lastIndexOf('.') + 1);
 export function mergeAdapters(sources: MergeSource[], opts: MergeOptions): PeftAdapter {
   validate(sources, opts);
   const modules = moduleUnion(sources);
-  let merged: LoraModule[];
+  let merged: LoraLayerWeights[];
   switch (opts.method) {
     case 'cat':
       merged = modules.map((m) => catModule(sources, m));
@@ -104,14 +105,8 @@ function validate(sources: MergeSource[], opts: MergeOptions): void {
   }
 }
 
-interface ModuleShape {
-  module: string;
-  inFeatures: number;
-  outFeatures: number;
-}
-
-function moduleUnion(sources: MergeSource[]): ModuleShape[] {
-  const seen = new Map<string, ModuleShape>();
+function moduleUnion(sources: MergeSource[]): LoraModuleShape[] {
+  const seen = new Map<string, LoraModuleShape>();
   for (const s of sources) for (const m of s.adapter.modules) if (!seen.has(m.module)) seen.set(m.module, { module: m.module, inFeatures: m.inFeatures, outFeatures: m.outFeatures });
   // Keep the sources' order (layer order for adapters read from disk).
   return [...seen.values()];
@@ -120,7 +115,7 @@ function moduleUnion(sources: MergeSource[]): ModuleShape[] {
 const find = (s: MergeSource, module: string) => s.adapter.modules.find((m) => m.module === module);
 
 /** cat: rows w_i s_i A_i, columns B_i; a source without the module contributes zero rows/columns. */
-function catModule(sources: MergeSource[], shape: ModuleShape): LoraModule {
+function catModule(sources: MergeSource[], shape: LoraModuleShape): LoraLayerWeights {
   const R = sources.reduce((n, s) => n + s.adapter.r, 0);
   const { inFeatures: inF, outFeatures: outF } = shape;
   const a = new Float32Array(R * inF);
@@ -139,7 +134,7 @@ function catModule(sources: MergeSource[], shape: ModuleShape): LoraModule {
   return { module: shape.module, a, b, r: R, inFeatures: inF, outFeatures: outF };
 }
 
-function svdModules(sources: MergeSource[], modules: ModuleShape[], opts: MergeOptions): LoraModule[] {
+function svdModules(sources: MergeSource[], modules: LoraModuleShape[], opts: MergeOptions): LoraLayerWeights[] {
   const k = opts.svdRank ?? Math.max(...sources.map((s) => s.adapter.r));
   return modules.map((shape) => {
     const cat = catModule(sources, shape);
@@ -174,7 +169,7 @@ function clampAtQuantile(a: Float32Array, b: Float32Array, q: number): void {
   for (const t of [a, b]) for (let i = 0; i < t.length; i++) t[i] = Math.min(Math.max(t[i]!, -limit), limit);
 }
 
-function taskArithmeticModules(sources: MergeSource[], modules: ModuleShape[], opts: MergeOptions): LoraModule[] {
+function taskArithmeticModules(sources: MergeSource[], modules: LoraModuleShape[], opts: MergeOptions): LoraLayerWeights[] {
   const weights = sources.map((s) => Math.sqrt(s.weight * s.adapter.scaling));
   const rng = new Rng(opts.seed ?? 0);
   const r = sources[0]!.adapter.r;
@@ -241,7 +236,7 @@ function randomPrune(t: Float32Array, density: number, rng: Rng): Float32Array {
 }
 
 /** The dense delta Σ-free helper for tests and export: s B A as [out, in] float64. */
-export function denseDelta(m: LoraModule, scale: number): Mat {
+export function denseDelta(m: LoraLayerWeights, scale: number): Mat {
   const d = mat(m.outFeatures, m.inFeatures);
   for (let o = 0; o < m.outFeatures; o++) {
     for (let j = 0; j < m.r; j++) {

@@ -3,10 +3,14 @@ import { basename, join } from 'node:path';
 import { fillNormal } from '../models/make.js';
 import { SafetensorsError, SafetensorsSource, type SafetensorsDtype, writeFileAtomic, writeSafetensors } from '../models/safetensors.js';
 import type { ModelSpec, ModelFamily } from '../models/spec.js';
+import type { LoraLayerWeights } from '../models/lora.js';
+import { FAMILIES, familyOfModule, linearModules, loraModuleNames, moduleOrder } from '../models/families/index.js';
 import { RE2JS } from 're2js';
 import { writeDirAtomic } from '../files/atomic-dir.js';
 import { clipJson, parseJsonCapped, UntrustedJsonError } from '../files/json.js';
 import { readUnderRoot, UnderRootError } from '../files/under-root.js';
+
+const ALL_FAMILIES = Object.keys(FAMILIES) as ModelFamily[];
 
 /** PEFT LoRA adapters (adapter_config.json + adapter_model.safetensors): read, validate, write, make. */
 
@@ -23,65 +27,14 @@ export class PeftFormatError extends Error {
   }
 }
 
-export interface LinearModule {
-  /** Normalized HF module path: `model.layers.3.self_attn.q_proj`, `h.0.attn.c_attn`. */
-  module: string;
-  inFeatures: number;
-  outFeatures: number;
-  /** The name target_modules uses: q_proj, c_attn, ... */
-  peftName: string;
-  layer: number;
-}
-
-export const LLAMA_LORA_MODULES = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj'] as const;
-export const GPT2_LORA_MODULES = ['c_attn', 'c_proj', 'c_fc'] as const;
-
-/** Every LoRA-able linear of the model, in layer order, with PEFT's in/out features. */
-export function linearModules(spec: ModelSpec): LinearModule[] {
-  const out: LinearModule[] = [];
-  const h = spec.hiddenSize;
-  const inter = spec.intermediateSize;
-  for (let layer = 0; layer < spec.numLayers; layer++) {
-    const add = (module: string, inFeatures: number, outFeatures: number) =>
-      out.push({ module, inFeatures, outFeatures, peftName: module.slice(module.lastIndexOf('.') + 1), layer });
-    if (spec.family === 'llama') {
-      const p = `model.layers.${layer}`;
-      const q = spec.numHeads * spec.headDim;
-      const kv = spec.numKvHeads * spec.headDim;
-      add(`${p}.self_attn.q_proj`, h, q);
-      add(`${p}.self_attn.k_proj`, h, kv);
-      add(`${p}.self_attn.v_proj`, h, kv);
-      add(`${p}.self_attn.o_proj`, q, h);
-      add(`${p}.mlp.gate_proj`, h, inter);
-      add(`${p}.mlp.up_proj`, h, inter);
-      add(`${p}.mlp.down_proj`, inter, h);
-    } else {
-      const p = `h.${layer}`;
-      add(`${p}.attn.c_attn`, h, 3 * h);
-      add(`${p}.attn.c_proj`, h, h);
-      add(`${p}.mlp.c_fc`, h, inter);
-      add(`${p}.mlp.c_proj`, inter, h);
-    }
-  }
-  return out;
-}
-
-const MODULE_RE: Record<ModelFamily, RegExp> = {
-  llama: /^model\.layers\.(\d+)\.(?:self_attn\.(?:q_proj|k_proj|v_proj|o_proj)|mlp\.(?:gate_proj|up_proj|down_proj))$/,
-  gpt2: /^h\.(\d+)\.(?:attn\.(?:c_attn|c_proj)|mlp\.(?:c_fc|c_proj))$/,
-};
+export type { LinearModule } from '../models/families/index.js';
+export { linearModules };
 
 /** `base_model.model.transformer.h.0.attn.c_attn` -> `h.0.attn.c_attn`; llama paths keep `model.`. */
 export function normalizeModulePath(path: string): string {
   let p = path.startsWith('base_model.model.') ? path.slice('base_model.model.'.length) : path;
   if (p.startsWith('transformer.')) p = p.slice('transformer.'.length);
   return p;
-}
-
-function familyOfModule(module: string): ModelFamily | null {
-  if (MODULE_RE.llama.test(module)) return 'llama';
-  if (MODULE_RE.gpt2.test(module)) return 'gpt2';
-  return null;
 }
 
 export interface PeftConfig {
@@ -95,24 +48,13 @@ export interface PeftConfig {
   raw: Record<string, unknown>;
 }
 
-export interface LoraModule {
-  module: string;
-  /** lora_A, row-major [r, inFeatures]. */
-  a: Float32Array;
-  /** lora_B, row-major [outFeatures, r]. */
-  b: Float32Array;
-  r: number;
-  inFeatures: number;
-  outFeatures: number;
-}
-
 export interface PeftAdapter {
   config: PeftConfig;
   r: number;
   alpha: number;
   /** Multiplier of B·A: lora_alpha / r, or lora_alpha / sqrt(r) with use_rslora. */
   scaling: number;
-  modules: LoraModule[];
+  modules: LoraLayerWeights[];
 }
 
 export function loraScaling(r: number, alpha: number, useRslora: boolean): number {
@@ -177,8 +119,7 @@ function parseConfig(dir: string, cfg: Record<string, unknown>, family: ModelFam
     fail(`target_modules regex is ${targetModules.length} characters; the limit is ${MAX_PATTERN_LENGTH}`);
   }
   if (Array.isArray(targetModules)) {
-    const allowed: readonly string[] =
-      family === 'llama' ? LLAMA_LORA_MODULES : family === 'gpt2' ? GPT2_LORA_MODULES : [...LLAMA_LORA_MODULES, ...GPT2_LORA_MODULES];
+    const allowed: readonly string[] = family ? loraModuleNames(family) : ALL_FAMILIES.flatMap(loraModuleNames);
     for (const t of targetModules) {
       const last = t.slice(t.lastIndexOf('.') + 1);
       if (t !== 'all-linear' && !allowed.includes(last)) {
@@ -348,11 +289,11 @@ export function readPeftWeights(loc: PeftLocation, config: PeftConfig, spec: Mod
   if (byModule.size === 0) fail('holds no LoRA tensors');
 
   const known = spec ? new Map(linearModules(spec).map((l) => [l.module, l])) : null;
-  const modules: LoraModule[] = [];
+  const modules: LoraLayerWeights[] = [];
   for (const [module, e] of byModule) {
     if (!e.a || !e.b) fail(`module ${module} has ${e.a ? 'lora_A' : 'lora_B'} but no ${e.a ? 'lora_B' : 'lora_A'}`);
     const family = familyOfModule(module);
-    if (!family) fail(`module ${module} is not a supported LoRA target (llama: ${LLAMA_LORA_MODULES.join(', ')}; gpt2: ${GPT2_LORA_MODULES.join(', ')})`);
+    if (!family) fail(`module ${module} is not a supported LoRA target (${ALL_FAMILIES.map((f) => `${f}: ${loraModuleNames(f).join(', ')}`).join('; ')})`);
     if (spec && family !== spec.family) fail(`module ${module} belongs to a ${family} model, but the base model is ${spec.modelType}`);
     if (!targeted(config.targetModules, e.fullPath)) fail(`module ${module} has weights but is not in target_modules ${clipJson(config.targetModules)}`);
     const aShape = src.shape(e.a!);
@@ -383,16 +324,6 @@ export function readPeftWeights(loc: PeftLocation, config: PeftConfig, spec: Mod
   // linearModules' order (by layer, then as in the forward pass), with or without a spec.
   modules.sort((x, y) => moduleOrder(x.module) - moduleOrder(y.module));
   return { config, r: config.r, alpha: config.loraAlpha, scaling: loraScaling(config.r, config.loraAlpha, config.useRslora), modules };
-}
-
-const IN_LAYER_ORDER = [
-  'self_attn.q_proj', 'self_attn.k_proj', 'self_attn.v_proj', 'self_attn.o_proj', 'mlp.gate_proj', 'mlp.up_proj', 'mlp.down_proj',
-  'attn.c_attn', 'attn.c_proj', 'mlp.c_fc', 'mlp.c_proj',
-];
-
-function moduleOrder(module: string): number {
-  const m = /^(?:model\.layers|h)\.(\d+)\.(.+)$/.exec(module)!;
-  return Number(m[1]) * 100 + IN_LAYER_ORDER.indexOf(m[2]!);
 }
 
 export interface WritePeftOptions {
@@ -477,12 +408,12 @@ export interface RandomAdapterOptions {
 /** A deterministic random adapter for tests and benchmarks (unlike PEFT's init, B is non-zero). */
 export function makeRandomAdapter(spec: ModelSpec, opts: RandomAdapterOptions): PeftAdapter {
   if (!Number.isSafeInteger(opts.r) || opts.r < 1) throw new Error(`r must be a positive integer, got ${opts.r}`);
-  const allowed: readonly string[] = spec.family === 'llama' ? LLAMA_LORA_MODULES : GPT2_LORA_MODULES;
+  const allowed = loraModuleNames(spec.family);
   const all = opts.targetModules.includes('all-linear');
   for (const t of opts.targetModules) {
     if (t !== 'all-linear' && !allowed.includes(t)) throw new Error(`target module '${t}' is not a ${spec.family} linear; supported: ${allowed.join(', ')}`);
   }
-  const modules: LoraModule[] = [];
+  const modules: LoraLayerWeights[] = [];
   for (const lin of linearModules(spec)) {
     if (!all && !opts.targetModules.includes(lin.peftName)) continue;
     const a = fillNormal(new Float32Array(opts.r * lin.inFeatures), opts.seed, `${lin.module}.lora_A`, opts.aStd ?? 1 / Math.sqrt(lin.inFeatures));

@@ -1,19 +1,6 @@
 import ort from 'onnxruntime-node';
 import { EngineError } from './runtime.js';
-
-/**
- * Runs the training graph (forward + LoRA gradients) on onnxruntime. The trainer keeps the LoRA parameters as
- * Float32Arrays and feeds them every step (inputs from JS typed arrays are not copied); the gradients come back
- * as new arrays. Lives in the engine layer: the one place that talks to onnxruntime.
- */
-export interface TrainParam {
-  module: string;
-  r: number;
-  inFeatures: number;
-  outFeatures: number;
-  a: Float32Array;
-  b: Float32Array;
-}
+import type { LoraLayerWeights } from '../models/lora.js';
 
 export interface TrainBatch {
   batch: number;
@@ -24,6 +11,11 @@ export interface TrainBatch {
   labels: BigInt64Array;
 }
 
+/**
+ * Runs the training graph (forward + LoRA gradients) on onnxruntime. The trainer keeps the LoRA parameters as
+ * Float32Arrays and feeds them every step (inputs from JS typed arrays are not copied); the gradients come back
+ * as new arrays. Lives in the engine layer: the one place that talks to onnxruntime.
+ */
 export class TrainRuntime {
   private constructor(private readonly session: ort.InferenceSession) {}
 
@@ -37,7 +29,7 @@ export class TrainRuntime {
     return new TrainRuntime(session);
   }
 
-  private feeds(batch: TrainBatch, params: TrainParam[], training: boolean): Record<string, ort.Tensor> {
+  private feeds(batch: TrainBatch, params: LoraLayerWeights[], training: boolean): Record<string, ort.Tensor> {
     if (batch.inputIds.length !== batch.batch * batch.seqLength || batch.labels.length !== batch.batch * batch.seqLength) {
       throw new EngineError('training batch: input_ids and labels must both be [batch, seq]', 'INVALID_ARGUMENT');
     }
@@ -55,7 +47,7 @@ export class TrainRuntime {
   }
 
   /** Loss and the gradient of every LoRA tensor for one micro-batch. */
-  async step(batch: TrainBatch, params: TrainParam[]): Promise<{ loss: number; grads: { a: Float32Array; b: Float32Array }[] }> {
+  async step(batch: TrainBatch, params: LoraLayerWeights[]): Promise<{ loss: number; grads: { a: Float32Array; b: Float32Array }[] }> {
     const out = await this.session.run(this.feeds(batch, params, true));
     return {
       loss: (out['loss']!.data as Float32Array)[0]!,
@@ -64,7 +56,7 @@ export class TrainRuntime {
   }
 
   /** Loss only (eval); onnxruntime runs just the nodes the fetched output needs. */
-  async loss(batch: TrainBatch, params: TrainParam[]): Promise<number> {
+  async loss(batch: TrainBatch, params: LoraLayerWeights[]): Promise<number> {
     const out = await this.session.run(this.feeds(batch, params, false), ['loss']);
     return (out['loss']!.data as Float32Array)[0]!;
   }

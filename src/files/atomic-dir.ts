@@ -6,7 +6,7 @@
 import { mkdirSync, renameSync, rmSync } from 'node:fs';
 import { randomBytes } from 'node:crypto';
 import { basename, dirname, join } from 'node:path';
-import { fsyncDir } from '../models/safetensors.js';
+import { fsyncDir } from './fsync.js';
 
 /** `.<name>.<kind>-<pid>-<random>` beside target: dot-prefixed, so listings skip it and sweeps can find it. */
 export function scratchBeside(target: string, kind: 'tmp' | 'old'): string {

@@ -1,7 +1,9 @@
 import { Graph, type Value } from '../../kernels/ir.js';
 import { add, concat, dimOf, gather, reshape, sub } from '../../kernels/ops/basic.js';
-import { attentionContext, cachedAttention, embedding, gelu, layerNorm, loraDelta, rmsNorm, rotary, rotaryTables, swiglu } from '../../kernels/ops/nn.js';
+import { attentionContext, cachedAttention, loraDelta } from '../../kernels/ops/nn.js';
+import { familyOf, type LinearWeight } from './families/index.js';
 import type { HostTensor, ModelSpec, WeightSource } from './spec.js';
+import type { LoraModuleShape } from './lora.js';
 
 /**
  * The serving graph: ONE graph for chunked prefill (batch 1, seq > 1) and batched decode (batch n, seq 1),
@@ -25,12 +27,9 @@ export interface LinearEmitter {
   (g: Graph, x: Value, name: string, w: HostTensor, bias: HostTensor | null): Value;
 }
 
-export interface LoraModuleInfo {
-  /** HF module path, e.g. 'model.layers.0.self_attn.q_proj' or 'h.0.attn.c_attn'. */
-  module: string;
-  inFeatures: number;
-  outFeatures: number;
-  /** ||W||_F of the module's base weight (before quantization): the scale adapters are bounded by. */
+/** A LoRA-able module as served, with the scale adapters on it are bounded by. */
+export interface LoraModuleInfo extends LoraModuleShape {
+  /** ||W||_F of the module's base weight (before quantization). */
   baseNorm?: number;
 }
 
@@ -51,8 +50,6 @@ export interface ServingGraphOptions {
 
 interface Ctx {
   g: Graph;
-  spec: ModelSpec;
-  w: WeightSource;
   opts: ServingGraphOptions;
   slot: Value;
   /** [batch, 1, 1] */
@@ -77,17 +74,17 @@ export function frobeniusNorm(t: Float32Array): number {
 }
 
 /** A linear layer with its LoRA path: base(x) + x A_slot B_slot. */
-function linearWithLora(c: Ctx, x: Value, module: string, weight: HostTensor, bias: HostTensor | null): Value {
+function linearWithLora(c: Ctx, x: Value, { module, weight, bias }: LinearWeight): Value {
   const y = c.opts.linear(c.g, x, module, weight, bias);
   return add(c.g, y, loraPath(c, x, module, weight), `${module}.out`);
 }
 
 /**
- * Several linear layers over the same input (q/k/v, gate/up) as ONE quantized matmul over their stacked rows,
- * then split, each part plus its own LoRA path. Rows quantize independently, so this is exactly the separate
- * layers; one larger kernel keeps both threads busy where a small one (k_proj: 256 rows) would not.
+ * A packed group (q/k/v, gate/up) as ONE quantized matmul over the stacked rows, then split, each part plus its
+ * own LoRA path. Rows quantize independently, so this is exactly the separate layers; one larger kernel keeps
+ * both threads busy where a small one (k_proj: 256 rows) would not.
  */
-function fusedLinearsWithLora(c: Ctx, x: Value, fusedName: string, parts: { module: string; weight: HostTensor; bias: HostTensor | null }[]): Value[] {
+function packedLinearWithLora(c: Ctx, x: Value, packedName: string, parts: LinearWeight[]): Value[] {
   const inF = parts[0]!.weight.shape[1]!;
   const outs = parts.map((p) => p.weight.shape[0]!);
   const total = outs.reduce((a, b) => a + b, 0);
@@ -100,25 +97,9 @@ function fusedLinearsWithLora(c: Ctx, x: Value, fusedName: string, parts: { modu
     if (bias && p.bias) bias.set(p.bias.data, row);
     row += p.weight.shape[0]!;
   }
-  const y = c.opts.linear(c.g, x, fusedName, { shape: [total, inF], data: stacked }, bias ? { shape: [total], data: bias } : null);
-  const pieces = c.g.op('Split', [y, c.g.ints(outs)], { attrs: { axis: -1 }, outputs: outs.map((n) => ({ dtype: 'float32', shape: [...x.shape.slice(0, -1), n] })) }, `${fusedName}.split`);
+  const y = c.opts.linear(c.g, x, packedName, { shape: [total, inF], data: stacked }, bias ? { shape: [total], data: bias } : null);
+  const pieces = c.g.op('Split', [y, c.g.ints(outs)], { attrs: { axis: -1 }, outputs: outs.map((n) => ({ dtype: 'float32', shape: [...x.shape.slice(0, -1), n] })) }, `${packedName}.split`);
   return parts.map((p, i) => add(c.g, pieces[i]!, loraPath(c, x, p.module, p.weight), `${p.module}.out`));
-}
-
-function maybe(w: WeightSource, name: string): HostTensor | null {
-  return w.has(name) ? w.get(name) : null;
-}
-
-/** Conv1D weights (gpt2) are [in, out]; the linear emitter wants [out, in]. */
-function transposed(t: HostTensor): HostTensor {
-  const [rows, cols] = t.shape as [number, number];
-  const data = new Float32Array(rows * cols);
-  for (let r = 0; r < rows; r++) for (let c = 0; c < cols; c++) data[c * rows + r] = t.data[r * cols + c]!;
-  return { shape: [cols, rows], data };
-}
-
-function constantOf(g: Graph, hint: string, t: HostTensor): Value {
-  return g.constant(hint, 'float32', t.shape, t.data);
 }
 
 export function buildServingGraph(spec: ModelSpec, weights: WeightSource, opts: ServingGraphOptions): { graph: Graph; layout: ServingLayout } {
@@ -128,7 +109,7 @@ export function buildServingGraph(spec: ModelSpec, weights: WeightSource, opts: 
   const kvRows = g.input('kv_rows', 'int64', ['batch']);
   const slot = g.input('slot', 'int64', ['batch']);
   const rowScale = reshape(g, g.input('lora_scale', 'float32', ['batch']), [-1, 1, 1], 'lora_row_scale');
-  const c: Ctx = { g, spec, w: weights, opts, slot, rowScale, loraModules: [] };
+  const c: Ctx = { g, opts, slot, rowScale, loraModules: [] };
   const kvDim = spec.numKvHeads * spec.headDim;
   const pastKeys: Value[] = [];
   const pastValues: Value[] = [];
@@ -143,108 +124,37 @@ export function buildServingGraph(spec: ModelSpec, weights: WeightSource, opts: 
   const masks = attentionContext(g, positions, pastKeys[0]!);
 
   const newKv: Value[] = [];
-  const layerArgs = { masks, positions, kvRows, pastKeys, pastValues, newKv };
-  const hidden = spec.family === 'gpt2' ? gpt2Body(c, ids, layerArgs) : llamaBody(c, ids, layerArgs);
+  const family = familyOf(spec);
+  const hidden = family.body(
+    {
+      g,
+      spec,
+      w: weights,
+      positions,
+      embeddingTable: (name) => embeddingTable(g, weights.get(name), opts),
+      linear: (x, linear) => linearWithLora(c, x, linear),
+      packedLinear: (x, packedName, parts) => packedLinearWithLora(c, x, packedName, parts),
+      attention: (layer, q, k, v, heads) => {
+        newKv.push(k, v);
+        return cachedAttention(g, heads, q, k, v, pastKeys[layer]!, pastValues[layer]!, kvRows, masks);
+      },
+    },
+    ids,
+  );
 
   // Only the last new token of each row needs logits: gather it before the (large) lm_head.
   const lastIndex = sub(g, seqLen, g.ints([1]), 'last_index');
   const last = gather(g, hidden, lastIndex, 1, 'last_hidden'); // [batch, 1, hidden]
-  let logits: Value;
-  if (spec.family === 'gpt2') {
-    logits = lmHead(c, last, 'wte.weight');
-  } else {
-    const head = !spec.tieWordEmbeddings && weights.has('lm_head.weight') ? 'lm_head.weight' : 'model.embed_tokens.weight';
-    logits = lmHead(c, last, head);
-  }
+  g.scope = 'lm_head.';
+  const logits = opts.linear(g, last, 'lm_head', weights.get(family.lmHeadWeight(spec, weights)), null);
+  g.scope = '';
   g.output(reshape(g, logits, [0, -1], 'logits_2d'), 'logits', ['batch', spec.vocabSize]);
   const stacked = concat(g, newKv.map((v, i) => g.op1('Unsqueeze', [v, g.ints([0])], { dtype: 'float32', shape: [1, 'batch', 'seq', kvDim] }, undefined, undefined, `new_kv_${i}`)), 0, 'new_kv_all');
   g.output(stacked, 'new_kv', [2 * spec.numLayers, 'batch', 'seq', kvDim]);
   return { graph: g, layout: { numLayers: spec.numLayers, kvDim, vocabSize: spec.vocabSize, loraModules: c.loraModules } };
 }
 
-interface LayerArgs {
-  masks: ReturnType<typeof attentionContext>;
-  positions: Value;
-  kvRows: Value;
-  pastKeys: Value[];
-  pastValues: Value[];
-  newKv: Value[];
-}
-
-function lmHead(c: Ctx, last: Value, name: string): Value {
-  c.g.scope = 'lm_head.';
-  const y = c.opts.linear(c.g, last, 'lm_head', c.w.get(name), null);
-  c.g.scope = '';
-  return y;
-}
-
-function embeddingTable(c: Ctx, name: string): Value {
-  const t = c.w.get(name);
-  if (c.opts.embeddingFp16 && c.opts.toFp16) return c.g.constant('embed_table', 'float16', t.shape, c.opts.toFp16(t.data));
-  return constantOf(c.g, 'embed_table', t);
-}
-
-function llamaBody(c: Ctx, ids: Value, a: LayerArgs): Value {
-  const { g, spec, w } = c;
-  const { numHeads, numKvHeads, headDim } = spec;
-  let h = embedding(g, embeddingTable(c, 'model.embed_tokens.weight'), ids); // [batch, seq, hidden]
-  const tables = rotaryTables(spec.maxPositions, headDim, spec.ropeTheta);
-  const cosTable = g.constant('rope_cos', 'float32', [spec.maxPositions, headDim / 2], tables.cos);
-  const sinTable = g.constant('rope_sin', 'float32', [spec.maxPositions, headDim / 2], tables.sin);
-  const cos = reshape(g, gather(g, cosTable, a.positions, 0, 'cos_rows'), [0, 0, 1, headDim / 2], 'cos'); // [batch, seq, 1, hd/2]
-  const sin = reshape(g, gather(g, sinTable, a.positions, 0, 'sin_rows'), [0, 0, 1, headDim / 2], 'sin');
-  for (let l = 0; l < spec.numLayers; l++) {
-    const p = `model.layers.${l}`;
-    g.scope = `l${l}.`;
-    const x = rmsNorm(g, h, constantOf(g, 'input_norm', w.get(`${p}.input_layernorm.weight`)), spec.normEps);
-    const attnPart = (name: string) => ({
-      module: `${p}.self_attn.${name}`,
-      weight: w.get(`${p}.self_attn.${name}.weight`),
-      bias: spec.attentionBias ? maybe(w, `${p}.self_attn.${name}.bias`) : null,
-    });
-    const [q, k, v] = fusedLinearsWithLora(c, x, `${p}.self_attn.qkv_proj`, [attnPart('q_proj'), attnPart('k_proj'), attnPart('v_proj')]) as [Value, Value, Value];
-    const qr = reshape(g, rotary(g, reshape(g, q, [0, 0, numHeads, headDim], 'q4'), cos, sin, headDim), [0, 0, numHeads * headDim], 'q_rot');
-    const kr = reshape(g, rotary(g, reshape(g, k, [0, 0, numKvHeads, headDim], 'k4'), cos, sin, headDim), [0, 0, numKvHeads * headDim], 'k_rot');
-    a.newKv.push(kr, v);
-    const attn = cachedAttention(g, spec, qr, kr, v, a.pastKeys[l]!, a.pastValues[l]!, a.kvRows, a.masks);
-    const o = linearWithLora(c, attn, `${p}.self_attn.o_proj`, w.get(`${p}.self_attn.o_proj.weight`), spec.outputBias ? maybe(w, `${p}.self_attn.o_proj.bias`) : null);
-    h = add(g, h, o, 'resid_attn');
-    const x2 = rmsNorm(g, h, constantOf(g, 'post_norm', w.get(`${p}.post_attention_layernorm.weight`)), spec.normEps);
-    const mlpPart = (name: string) => ({
-      module: `${p}.mlp.${name}`,
-      weight: w.get(`${p}.mlp.${name}.weight`),
-      bias: spec.mlpBias ? maybe(w, `${p}.mlp.${name}.bias`) : null,
-    });
-    const [gate, up] = fusedLinearsWithLora(c, x2, `${p}.mlp.gate_up_proj`, [mlpPart('gate_proj'), mlpPart('up_proj')]) as [Value, Value];
-    const down = mlpPart('down_proj');
-    h = add(g, h, linearWithLora(c, swiglu(g, gate, up), down.module, down.weight, down.bias), 'resid_mlp');
-  }
-  g.scope = '';
-  return rmsNorm(g, h, constantOf(g, 'final_norm', w.get('model.norm.weight')), spec.normEps);
-}
-
-function gpt2Body(c: Ctx, ids: Value, a: LayerArgs): Value {
-  const { g, spec, w } = c;
-  const { numHeads, headDim } = spec;
-  const hiddenSize = spec.hiddenSize;
-  const tok = embedding(g, embeddingTable(c, 'wte.weight'), ids);
-  const pos = gather(g, constantOf(g, 'wpe', w.get('wpe.weight')), a.positions, 0, 'pos_embed');
-  let h = add(g, tok, pos, 'embed_sum');
-  const ln = (name: string, x: Value) => layerNorm(g, x, constantOf(g, `${name}_w`, w.get(`${name}.weight`)), constantOf(g, `${name}_b`, w.get(`${name}.bias`)), spec.normEps);
-  const conv = (module: string, x: Value) => linearWithLora(c, x, module, transposed(w.get(`${module}.weight`)), w.get(`${module}.bias`));
-  for (let l = 0; l < spec.numLayers; l++) {
-    const p = `h.${l}`;
-    g.scope = `l${l}.`;
-    const qkv = conv(`${p}.attn.c_attn`, ln(`${p}.ln_1`, h)); // [batch, seq, 3*hidden]
-    const q = g.op1('Slice', [qkv, g.ints([0]), g.ints([hiddenSize]), g.ints([-1])], { dtype: 'float32', shape: ['batch', 'seq', hiddenSize] }, undefined, undefined, 'q');
-    const k = g.op1('Slice', [qkv, g.ints([hiddenSize]), g.ints([2 * hiddenSize]), g.ints([-1])], { dtype: 'float32', shape: ['batch', 'seq', hiddenSize] }, undefined, undefined, 'k');
-    const v = g.op1('Slice', [qkv, g.ints([2 * hiddenSize]), g.ints([3 * hiddenSize]), g.ints([-1])], { dtype: 'float32', shape: ['batch', 'seq', hiddenSize] }, undefined, undefined, 'v');
-    a.newKv.push(k, v);
-    const attn = cachedAttention(g, { numHeads, numKvHeads: numHeads, headDim }, q, k, v, a.pastKeys[l]!, a.pastValues[l]!, a.kvRows, a.masks);
-    h = add(g, h, conv(`${p}.attn.c_proj`, attn), 'resid_attn');
-    const act = gelu(g, conv(`${p}.mlp.c_fc`, ln(`${p}.ln_2`, h)), spec.hiddenAct === 'gelu' ? 'none' : 'tanh');
-    h = add(g, h, conv(`${p}.mlp.c_proj`, act), 'resid_mlp');
-  }
-  g.scope = '';
-  return ln('ln_f', h);
+function embeddingTable(g: Graph, t: HostTensor, opts: ServingGraphOptions): Value {
+  if (opts.embeddingFp16 && opts.toFp16) return g.constant('embed_table', 'float16', t.shape, opts.toFp16(t.data));
+  return g.constant('embed_table', 'float32', t.shape, t.data);
 }

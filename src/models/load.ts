@@ -5,68 +5,16 @@ import { basename, join } from 'node:path';
 import { ModelFormatError, readModelSpecWithNotes } from './config.js';
 import { SafetensorsError, SafetensorsSource } from './safetensors.js';
 import type { HostTensor, ModelSpec, WeightSource } from './spec.js';
+import { familyOf, type ExpectedWeight } from './families/index.js';
 
-export interface ExpectedWeight {
-  name: string;
-  shape: number[];
-}
+export type { ExpectedWeight };
 
 /**
  * Every tensor the engine reads for this spec, with its Hugging Face name and shape. Linear weights are
  * nn.Linear [out, in] for llama and Conv1D [in, out] for gpt2.
  */
 export function expectedWeights(spec: ModelSpec): ExpectedWeight[] {
-  const h = spec.hiddenSize;
-  const inter = spec.intermediateSize;
-  const out: ExpectedWeight[] = [];
-  const add = (name: string, ...shape: number[]) => out.push({ name, shape });
-  if (spec.family === 'llama') {
-    const q = spec.numHeads * spec.headDim;
-    const kv = spec.numKvHeads * spec.headDim;
-    add('model.embed_tokens.weight', spec.vocabSize, h);
-    for (let i = 0; i < spec.numLayers; i++) {
-      const p = `model.layers.${i}`;
-      add(`${p}.input_layernorm.weight`, h);
-      for (const [m, o] of [['q_proj', q], ['k_proj', kv], ['v_proj', kv]] as const) {
-        add(`${p}.self_attn.${m}.weight`, o, h);
-        if (spec.attentionBias) add(`${p}.self_attn.${m}.bias`, o);
-      }
-      add(`${p}.self_attn.o_proj.weight`, h, q);
-      if (spec.outputBias) add(`${p}.self_attn.o_proj.bias`, h);
-      add(`${p}.post_attention_layernorm.weight`, h);
-      add(`${p}.mlp.gate_proj.weight`, inter, h);
-      add(`${p}.mlp.up_proj.weight`, inter, h);
-      add(`${p}.mlp.down_proj.weight`, h, inter);
-      if (spec.mlpBias) {
-        add(`${p}.mlp.gate_proj.bias`, inter);
-        add(`${p}.mlp.up_proj.bias`, inter);
-        add(`${p}.mlp.down_proj.bias`, h);
-      }
-    }
-    add('model.norm.weight', h);
-  } else {
-    add('wte.weight', spec.vocabSize, h);
-    add('wpe.weight', spec.maxPositions, h);
-    for (let i = 0; i < spec.numLayers; i++) {
-      const p = `h.${i}`;
-      add(`${p}.ln_1.weight`, h);
-      add(`${p}.ln_1.bias`, h);
-      add(`${p}.attn.c_attn.weight`, h, 3 * h);
-      add(`${p}.attn.c_attn.bias`, 3 * h);
-      add(`${p}.attn.c_proj.weight`, h, h);
-      add(`${p}.attn.c_proj.bias`, h);
-      add(`${p}.ln_2.weight`, h);
-      add(`${p}.ln_2.bias`, h);
-      add(`${p}.mlp.c_fc.weight`, h, inter);
-      add(`${p}.mlp.c_fc.bias`, inter);
-      add(`${p}.mlp.c_proj.weight`, inter, h);
-      add(`${p}.mlp.c_proj.bias`, h);
-    }
-    add('ln_f.weight', h);
-    add('ln_f.bias', h);
-  }
-  if (!spec.tieWordEmbeddings) add('lm_head.weight', spec.vocabSize, h);
-  return out;
+  return familyOf(spec).expectedWeights(spec);
 }
 
 /**
@@ -116,8 +64,6 @@ export interface LoadedModel {
   tokenizerFile: string;
 }
 
-const LAYER_RE = { llama: /^model\.layers\.(\d+)\./, gpt2: /^h\.(\d+)\./ } as const;
-
 function openWeights(dir: string): SafetensorsSource {
   const hasSafetensors = existsSync(join(dir, 'model.safetensors')) || existsSync(join(dir, 'model.safetensors.index.json'));
   if (!hasSafetensors) {
@@ -151,9 +97,10 @@ export function loadModelDir(dir: string): LoadedModel {
   }
   const source = openWeights(dir);
   let weights: WeightSource = source;
-  if (spec.family === 'gpt2') {
+  const family = familyOf(spec);
+  if (family.checkpointPrefix) {
     try {
-      weights = new StrippedPrefixSource(source, 'transformer.');
+      weights = new StrippedPrefixSource(source, family.checkpointPrefix);
     } catch (err) {
       throw new ModelFormatError(dir, null, (err as Error).message);
     }
@@ -181,14 +128,9 @@ export function loadModelDir(dir: string): LoadedModel {
   // Tensors the config says should not exist mean the engine would silently drop part of the model.
   const unexpected: string[] = [];
   for (const name of weights.names()) {
-    const layer = LAYER_RE[spec.family].exec(name);
+    const layer = family.layerPattern.exec(name);
     if (layer && Number(layer[1]) >= spec.numLayers) unexpected.push(name);
-    if (spec.family === 'llama') {
-      const m = /\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)\.bias$/.exec(name);
-      if (!m) continue;
-      const has = m[1] === 'o_proj' ? spec.outputBias : ['q_proj', 'k_proj', 'v_proj'].includes(m[1]!) ? spec.attentionBias : spec.mlpBias;
-      if (!has) unexpected.push(name);
-    }
+    if (family.isUnaccountedWeight(spec, name)) unexpected.push(name);
   }
   if (unexpected.length) {
     throw new ModelFormatError(

@@ -1,3 +1,4 @@
+import { fsyncDir } from '../files/fsync.js';
 import {
   openSync,
   readSync,
@@ -352,21 +353,6 @@ function buildHeader(tensors: TensorToWrite[], dtype: SafetensorsDtype, metadata
   out.writeBigUInt64LE(BigInt(padded), 0);
   json.copy(out, 8);
   return out;
-}
-
-/** Makes a rename in `dir` durable. */
-export function fsyncDir(dir: string): void {
-  // Some platforms cannot open a directory; some platforms cannot open a directory, which is harmless.
-  try {
-    const fd = openSync(dir, 'r');
-    try {
-      fsyncSync(fd);
-    } finally {
-      closeSync(fd);
-    }
-  } catch {
-    /* best effort */
-  }
 }
 
 /**

@@ -1,5 +1,5 @@
 import { invalidArgument } from '../errors.js';
-import { GPT2_LORA_MODULES, LLAMA_LORA_MODULES, linearModules } from '../adapters/peft.js';
+import { linearModules, loraModuleNames } from '../models/families/index.js';
 import type { ModelSpec } from '../models/spec.js';
 
 /**
@@ -149,8 +149,7 @@ function bool(field: string, v: unknown, def: boolean): boolean {
 /** The LoRA-able linear names of this model, in forward order (gpt2's c_proj is both attn and mlp). */
 export function validTargetModules(spec: ModelSpec): string[] {
   const present = new Set(linearModules(spec).map((l) => l.peftName));
-  const order: readonly string[] = spec.family === 'llama' ? LLAMA_LORA_MODULES : GPT2_LORA_MODULES;
-  return order.filter((n) => present.has(n));
+  return loraModuleNames(spec.family).filter((n) => present.has(n));
 }
 
 function targetModules(v: TrainConfigInput['targetModules'], spec: ModelSpec): string[] {

@@ -1,4 +1,5 @@
-import { linearModules, loraScaling, type LoraModule, type PeftAdapter } from '../adapters/peft.js';
+import { linearModules, loraScaling, type PeftAdapter } from '../adapters/peft.js';
+import type { LoraLayerWeights } from '../models/lora.js';
 import type { ModelSpec } from '../models/spec.js';
 import { Rng } from '../sampling/rng.js';
 import type { LoraSettings } from './config.js';
@@ -20,7 +21,7 @@ export function initLora(
   const { r } = lora;
   const targets = new Set(lora.targetModules);
   const rng = new Rng(seed);
-  const modules: LoraModule[] = [];
+  const modules: LoraLayerWeights[] = [];
   for (const lin of linearModules(spec)) {
     if (!targets.has(lin.peftName) && !targets.has('all-linear')) continue;
     const bound = 1 / Math.sqrt(lin.inFeatures);

@@ -2,7 +2,8 @@ import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { writeOnnxModel } from '../../kernels/onnx.js';
 import type { QuantOptions } from '../../kernels/quant/index.js';
-import { TrainRuntime, type TrainParam } from '../engine/train-runtime.js';
+import { TrainRuntime } from '../engine/train-runtime.js';
+import type { LoraLayerWeights } from '../models/lora.js';
 import { buildTrainingGraph } from '../models/train-graph.js';
 import type { ModelSpec, WeightSource } from '../models/spec.js';
 import type { PeftAdapter } from '../adapters/peft.js';
@@ -52,7 +53,7 @@ export interface TrainResult {
   metrics: MetricsRecord[];
 }
 
-function params(adapter: PeftAdapter): TrainParam[] {
+function params(adapter: PeftAdapter): LoraLayerWeights[] {
   return adapter.modules.map((m) => ({ module: m.module, r: m.r, inFeatures: m.inFeatures, outFeatures: m.outFeatures, a: m.a, b: m.b }));
 }
 
