@@ -1,5 +1,5 @@
 import type { AdapterKey } from '../adapter-key.js';
-import type { SlotModuleWeights } from '../engine/lora-pool.js';
+import type { LoraAdapterWeights } from '../models/lora.js';
 import type { PeftAdapter } from './peft.js';
 import type { AdapterRecord } from './registry.js';
 
@@ -11,7 +11,8 @@ import type { AdapterRecord } from './registry.js';
 
 /** The engine side of a slot: a copy of the weights into the pool, or zeroing it. */
 export interface SlotWriter {
-  setSlot(slot: number, weights: SlotModuleWeights[]): Promise<void>;
+  /** Copies the adapter into the slot; its scaling (alpha / r as PEFT defines it) goes with it, once. */
+  setSlot(slot: number, adapter: LoraAdapterWeights): Promise<void>;
   clearSlot(slot: number): Promise<void>;
 }
 
@@ -20,14 +21,6 @@ export interface Lease {
   readonly adapterKey: AdapterKey;
   readonly slot: number;
   release(): void;
-}
-
-/**
- * The slot holds the adapter's scaling as PEFT defines it (alpha / r, or alpha / sqrt(r)); a request's own
- * weight is applied per row by the engine, so one slot serves requests with different weights.
- */
-export function slotWeights(adapter: PeftAdapter): SlotModuleWeights[] {
-  return adapter.modules.map((m) => ({ module: m.module, a: m.a, b: m.b, r: m.r, scale: adapter.scaling }));
 }
 
 export class SlotTable {
@@ -90,7 +83,7 @@ export class SlotTable {
     this.writing[slot] = true;
     rec.slot = slot;
     try {
-      await this.writer.setSlot(slot, slotWeights(rec.adapter));
+      await this.writer.setSlot(slot, rec.adapter);
       rec.state = 'active';
       return true;
     } catch (err) {

@@ -34,7 +34,7 @@ export async function generateCommand(argv: string[]): Promise<void> {
     let slot = 0;
     if (typeof v['adapter'] === 'string') {
       const adapter = readPeftAdapter(v['adapter'], compiled.spec);
-      await engine.setSlot(1, adapter.modules.map((m) => ({ module: m.module, a: m.a, b: m.b, r: m.r, scale: adapter.scaling })));
+      await engine.setSlot(1, adapter);
       slot = 1;
     }
     const prompt = str(v, 'prompt', '');

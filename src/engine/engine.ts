@@ -1,7 +1,8 @@
 import { Worker } from 'node:worker_threads';
 import { EngineError, type RuntimeOptions, type StepRow } from './runtime.js';
 import type { EngineReply, EngineRequest, InitResult } from './protocol.js';
-import { packSlot, type SlotModuleWeights } from './lora-pool.js';
+import { packSlot } from './lora-pool.js';
+import type { LoraAdapterWeights } from '../models/lora.js';
 
 type Pending = { resolve: (v: unknown) => void; reject: (e: Error) => void };
 type WithoutId<T> = T extends unknown ? Omit<T, 'id'> : never;
@@ -44,10 +45,10 @@ export class Engine {
   }
 
   /** Packs on this thread and hands the buffers to the worker without a copy. */
-  async setSlot(slot: number, weights: SlotModuleWeights[]): Promise<void> {
-    const packed = packSlot(weights, (n) => this.takeStaging(n));
+  async setSlot(slot: number, adapter: LoraAdapterWeights): Promise<void> {
+    const packed = packSlot(adapter, (n) => this.takeStaging(n));
     const transfer = packed.modules.flatMap((m) => [m.a.buffer as ArrayBuffer, m.b.buffer as ArrayBuffer]);
-    const returned = (await this.call({ type: 'setSlot', slot, packed }, transfer)) as ArrayBuffer[];
+    const returned = (await this.call({ type: 'setSlot', slot, adapter: packed }, transfer)) as ArrayBuffer[];
     for (const b of returned) {
       const list = this.staging.get(b.byteLength) ?? [];
       if (list.length < 1024) list.push(b); // in practice one adapter's worth: buffers cycle through loads

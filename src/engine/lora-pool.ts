@@ -1,36 +1,17 @@
 import type { LoraModuleInfo } from '../models/graph.js';
-
-/** One adapter's weights for one module, in PEFT layout. */
-export interface SlotModuleWeights {
-  module: string;
-  /** [r, in] */
-  a: Float32Array;
-  /** [out, r] */
-  b: Float32Array;
-  r: number;
-  /** lora_alpha / r (or / sqrt(r) with rsLoRA); the same for every module of one adapter. */
-  scale: number;
-}
-
-/** What crosses to the engine worker: PEFT-layout copies whose buffers are transferred, not cloned. */
-export interface PackedSlot {
-  scale: number;
-  modules: { module: string; r: number; a: Float32Array; b: Float32Array }[];
-}
+import type { LoraAdapterWeights } from '../models/lora.js';
 
 /**
  * Copies the tensors (the caller keeps its own) so they can be transferred to the worker without a clone.
  * `take(n)` supplies recycled buffers of n floats, so repeated loads do not fault in fresh pages.
  */
-export function packSlot(weights: SlotModuleWeights[], take: (n: number) => Float32Array = (n) => new Float32Array(n)): PackedSlot {
-  const scales = new Set(weights.map((w) => w.scale));
-  if (scales.size > 1) throw new RangeError('one slot holds one adapter: every module must have the same scale');
+export function packSlot(adapter: LoraAdapterWeights, take: (n: number) => Float32Array = (n) => new Float32Array(n)): LoraAdapterWeights {
   const copy = (t: Float32Array) => {
     const out = take(t.length);
     out.set(t);
     return out;
   };
-  return { scale: weights[0]?.scale ?? 0, modules: weights.map((w) => ({ module: w.module, r: w.r, a: copy(w.a), b: copy(w.b) })) };
+  return { scaling: adapter.scaling, modules: adapter.modules.map((w) => ({ module: w.module, r: w.r, a: copy(w.a), b: copy(w.b) })) };
 }
 
 /**
@@ -76,15 +57,11 @@ export class LoraPool {
     return n;
   }
 
-  /** Writes an adapter into a slot (1..slots-1); modules it does not name are zeroed. */
-  load(slot: number, weights: SlotModuleWeights[]): void {
-    this.loadPacked(slot, packSlot(weights));
-  }
-
-  loadPacked(slot: number, packed: PackedSlot): void {
+  /** Copies an adapter into a slot (1..slots-1); modules it does not name are zeroed. */
+  load(slot: number, adapter: LoraAdapterWeights): void {
     if (!Number.isInteger(slot) || slot < 1 || slot >= this.slots) throw new RangeError(`slot ${slot}: must be in 1..${this.slots - 1}`);
-    const byModule = new Map<string, PackedSlot['modules'][number]>();
-    for (const w of packed.modules) {
+    const byModule = new Map<string, LoraAdapterWeights['modules'][number]>();
+    for (const w of adapter.modules) {
       const m = this.info.get(w.module);
       if (!m) throw new RangeError(`module ${w.module} has no LoRA path in the serving graph`);
       if (byModule.has(w.module)) throw new RangeError(`module ${w.module} given twice for slot ${slot}`);
@@ -118,7 +95,7 @@ export class LoraPool {
       rank = Math.max(rank, w.r);
     }
     this.ranks[slot] = rank;
-    this.scales[slot] = packed.scale;
+    this.scales[slot] = adapter.scaling;
   }
 
   clear(slot: number): void {

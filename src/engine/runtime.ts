@@ -2,7 +2,8 @@ import ort from 'onnxruntime-node';
 import { LoraplexError, type ErrorCode } from '../errors.js';
 import { KvCache } from './kv-cache.js';
 import { ATTENTION_BLOCK } from '../../kernels/ops/nn.js';
-import { LoraPool, type PackedSlot } from './lora-pool.js';
+import { LoraPool } from './lora-pool.js';
+import type { LoraAdapterWeights } from '../models/lora.js';
 import type { ServingLayout } from '../models/graph.js';
 
 /** The only module that imports onnxruntime. Runs inside the engine worker (session.run blocks its thread). */
@@ -89,8 +90,8 @@ export class Runtime {
     return new Runtime(session, opts, cache, pool);
   }
 
-  setSlot(slot: number, packed: PackedSlot): void {
-    this.pool.loadPacked(slot, packed);
+  setSlot(slot: number, adapter: LoraAdapterWeights): void {
+    this.pool.load(slot, adapter);
   }
 
   clearSlot(slot: number): void {

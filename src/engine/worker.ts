@@ -26,9 +26,9 @@ async function handle(req: EngineRequest): Promise<{ result: unknown; transfer?:
       return { result: { logits: own, runMs }, transfer: [own.buffer as ArrayBuffer] };
     }
     case 'setSlot': {
-      need().setSlot(req.slot, req.packed);
+      need().setSlot(req.slot, req.adapter);
       // Hand the staging buffers back for reuse by the next load.
-      const buffers = req.packed.modules.flatMap((m) => [m.a.buffer as ArrayBuffer, m.b.buffer as ArrayBuffer]);
+      const buffers = req.adapter.modules.flatMap((m) => [m.a.buffer as ArrayBuffer, m.b.buffer as ArrayBuffer]);
       return { result: buffers, transfer: buffers };
     }
     case 'clearSlot':

@@ -20,3 +20,12 @@ export interface LoraLayerWeights extends LoraModuleShape {
   b: Float32Array;
   r: number;
 }
+
+/**
+ * A whole adapter as the slot pool takes it: its modules, and its scale once (lora_alpha / r, or / sqrt(r) with
+ * rsLoRA). A PeftAdapter is one.
+ */
+export interface LoraAdapterWeights {
+  scaling: number;
+  modules: readonly Pick<LoraLayerWeights, 'module' | 'a' | 'b' | 'r'>[];
+}

@@ -8,7 +8,7 @@ import { AdapterManager, type AdapterManagerOptions } from '../../src/adapters/m
 import { linearModules, makeRandomAdapter, writePeftAdapter, type PeftAdapter } from '../../src/adapters/peft.js';
 import { AdapterStore } from '../../src/adapters/store.js';
 import type { SlotWriter } from '../../src/adapters/slots.js';
-import type { SlotModuleWeights } from '../../src/engine/lora-pool.js';
+import type { LoraAdapterWeights } from '../../src/models/lora.js';
 import { LoraplexError, type ErrorCode } from '../../src/errors.js';
 import type { LoraModuleInfo } from '../../src/models/graph.js';
 import { makeModel } from '../../src/models/make.js';
@@ -39,10 +39,10 @@ class FakeWriter implements SlotWriter {
   gate: Promise<void> | null = null;
   failNext = false;
 
-  async setSlot(slot: number, weights: SlotModuleWeights[]): Promise<void> {
-    const rank = weights[0]?.r;
-    const scale = weights[0]?.scale;
-    const modules = weights.length;
+  async setSlot(slot: number, adapter: LoraAdapterWeights): Promise<void> {
+    const rank = adapter.modules[0]?.r;
+    const scale = adapter.scaling;
+    const modules = adapter.modules.length;
     if (this.gate) await this.gate;
     else await Promise.resolve();
     if (this.failNext) {

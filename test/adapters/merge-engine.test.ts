@@ -3,7 +3,6 @@ import assert from 'node:assert/strict';
 import { ReferenceDecoder, argmax } from '../../kernels/reference/transformer.js';
 import { makeRandomAdapter } from '../../src/adapters/peft.js';
 import { denseDelta, mergeAdapters } from '../../src/adapters/merge.js';
-import { slotWeights } from '../../src/adapters/slots.js';
 import { loadModelDir } from '../../src/models/load.js';
 import type { HostTensor } from '../../src/models/spec.js';
 import { maxAbsDiff } from '../helpers/ort.js';
@@ -29,7 +28,7 @@ test('a cat merge of A (w1) and B (w2) served by the engine gives the logits of 
   const ref = new ReferenceDecoder(spec, (name) => overrides.get(name) ?? (weights.has(name) ? weights.get(name) : undefined));
   const { engine } = await startTestEngine(STORIES, { kind: 'none' }, { maxLoras: 2, maxLoraRank: 16 });
   try {
-    await engine.setSlot(1, slotWeights(merged));
+    await engine.setSlot(1, merged);
     const prompt = [1, 403, 407, 261, 378];
     let r = await engine.step([{ kvRow: 0, slot: 1, pastLen: 0, tokens: prompt }]);
     let err = maxAbsDiff(r.logits, ref.step(prompt).subarray((prompt.length - 1) * spec.vocabSize));

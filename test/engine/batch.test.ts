@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { ReferenceDecoder, argmax, type ReferenceLora } from '../../kernels/reference/transformer.js';
 import type { Engine } from '../../src/engine/engine.js';
-import type { SlotModuleWeights } from '../../src/engine/lora-pool.js';
+import type { LoraAdapterWeights } from '../../src/models/lora.js';
 import { loadModelDir } from '../../src/models/load.js';
 import { runBatch } from '../../src/scheduler/batch.js';
 import { Sequence } from '../../src/scheduler/sequence.js';
@@ -16,14 +16,16 @@ const greedy = (maxNewTokens: number): SamplingParams => ({ temperature: 0, topK
 const PROMPTS = ['Once upon a time', 'The cat sat', 'Lily and Tom went to the park to play with a big red ball', 'One day'];
 
 /** A random adapter on every third module, rank 4, as the pool takes it (PEFT layout). */
-function randomAdapter(modules: LoraModuleInfo[], seed: number): SlotModuleWeights[] {
-  return modules.filter((_, i) => (i + seed) % 3 === 0).map((m, i) => ({
-    module: m.module,
-    r: 4,
-    a: randomFloats(4 * m.inFeatures, seed * 1000 + i, 0.5),
-    b: randomFloats(m.outFeatures * 4, seed * 2000 + i, 0.5),
-    scale: 2,
-  }));
+function randomAdapter(modules: LoraModuleInfo[], seed: number): LoraAdapterWeights {
+  return {
+    scaling: 2,
+    modules: modules.filter((_, i) => (i + seed) % 3 === 0).map((m, i) => ({
+      module: m.module,
+      r: 4,
+      a: randomFloats(4 * m.inFeatures, seed * 1000 + i, 0.5),
+      b: randomFloats(m.outFeatures * 4, seed * 2000 + i, 0.5),
+    })),
+  };
 }
 
 async function generate(engine: Engine, tokenizer: Tokenizer, eos: number[], jobs: { prompt: string; slot: number }[]): Promise<number[][]> {
@@ -65,7 +67,7 @@ test('the LoRA path equals the reference forward with the adapter applied', asyn
     await engine.setSlot(2, adapter);
     const { spec, weights } = loadModelDir(STORIES);
     const served = servedWeights(spec, weights, quant);
-    const lora: ReferenceLora[] = adapter.map((a) => ({ module: a.module, a: a.a, b: a.b, r: a.r, scale: a.scale }));
+    const lora: ReferenceLora[] = adapter.modules.map((a) => ({ module: a.module, a: a.a, b: a.b, r: a.r, scale: adapter.scaling }));
     const ref = new ReferenceDecoder(served.spec, served.weights, { lora });
     const prompt = [1, 403, 407, 261, 378];
     let r = await engine.step([{ kvRow: 1, slot: 2, pastLen: 0, tokens: prompt }]);

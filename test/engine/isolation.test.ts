@@ -1,7 +1,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import type { Engine } from '../../src/engine/engine.js';
-import type { SlotModuleWeights } from '../../src/engine/lora-pool.js';
+import type { LoraAdapterWeights } from '../../src/models/lora.js';
 import type { LoraModuleInfo } from '../../src/models/graph.js';
 import { randomFloats } from '../helpers/ort.js';
 import { startTestEngine, STORIES, tempDir } from '../helpers/engine.js';
@@ -11,14 +11,16 @@ const SHORT = [1, 403, 407, 261, 378];
 const LONG = Array.from({ length: 40 }, (_, i) => 1 + ((i * 37) % 400));
 
 /** A rank-r adapter on every module; `fill` replaces lora_B (e.g. 3e38, finite but absurd). */
-function adapter(modules: LoraModuleInfo[], r: number, seed: number, fill?: number): SlotModuleWeights[] {
-  return modules.map((m, i) => ({
-    module: m.module,
-    r,
-    a: randomFloats(r * m.inFeatures, seed * 1000 + i, 0.5),
-    b: fill === undefined ? randomFloats(m.outFeatures * r, seed * 2000 + i, 0.3) : new Float32Array(m.outFeatures * r).fill(fill),
-    scale: 2,
-  }));
+function adapter(modules: LoraModuleInfo[], r: number, seed: number, fill?: number): LoraAdapterWeights {
+  return {
+    scaling: 2,
+    modules: modules.map((m, i) => ({
+      module: m.module,
+      r,
+      a: randomFloats(r * m.inFeatures, seed * 1000 + i, 0.5),
+      b: fill === undefined ? randomFloats(m.outFeatures * r, seed * 2000 + i, 0.3) : new Float32Array(m.outFeatures * r).fill(fill),
+    })),
+  };
 }
 
 /** Prefill then greedy decode on one row; every step's logits. */

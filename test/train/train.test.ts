@@ -5,7 +5,6 @@ import { promisify } from 'node:util';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { readPeftAdapter } from '../../src/adapters/peft.js';
-import { slotWeights } from '../../src/adapters/slots.js';
 import { loadModelDir } from '../../src/models/load.js';
 import { loadTokenizer } from '../../src/tokenizer/index.js';
 import { validateTrainConfig, type TrainConfigInput } from '../../src/train/config.js';
@@ -36,7 +35,7 @@ function options(extra: TrainConfigInput, jobDir: string, events?: TrainEvent[],
 async function greedy(adapterDir: string | null, prompt: string): Promise<string> {
   const { engine } = await startTestEngine(STORIES, { kind: 'int4', blockSize: 32, accuracyLevel: 4 }, { maxLoraRank: 16 });
   try {
-    if (adapterDir) await engine.setSlot(1, slotWeights(readPeftAdapter(adapterDir, spec)));
+    if (adapterDir) await engine.setSlot(1, readPeftAdapter(adapterDir, spec));
     const seq = new Sequence(tokenizer.encode(prompt), { temperature: 0, topK: 0, topP: 1, repetitionPenalty: 1, maxNewTokens: 60, stopTokenIds: [], stopStrings: [] }, tokenizer, adapterDir ? 1 : 0, spec.eosTokenIds, 256);
     await runBatch(engine, [seq], { prefillChunk: 16 });
     return seq.text;
@@ -76,7 +75,7 @@ test('QLoRA on stories260K (int4) with tinyshakespeare: eval loss drops clearly 
   let served = 0;
   let count = 0;
   try {
-    await engine.setSlot(1, slotWeights(reloaded));
+    await engine.setSlot(1, reloaded);
     for (let t = 0; t < seqOf.length; t++) {
       const { logits } = await engine.step([{ kvRow: 0, slot: 1, pastLen: t, tokens: [seqOf.inputIds[t]!] }]);
       const label = seqOf.labels[t]!;
