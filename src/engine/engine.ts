@@ -3,6 +3,7 @@ import { EngineError, type RuntimeOptions, type StepRow } from './runtime.js';
 import type { EngineReply, EngineRequest, InitResult } from './protocol.js';
 import { packSlot } from './lora-pool.js';
 import type { LoraAdapterWeights } from '../models/lora.js';
+import type { PrefixOps } from './prefix-cache.js';
 
 type Pending = { resolve: (v: unknown) => void; reject: (e: Error) => void };
 type WithoutId<T> = T extends unknown ? Omit<T, 'id'> : never;
@@ -39,13 +40,30 @@ export class Engine {
     return this.opts.layout.vocabSize;
   }
 
-  /** One forward step; returns [rows, vocab] logits of each row's last token. */
-  async step(rows: StepRow[]): Promise<{ logits: Float32Array; runMs: number }> {
-    return (await this.call({ type: 'step', rows })) as { logits: Float32Array; runMs: number };
+  /** Bytes of K and V one cached token takes over all layers (what a prefix block costs per position). */
+  get kvBytesPerToken(): number {
+    return 2 * this.opts.layout.numLayers * this.opts.layout.kvDim * Float32Array.BYTES_PER_ELEMENT;
   }
+
+  /** One forward step, with the prefix blocks it restores and saves; returns [rows, vocab] logits of each row's last token. */
+  async step(rows: StepRow[], prefix?: PrefixOps): Promise<{ logits: Float32Array; runMs: number }> {
+    return (await this.call(prefix ? { type: 'step', rows, prefix } : { type: 'step', rows })) as { logits: Float32Array; runMs: number };
+  }
+
+  /**
+   * Which load of its adapter a slot holds: a new number on every setSlot, so K/V computed with an adapter's
+   * earlier weights (replaced, or unloaded and loaded again) is never taken for the current ones.
+   */
+  slotLoadId(slot: number): number {
+    return this.slotLoads.get(slot) ?? 0;
+  }
+
+  private readonly slotLoads = new Map<number, number>();
+  private loadCount = 0;
 
   /** Packs on this thread and hands the buffers to the worker without a copy. */
   async setSlot(slot: number, adapter: LoraAdapterWeights): Promise<void> {
+    this.slotLoads.set(slot, ++this.loadCount);
     const packed = packSlot(adapter, (n) => this.takeStaging(n));
     const transfer = packed.modules.flatMap((m) => [m.a.buffer as ArrayBuffer, m.b.buffer as ArrayBuffer]);
     const returned = (await this.call({ type: 'setSlot', slot, adapter: packed }, transfer)) as ArrayBuffer[];
@@ -65,6 +83,7 @@ export class Engine {
   }
 
   async clearSlot(slot: number): Promise<void> {
+    this.slotLoads.set(slot, ++this.loadCount);
     await this.call({ type: 'clearSlot', slot });
   }
 

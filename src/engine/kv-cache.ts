@@ -55,6 +55,11 @@ export class KvCache {
     if (from < end) this.filled[row] = from;
   }
 
+  /** Positions [0, end) of a row were written outside append (a restored prefix): the next clearFrom must see them. */
+  markFilled(row: number, end: number): void {
+    this.filled[row] = Math.max(this.filled[row]!, end);
+  }
+
   /**
    * Appends the step's new keys/values. newKv is [2*layers, batch, seq, kvDim] (k then v for each layer);
    * batch row b goes to cache row rows[b] at positions pastLens[b] .. pastLens[b]+seq-1.

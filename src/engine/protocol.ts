@@ -1,10 +1,11 @@
 import type { LoraAdapterWeights } from '../models/lora.js';
+import type { PrefixOps } from './prefix-cache.js';
 import type { RuntimeOptions, StepRow } from './runtime.js';
 
 /** Messages between the engine client (main thread) and the engine worker. */
 export type EngineRequest =
   | { id: number; type: 'init'; opts: RuntimeOptions }
-  | { id: number; type: 'step'; rows: StepRow[] }
+  | { id: number; type: 'step'; rows: StepRow[]; prefix?: PrefixOps }
   | { id: number; type: 'setSlot'; slot: number; adapter: LoraAdapterWeights }
   | { id: number; type: 'clearSlot'; slot: number }
   | { id: number; type: 'close' };

@@ -3,6 +3,7 @@ import { LoraplexError, type ErrorCode } from '../errors.js';
 import { KvCache } from './kv-cache.js';
 import { ATTENTION_BLOCK } from '../../kernels/ops/nn.js';
 import { LoraPool } from './lora-pool.js';
+import { PrefixStore, type PrefixOps } from './prefix-cache.js';
 import type { LoraAdapterWeights } from '../models/lora.js';
 import type { ServingLayout } from '../models/graph.js';
 
@@ -58,6 +59,9 @@ export class Runtime {
     readonly pool: LoraPool,
   ) {}
 
+  /** Prompt-prefix K/V blocks kept between requests (empty unless the scheduler saves some). */
+  readonly prefixes = new PrefixStore();
+
   static async create(opts: RuntimeOptions): Promise<Runtime> {
     const providers = opts.executionProviders ?? ['cpu'];
     let session: ort.InferenceSession;
@@ -100,9 +104,19 @@ export class Runtime {
 
   /**
    * One forward step. Either one row with a chunk of tokens (prefill) or many rows with one token each (decode):
-   * rows in a batch must all carry the same number of tokens.
+   * rows in a batch must all carry the same number of tokens. `prefix` restores cached blocks into rows before
+   * the pass and saves blocks after it; its drops happen whatever the step's outcome, so the store never keeps
+   * a block the scheduler has forgotten.
    */
-  async step(rows: StepRow[]): Promise<StepResult> {
+  async step(rows: StepRow[], prefix?: PrefixOps): Promise<StepResult> {
+    try {
+      return await this.forward(rows, prefix);
+    } finally {
+      if (prefix?.drop) this.prefixes.drop(prefix.drop);
+    }
+  }
+
+  private async forward(rows: StepRow[], prefix: PrefixOps | undefined): Promise<StepResult> {
     const { opts, cache } = this;
     if (rows.length === 0) throw new EngineError('step with no rows', 'INVALID_ARGUMENT');
     const seq = rows[0]!.tokens.length;
@@ -116,6 +130,7 @@ export class Runtime {
       if (r.tokens.some((t) => !Number.isInteger(t) || t < 0 || t >= vocab)) throw new EngineError(`row ${r.kvRow}: token ids must be integers in 0..${vocab - 1}`, 'INVALID_ARGUMENT');
       if (r.pastLen < 0 || r.pastLen + seq > opts.maxModelLen) throw new EngineError(`row ${r.kvRow}: ${r.pastLen} cached + ${seq} new tokens exceed maxModelLen ${opts.maxModelLen}`, 'RESOURCE_EXHAUSTED');
     }
+    for (const r of prefix?.restore ?? []) this.prefixes.restore(cache, r.kvRow, r.ids, prefix!.blockTokens);
     // A reused row (or one rewound to a shorter past) must read exact zeros after its own keys (see KvCache).
     for (const r of rows) cache.clearFrom(r.kvRow, r.pastLen);
     const batch = rows.length;
@@ -154,6 +169,7 @@ export class Runtime {
     const runMs = performance.now() - t0;
     const newKv = out['new_kv']!.data as Float32Array;
     cache.append(newKv, rows.map((r) => r.kvRow), rows.map((r) => r.pastLen), seq);
+    for (const b of prefix?.save ?? []) this.prefixes.save(cache, b.kvRow, b.start, prefix!.blockTokens, b.id);
     return { logits: out['logits']!.data as Float32Array, runMs };
   }
 

@@ -20,7 +20,7 @@ async function handle(req: EngineRequest): Promise<{ result: unknown; transfer?:
       return { result };
     }
     case 'step': {
-      const { logits, runMs } = await need().step(req.rows);
+      const { logits, runMs } = await need().step(req.rows, req.prefix);
       // Hand the logits buffer over without a copy when ORT gave it its own buffer.
       const own = logits.byteOffset === 0 && logits.byteLength === logits.buffer.byteLength ? logits : logits.slice();
       return { result: { logits: own, runMs }, transfer: [own.buffer as ArrayBuffer] };
