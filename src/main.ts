@@ -104,6 +104,7 @@ export async function startServer(input: ServerConfigInput, log: Logger, hooks: 
       maxModelLen,
       prefillChunk: cfg.prefillChunk,
       eosTokenIds: compiled.spec.eosTokenIds,
+      prefixCacheBytes: cfg.prefixCacheBytes,
     },
     (err) => log.error({ err }, 'engine step failed'),
     metrics,

@@ -354,6 +354,7 @@ function toServerConfig(settings: ReadonlyMap<string, Resolved>, configFile: str
     jobRoot: v('jobRoot'),
     trainThreads: v('trainThreads'),
     maxQueuedTrainJobs: v('maxQueuedTrainJobs'),
+    prefixCacheBytes: v('prefixCacheBytes'),
   };
 }
 

@@ -78,6 +78,7 @@ export const SETTINGS: readonly Setting[] = [
   setting({ name: 'maxModelLen', type: 'int', min: 2, max: 1 << 20, default: null, defaultText: "the model's", description: 'tokens per sequence (prompt + generated)' }),
   setting({ name: 'maxNumSeqs', type: 'int', min: 1, max: 1024, default: 8, description: 'sequences decoding at once (KV cache rows)' }),
   setting({ name: 'prefillChunk', type: 'int', min: 1, max: 1 << 16, default: 64, description: 'prompt tokens per prefill step' }),
+  setting({ name: 'prefixCacheBytes', type: 'int', min: 0, max: Number.MAX_SAFE_INTEGER, default: 256 * MIB, defaultText: '268435456 (256 MiB)', description: 'K/V of prompt prefixes kept for reuse by later prompts with the same start and adapter (LRU, blocks of lcm(64, prefillChunk) tokens; 0 = off); 256 MiB holds about 6000 tokens of a 1B llama, most of a few long system prompts' }),
   setting({ name: 'allowSpinning', type: 'bool', default: false, description: 'let onnxruntime threads spin between steps (a few % faster, burns idle CPU)' }),
   // --- adapters
   setting({ name: 'adapterRoot', type: 'path', default: 'adapters', defaultText: './adapters', description: 'the adapter store (PEFT directories; <root>/<tenant>/<id> with auth)' }),

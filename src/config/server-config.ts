@@ -56,10 +56,12 @@ export interface ServerConfig extends EngineSettings {
   trainThreads: number;
   /** Jobs waiting behind the running one before Train says RESOURCE_EXHAUSTED. */
   maxQueuedTrainJobs: number;
+  /** Bytes of prompt-prefix K/V kept for reuse; 0 = off. */
+  prefixCacheBytes: number;
 }
 
 /** Settings added after the first release: callers that build a ServerConfig by hand may leave them out. */
-const ADDED_SETTINGS = ['exportRoot', 'auth', 'apiKeysFile', 'tlsCert', 'tlsKey', 'tlsClientCa', 'logLevel', 'logPrompts', 'metricsPort', 'maxTenantLabels', 'dataRoot', 'jobRoot', 'trainThreads', 'maxQueuedTrainJobs'] as const satisfies readonly (keyof ServerConfig)[];
+const ADDED_SETTINGS = ['exportRoot', 'auth', 'apiKeysFile', 'tlsCert', 'tlsKey', 'tlsClientCa', 'logLevel', 'logPrompts', 'metricsPort', 'maxTenantLabels', 'dataRoot', 'jobRoot', 'trainThreads', 'maxQueuedTrainJobs', 'prefixCacheBytes'] as const satisfies readonly (keyof ServerConfig)[];
 type AddedSettings = (typeof ADDED_SETTINGS)[number];
 
 /** What startServer takes: a ServerConfig whose later settings default as in the schema. */

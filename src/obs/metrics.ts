@@ -52,6 +52,8 @@ export interface Metrics {
   observeRequest(done: RequestDone): void;
   /** The gap between two consecutive tokens of one sequence. */
   observeInterToken(seconds: number): void;
+  /** A prompt looked up in the prefix cache: `hitTokens` restored from it (0 = miss); `bytes` it holds now. */
+  observePrefixLookup(hitTokens: number, bytes: number): void;
   /** Reads adapter figures at every scrape (one call per scrape). */
   attachAdapters(stats: () => AdapterCounts): void;
   /** One optimizer step of a training job. */
@@ -129,6 +131,11 @@ export function createMetrics(opts: MetricsOptions): Metrics {
   // Both kinds exist from the start, so rate() has a series before the first request.
   stepSeconds.zero({ kind: 'prefill' });
   stepSeconds.zero({ kind: 'decode' });
+
+  const prefixQueries = new Counter({ name: 'loraplex_prefix_cache_queries_total', help: 'Prompts looked up in the prefix cache when their prefill started.', registers });
+  const prefixHits = new Counter({ name: 'loraplex_prefix_cache_hits_total', help: 'Prompts that reused a cached prefix.', registers });
+  const prefixHitTokens = new Counter({ name: 'loraplex_prefix_cache_hit_tokens_total', help: 'Prompt tokens restored from the prefix cache instead of prefilled.', registers });
+  const prefixBytes = new Gauge({ name: 'loraplex_prefix_cache_bytes', help: 'Bytes of prompt-prefix K/V held for reuse.', registers });
 
   // Adapter figures: read once per scrape from the getter, cached briefly because each metric collects alone.
   let adapterStats: (() => AdapterCounts) | null = null;
@@ -243,6 +250,14 @@ export function createMetrics(opts: MetricsOptions): Metrics {
     },
     observeInterToken(seconds) {
       interToken.observe(seconds);
+    },
+    observePrefixLookup(hitTokens, bytes) {
+      prefixQueries.inc();
+      if (hitTokens > 0) {
+        prefixHits.inc();
+        prefixHitTokens.inc(hitTokens);
+      }
+      prefixBytes.set(bytes);
     },
     attachAdapters(stats) {
       adapterStats = stats;

@@ -1,6 +1,8 @@
 import type { AdapterKey } from '../adapter-key.js';
 import { LoraplexError } from '../errors.js';
+import type { PrefixOps } from '../engine/prefix-cache.js';
 import type { Departure, PlannedRow, ScheduledRequest, StepPhase, StepPlan } from './plan.js';
+import type { PrefixIndex } from './prefix-index.js';
 import { NonFiniteLogits, type SampledToken, type SequenceState } from './sequence-state.js';
 import type { AdapterLease, GenerationRequest } from './types.js';
 
@@ -18,6 +20,10 @@ export interface CoreOptions {
   /** Prompt tokens per prefill step (fixed positions: see SchedulerOptions.prefillChunk). */
   prefillChunk: number;
   vocabSize: number;
+  /** Cached prompt prefixes; absent or disabled = every prompt is prefilled from position 0. */
+  prefixes?: PrefixIndex;
+  /** Which load of its adapter a slot holds (Engine.slotLoadId); part of a prefix's identity. */
+  slotLoadId?: (slot: number) => number;
 }
 
 const BASE_LEASE: AdapterLease = { slot: 0, release: () => undefined };
@@ -74,7 +80,7 @@ export class SchedulerCore<P> {
 
   /** A request the core can track (abort it, enqueue it); not yet waiting. */
   create(seq: SequenceState, req: GenerationRequest, payload: P): ScheduledRequest<P> {
-    return { seq, req, payload, lease: null, abort: null, admitted: false };
+    return { seq, req, payload, lease: null, abort: null, admitted: false, prefixChain: null };
   }
 
   enqueue(r: ScheduledRequest<P>): void {
@@ -114,11 +120,51 @@ export class SchedulerCore<P> {
     const departed = this.reapAborted();
     if (phase === 'prefill') {
       const r = this.running.find((x) => x.seq.prefilling && !x.abort);
-      return { admitted: [], departed, decode: [], prefill: r ? this.planned(r, this.opts.prefillChunk) : null };
+      if (!r) return { admitted: [], departed, decode: [], prefill: null, prefix: null, prefixLookup: null };
+      const lookup = this.restorePrefix(r);
+      const prefill = this.planned(r, this.opts.prefillChunk);
+      const prefix = this.savePrefix(r, prefill.row.pastLen + prefill.row.tokens.length, lookup?.ops ?? null);
+      return { admitted: [], departed, decode: [], prefill, prefix, prefixLookup: lookup && { hitTokens: lookup.hitTokens } };
     }
     const admitted = this.admit(departed);
     const decode = this.running.filter((r) => !r.seq.prefilling && !r.seq.done && !r.abort).map((r) => this.planned(r, 1));
-    return { admitted, departed, decode, prefill: null };
+    return { admitted, departed, decode, prefill: null, prefix: null, prefixLookup: null };
+  }
+
+  /** The step failed: the blocks its plan meant to save were never saved. */
+  forgetSaves(plan: StepPlan<P>): void {
+    this.opts.prefixes?.forget(plan.prefix?.save?.map((s) => s.id) ?? []);
+  }
+
+  /**
+   * Before a prompt's first chunk: the longest cached prefix of it (same adapter load and scale) is restored
+   * into its row and its prefill starts after it, at a block boundary (a multiple of prefillChunk).
+   */
+  private restorePrefix(r: ScheduledRequest<P>): { ops: PrefixOps | null; hitTokens: number } | null {
+    const index = this.opts.prefixes;
+    if (!index?.enabled || r.prefixChain || r.seq.pastLen !== 0) return null;
+    const { adapterKey, adapterScale } = r.req;
+    const identity = JSON.stringify([adapterKey, this.opts.slotLoadId?.(r.seq.slot) ?? 0, adapterScale]);
+    r.prefixChain = index.chain(identity, r.seq.promptIds);
+    const ids = index.lookup(r.prefixChain, r.seq.promptIds.length);
+    if (!ids.length) return { ops: null, hitTokens: 0 };
+    const hitTokens = ids.length * index.blockTokens;
+    r.seq.advance(hitTokens);
+    return { ops: { blockTokens: index.blockTokens, restore: [{ kvRow: r.seq.kvRow, ids }] }, hitTokens };
+  }
+
+  /** A chunk that completes a prompt block not cached yet saves it (evicting least recently used blocks). */
+  private savePrefix(r: ScheduledRequest<P>, end: number, prefix: PrefixOps | null): PrefixOps | null {
+    const index = this.opts.prefixes;
+    if (!index || !r.prefixChain || end % index.blockTokens !== 0) return prefix;
+    const id = r.prefixChain[end / index.blockTokens - 1];
+    if (id === undefined || index.has(id)) return prefix;
+    const drop = index.add(r.prefixChain, end / index.blockTokens - 1);
+    if (!drop) return prefix;
+    const ops = prefix ?? { blockTokens: index.blockTokens };
+    ops.save = [{ kvRow: r.seq.kvRow, start: end - index.blockTokens, id }];
+    if (drop.length) ops.drop = drop;
+    return ops;
   }
 
   /** Advances the plan's sequences by its step's logits (one row of `vocabSize` each) and samples; returns who left. */

@@ -1,3 +1,4 @@
+import type { PrefixOps } from '../engine/prefix-cache.js';
 import type { StepRow } from '../engine/runtime.js';
 import type { LoraplexError } from '../errors.js';
 import type { GenerationRequest, AdapterLease } from './types.js';
@@ -14,6 +15,8 @@ export interface ScheduledRequest<P> {
   abort: LoraplexError | null;
   /** Took a cache row once (the runner reports only admitted requests to metrics). */
   admitted: boolean;
+  /** The prefix-block chain of its prompt, set when its prefill starts (null before, or without a prefix cache). */
+  prefixChain: string[] | null;
 }
 
 /** One request's part of a step: the row the engine computes for it. */
@@ -41,6 +44,10 @@ export interface StepPlan<P> {
   decode: PlannedRow<P>[];
   /** One prompt chunk at its fixed position; its logits row follows the decode rows. */
   prefill: PlannedRow<P> | null;
+  /** Cached prefix blocks the step restores before its pass, saves after it, and drops (evicted). */
+  prefix: PrefixOps | null;
+  /** The prefill's prompt was looked up in the prefix cache at this plan: the tokens it restored (0 = a miss). */
+  prefixLookup: { hitTokens: number } | null;
 }
 
 export type StepPhase = 'decode' | 'prefill';

@@ -4,6 +4,7 @@ import { AsyncQueue } from '../util/async-queue.js';
 import { SchedulerCore } from './core.js';
 import { AdapterReadiness } from './leases.js';
 import { OutputStage, type TextOutput } from './output.js';
+import { PrefixIndex } from './prefix-index.js';
 import { stepRows, type Departure, type ScheduledRequest, type StepPlan } from './plan.js';
 import { SequenceState, type SampledToken } from './sequence-state.js';
 import type { AdapterLeaser, GenerationEvent, GenerationRequest, SchedulerObserver, SchedulerOptions, SchedulerStats, StepRunner } from './types.js';
@@ -40,6 +41,7 @@ export class Scheduler {
   private accepting = true;
   private stepCount = 0;
   private lastDecodeBatch = 0;
+  private readonly prefixes: PrefixIndex | null;
 
   constructor(
     private readonly engine: StepRunner,
@@ -54,14 +56,32 @@ export class Scheduler {
     this.readiness = new AdapterReadiness(adapters, () => this.kick(), (key, err) => {
       for (const d of this.core.failWaiting(key, err)) this.leave(d);
     });
-    this.core = new SchedulerCore({ maxNumSeqs: opts.maxNumSeqs, prefillChunk: opts.prefillChunk, vocabSize: engine.vocabSize }, this.readiness, (r, sampled) =>
-      this.streamToken(r, sampled),
+    const prefixes = engine.kvBytesPerToken && opts.prefixCacheBytes ? new PrefixIndex(opts.prefillChunk, engine.kvBytesPerToken, opts.prefixCacheBytes) : undefined;
+    this.core = new SchedulerCore(
+      {
+        maxNumSeqs: opts.maxNumSeqs,
+        prefillChunk: opts.prefillChunk,
+        vocabSize: engine.vocabSize,
+        ...(prefixes ? { prefixes } : {}),
+        ...(engine.slotLoadId ? { slotLoadId: (slot: number) => engine.slotLoadId!(slot) } : {}),
+      },
+      this.readiness,
+      (r, sampled) => this.streamToken(r, sampled),
     );
+    this.prefixes = prefixes ?? null;
     this.loopDone = this.loop();
   }
 
   stats(): SchedulerStats {
-    return { waiting: this.core.waitingCount, running: this.core.runningCount, freeRows: this.core.freeRowCount, steps: this.stepCount, lastDecodeBatch: this.lastDecodeBatch };
+    const p = this.prefixes;
+    return {
+      waiting: this.core.waitingCount,
+      running: this.core.runningCount,
+      freeRows: this.core.freeRowCount,
+      steps: this.stepCount,
+      lastDecodeBatch: this.lastDecodeBatch,
+      prefixCache: { queries: p?.queries ?? 0, hits: p?.hits ?? 0, hitTokens: p?.hitTokens ?? 0, bytes: p?.bytes ?? 0 },
+    };
   }
 
   /** Queues a request; its events stream tokens, then 'finished' (or end with an error). */
@@ -156,7 +176,16 @@ export class Scheduler {
     if (!rows.length) return;
     const kind = plan.prefill ? 'prefill' : 'decode';
     const t0 = performance.now();
-    const { logits } = await this.engine.step(rows);
+    let logits: Float32Array;
+    try {
+      ({ logits } = await this.engine.step(rows, plan.prefix ?? undefined));
+    } catch (err) {
+      this.core.forgetSaves(plan);
+      throw err;
+    }
+    const lookup = plan.prefixLookup;
+    const cachedBytes = this.prefixes?.bytes ?? 0;
+    if (lookup) this.notify((o) => o.observePrefixLookup?.(lookup.hitTokens, cachedBytes));
     this.notify((o) => o.observeStep(kind, (performance.now() - t0) / 1000, rows.length));
     this.stepCount++;
     if (kind === 'decode') this.lastDecodeBatch = rows.length;

@@ -1,12 +1,17 @@
 import type { AdapterKey } from '../adapter-key.js';
+import type { PrefixOps } from '../engine/prefix-cache.js';
 import type { StepRow } from '../engine/runtime.js';
 import type { SamplingParams } from '../sampling/index.js';
 import type { FinishReason } from './sequence-state.js';
 
 /** What the scheduler needs from the engine: one forward step at a time. */
 export interface StepRunner {
-  step(rows: StepRow[]): Promise<{ logits: Float32Array }>;
+  step(rows: StepRow[], prefix?: PrefixOps): Promise<{ logits: Float32Array }>;
   readonly vocabSize: number;
+  /** K and V bytes of one cached token; without it there is no prefix cache. */
+  readonly kvBytesPerToken?: number;
+  /** Which load of its adapter a slot holds (see Engine.slotLoadId). */
+  slotLoadId?(slot: number): number;
 }
 
 /** A request's hold on its adapter's slot; released when the sequence leaves the batch. */
@@ -40,6 +45,10 @@ export interface SchedulerOptions {
    */
   prefillChunk: number;
   eosTokenIds: number[];
+  /**
+   * Bytes of prompt-prefix K/V kept for reuse (blocks of lcm(64, prefillChunk) tokens, LRU); 0 or absent = off.
+   */
+  prefixCacheBytes?: number;
 }
 
 export interface GenerationRequest {
@@ -91,6 +100,8 @@ export interface SchedulerObserver {
   }): void;
   /** The gap between two consecutive sampled tokens of one sequence. */
   observeInterToken(seconds: number): void;
+  /** A prompt looked up in the prefix cache: `hitTokens` restored (0 = miss); `bytes` now cached. */
+  observePrefixLookup?(hitTokens: number, bytes: number): void;
 }
 
 export interface SchedulerStats {
@@ -99,4 +110,6 @@ export interface SchedulerStats {
   freeRows: number;
   steps: number;
   lastDecodeBatch: number;
+  /** Prompts looked up, those that restored a cached prefix, the tokens restored, and the bytes cached now. */
+  prefixCache: { queries: number; hits: number; hitTokens: number; bytes: number };
 }

@@ -74,6 +74,8 @@ export async function startTestServer(
     jobRoot: tempDir('train-jobs'),
     trainThreads: 1,
     maxQueuedTrainJobs: 8,
+    // Off unless a test asks: prefix reuse has its own tests (test/server/prefix-cache.test.ts).
+    prefixCacheBytes: 0,
     ...overrides,
   };
   const server = await startServer(cfg, pino({ level: 'silent' }));
