@@ -6,16 +6,17 @@ import { writeDirAtomic } from '../files/atomic-dir.js';
 import type { QuantOptions } from '../../kernels/quant/index.js';
 import { buildServingGraph, type ServingLayout } from '../models/graph.js';
 import { quantizedLinear } from '../models/linear.js';
-import { contentKey, loadModelDir } from '../models/load.js';
+import { loadModelDir } from '../models/load.js';
 import { f32ToF16Bits } from '../models/safetensors.js';
 import type { ModelSpec } from '../models/spec.js';
+import { modelIdentity, resolveContentKey, type ContentKeyOptions } from './model-identity.js';
 
 /** Bump whenever the serving graph or a codec changes what it writes: old cache entries are then ignored. */
 export const ENGINE_VERSION = 'loraplex-engine-6';
 
-export interface CompileOptions {
+export interface CompileOptions extends ContentKeyOptions {
   quant: QuantOptions;
-  /** Where quantized graphs are cached (one folder per key). */
+  /** Where quantized graphs are cached (one folder per key; model file identities under identities/). */
   cacheDir: string;
 }
 
@@ -25,10 +26,12 @@ export interface CompiledModel {
   spec: ModelSpec;
   layout: ServingLayout;
   notes: string[];
-  /** Cache key: model content + quantization settings + engine version. */
+  /** Cache key: model content (see model-identity.ts) + quantization settings + engine version. */
   key: string;
   /** True when the graph came from the cache (no quantization ran). */
   cached: boolean;
+  /** True when the weights were read to hash them: first start, or the model's files changed since. */
+  contentHashed: boolean;
   seconds: number;
 }
 
@@ -38,6 +41,8 @@ interface CacheMeta {
   layout: ServingLayout;
   notes: string[];
   quant: QuantOptions;
+  /** sha256 of the model files the entry was built from (contentKey), for checking an entry by hand. */
+  contentKey?: string;
 }
 
 function toFp16(data: Float32Array): Uint16Array {
@@ -58,14 +63,15 @@ function quantKeyPart(q: QuantOptions): string {
 export function compileModel(modelDir: string, opts: CompileOptions): CompiledModel {
   const t0 = performance.now();
   const { spec, weights, notes } = loadModelDir(modelDir);
-  const key = createHash('sha256').update(`${contentKey(modelDir)}\n${quantKeyPart(opts.quant)}\n${ENGINE_VERSION}`).digest('hex').slice(0, 32);
+  const content = resolveContentKey(modelDir, join(opts.cacheDir, 'identities'), opts);
+  const key = createHash('sha256').update(`${content.contentKey}\n${quantKeyPart(opts.quant)}\n${ENGINE_VERSION}`).digest('hex').slice(0, 32);
   const entry = join(opts.cacheDir, key);
   const metaPath = join(entry, 'meta.json');
   if (existsSync(metaPath)) {
     const meta = JSON.parse(readFileSync(metaPath, 'utf8')) as CacheMeta;
     // Entries written before LoRA modules recorded their base norms are recomputed, not used without them.
     if (meta.engineVersion === ENGINE_VERSION && meta.layout.loraModules.every((m) => typeof m.baseNorm === 'number')) {
-      return { modelDir, modelPath: join(entry, 'model.onnx'), spec: meta.spec, layout: meta.layout, notes: meta.notes, key, cached: true, seconds: (performance.now() - t0) / 1000 };
+      return { modelDir, modelPath: join(entry, 'model.onnx'), spec: meta.spec, layout: meta.layout, notes: meta.notes, key, cached: true, contentHashed: content.hashed, seconds: (performance.now() - t0) / 1000 };
     }
   }
   const { graph, layout } = buildServingGraph(spec, weights, {
@@ -73,13 +79,17 @@ export function compileModel(modelDir: string, opts: CompileOptions): CompiledMo
     embeddingFp16: opts.quant.kind !== 'none',
     toFp16,
   });
+  // The weights were read once more while quantizing: an entry must hold exactly the content its key names.
+  if (JSON.stringify(modelIdentity(modelDir)) !== JSON.stringify(content.identity)) {
+    throw new Error(`the model files in ${modelDir} changed while they were quantized; start again once they are complete`);
+  }
   try {
     // An entry of an older engine version is replaced.
     writeDirAtomic(
       entry,
       (tmp) => {
         writeOnnxModel(graph.toOnnx(), tmp, 'model');
-        const meta: CacheMeta = { engineVersion: ENGINE_VERSION, spec, layout, notes, quant: opts.quant };
+        const meta: CacheMeta = { engineVersion: ENGINE_VERSION, spec, layout, notes, quant: opts.quant, contentKey: content.contentKey };
         writeFileSync(join(tmp, 'meta.json'), JSON.stringify(meta));
       },
       { replace: true },
@@ -88,5 +98,5 @@ export function compileModel(modelDir: string, opts: CompileOptions): CompiledMo
     if (!existsSync(metaPath)) throw e;
     // Another process finished the same entry first; use theirs.
   }
-  return { modelDir, modelPath: join(entry, 'model.onnx'), spec, layout, notes, key, cached: false, seconds: (performance.now() - t0) / 1000 };
+  return { modelDir, modelPath: join(entry, 'model.onnx'), spec, layout, notes, key, cached: false, contentHashed: content.hashed, seconds: (performance.now() - t0) / 1000 };
 }

@@ -142,8 +142,8 @@ export function loadModelDir(dir: string): LoadedModel {
   return { dir, spec, weights, notes, weightFiles: source.files().sort(), tokenizerFile };
 }
 
-/** The files that define a model's weights, in a fixed order, for hashing. */
-function keyFiles(dir: string): string[] {
+/** The files that define a model's weights (names relative to dir), in a fixed order: what contentKey hashes. */
+export function keyFiles(dir: string): string[] {
   const files = ['config.json'];
   if (existsSync(join(dir, 'generation_config.json'))) files.push('generation_config.json');
   const index = join(dir, 'model.safetensors.index.json');
