@@ -61,9 +61,18 @@ export class Engine {
   private readonly slotLoads = new Map<number, number>();
   private loadCount = 0;
 
-  /** Packs on this thread and hands the buffers to the worker without a copy. */
+  /**
+   * Tensors in SharedArrayBuffers (adapters read by the task pool) go to the worker as they are: it copies them
+   * into the slot, and this thread copies nothing. Others are packed here into recycled staging buffers, which
+   * are transferred, not cloned, and come back for the next load.
+   */
   async setSlot(slot: number, adapter: LoraAdapterWeights): Promise<void> {
     this.slotLoads.set(slot, ++this.loadCount);
+    if (adapter.modules.every((m) => m.a.buffer instanceof SharedArrayBuffer && m.b.buffer instanceof SharedArrayBuffer)) {
+      const plain: LoraAdapterWeights = { scaling: adapter.scaling, modules: adapter.modules.map((m) => ({ module: m.module, r: m.r, a: m.a, b: m.b })) };
+      await this.call({ type: 'setSlot', slot, adapter: plain });
+      return;
+    }
     const packed = packSlot(adapter, (n) => this.takeStaging(n));
     const transfer = packed.modules.flatMap((m) => [m.a.buffer as ArrayBuffer, m.b.buffer as ArrayBuffer]);
     const returned = (await this.call({ type: 'setSlot', slot, adapter: packed }, transfer)) as ArrayBuffer[];

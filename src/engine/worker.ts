@@ -27,8 +27,8 @@ async function handle(req: EngineRequest): Promise<{ result: unknown; transfer?:
     }
     case 'setSlot': {
       need().setSlot(req.slot, req.adapter);
-      // Hand the staging buffers back for reuse by the next load.
-      const buffers = req.adapter.modules.flatMap((m) => [m.a.buffer as ArrayBuffer, m.b.buffer as ArrayBuffer]);
+      // Hand the staging buffers back for reuse by the next load (shared ones stay where they are).
+      const buffers = req.adapter.modules.flatMap((m) => [m.a.buffer, m.b.buffer]).filter((b): b is ArrayBuffer => b instanceof ArrayBuffer);
       return { result: buffers, transfer: buffers };
     }
     case 'clearSlot':

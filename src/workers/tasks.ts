@@ -11,7 +11,7 @@ import { promptIds, type PromptInput, type PromptLimits } from '../validate/gene
 import type { QuantOptions } from '../../kernels/quant/index.js';
 import { diskFullAs } from '../errors.js';
 import { stageTrainData } from '../train/jobs.js';
-import { withTransfer, type WorkerPool } from './pool.js';
+import type { WorkerPool } from './pool.js';
 
 /**
  * The heavy tasks the server runs in its worker pool (src/workers/task-worker.ts runs them). Each takes plain,
@@ -24,12 +24,23 @@ const storeAt = (root: string) => stores.get(root) ?? stores.set(root, new Adapt
 const tokenizers = new Map<string, Promise<Tokenizer>>();
 const tokenizerAt = (modelDir: string) => tokenizers.get(modelDir) ?? tokenizers.set(modelDir, loadTokenizer(modelDir)).get(modelDir)!;
 
-const adapterBuffers = (a: PeftAdapter) => a.modules.flatMap((m) => [m.a.buffer, m.b.buffer]);
+/**
+ * The adapter with its tensors moved into SharedArrayBuffers (copied here, in the pool). The main thread then never
+ * copies them: handing them to the engine worker (slot loads) or back to the pool (merges, writes) shares the
+ * memory instead of cloning tens of MB on the event loop.
+ */
+function shared(adapter: PeftAdapter): PeftAdapter {
+  const share = (t: Float32Array) => {
+    const out = new Float32Array(new SharedArrayBuffer(t.byteLength));
+    out.set(t);
+    return out;
+  };
+  return { ...adapter, modules: adapter.modules.map((m) => ({ ...m, a: share(m.a), b: share(m.b) })) };
+}
 
 export const tasks = {
   readAdapter(input: { root: string; adapterKey: AdapterKey; spec: ModelSpec; limits: AdapterLimits }) {
-    const adapter = storeAt(input.root).read(input.adapterKey, input.spec, input.limits);
-    return withTransfer(adapter, adapterBuffers(adapter));
+    return shared(storeAt(input.root).read(input.adapterKey, input.spec, input.limits));
   },
 
   writeAdapter(input: { root: string; adapterKey: AdapterKey; adapter: PeftAdapter }) {
@@ -55,8 +66,7 @@ export const tasks = {
   },
 
   mergeAdapters(input: { sources: MergeSource[]; options: MergeOptions }) {
-    const merged = mergeAdapters(input.sources, input.options);
-    return withTransfer(merged, adapterBuffers(merged));
+    return shared(mergeAdapters(input.sources, input.options));
   },
 
   exportMergedModel(input: { modelDir: string; quant: QuantOptions; sources: ExportSource[]; exportRoot: string; outputName: string; dtype: 'F16' | 'F32' }) {
