@@ -137,14 +137,16 @@ export class SchedulerCore<P> {
   }
 
   /**
-   * Before a prompt's first chunk: the longest cached prefix of it (same adapter load and scale) is restored
+   * Before a prompt's first chunk: the longest cached prefix of it (same tenant, adapter load and scale) is restored
    * into its row and its prefill starts after it, at a block boundary (a multiple of prefillChunk).
    */
   private restorePrefix(r: ScheduledRequest<P>): { ops: PrefixOps | null; hitTokens: number } | null {
     const index = this.opts.prefixes;
     if (!index?.enabled || r.prefixChain || r.seq.pastLen !== 0) return null;
-    const { adapterKey, adapterScale } = r.req;
-    const identity = JSON.stringify([adapterKey, this.opts.slotLoadId?.(r.seq.slot) ?? 0, adapterScale]);
+    const { adapterKey, adapterScale, tenant } = r.req;
+    // The tenant salts the chain (vLLM's cache_salt): tenants never share blocks, even for the base model, so the
+    // time to first token cannot tell one tenant whether another sent the same prompt.
+    const identity = JSON.stringify([tenant ?? '', adapterKey, this.opts.slotLoadId?.(r.seq.slot) ?? 0, adapterScale]);
     r.prefixChain = index.chain(identity, r.seq.promptIds);
     const ids = index.lookup(r.prefixChain, r.seq.promptIds.length);
     if (!ids.length) return { ops: null, hitTokens: 0 };

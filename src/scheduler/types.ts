@@ -59,7 +59,7 @@ export interface GenerationRequest {
   adapterScale: number;
   /** Fires when the client cancels or its deadline passes; reason is a LoraplexError. */
   signal?: AbortSignal;
-  /** Who the request is for, for metrics and logs only (never for scheduling). */
+  /** Who the request is for: metrics and logs, and the salt of its prefix-cache blocks (never for scheduling order). */
   tenant?: string;
   /**
    * How errors name the adapter to the client, e.g. `adapter_id "x"` (never an internal key). Without it

@@ -1,10 +1,12 @@
 import { test, before, after } from 'node:test';
 import assert from 'node:assert/strict';
+import { writeFileSync } from 'node:fs';
 import { join } from 'node:path';
+import * as grpc from '@grpc/grpc-js';
 import { makeRandomAdapter, writePeftAdapter } from '../../src/adapters/peft.js';
 import { readModelSpec } from '../../src/models/config.js';
 import { collect, startTestServer, type TestServer } from '../helpers/server.js';
-import { STORIES } from '../helpers/engine.js';
+import { STORIES, tempDir } from '../helpers/engine.js';
 
 /**
  * Prefix reuse must be invisible in the output: every request here is compared with a server that has no prefix
@@ -115,4 +117,28 @@ test('metrics count queries, hits, restored tokens and cached bytes', async () =
   assert.equal(value('loraplex_prefix_cache_hit_tokens_total'), st.hitTokens);
   assert.equal(value('loraplex_prefix_cache_bytes'), st.bytes);
   assert.ok(st.hits > 0 && st.queries > st.hits);
+});
+
+test("tenants never share prefix blocks, even for the base model: another tenant's prompt stays unobservable", async () => {
+  const dir = tempDir('prefix-keys');
+  const apiKeysFile = join(dir, 'keys.yaml');
+  const keys = { acme: 'acme-prefix-key-0123456789abcdef', globex: 'globex-prefix-key-0123456789abcdef' };
+  writeFileSync(apiKeysFile, `keys:\n  - { key: ${keys.acme}, tenant: acme }\n  - { key: ${keys.globex}, tenant: globex }\n`);
+  const s = await startTestServer({ maxModelLen: 512, prefixCacheBytes: 64 * BLOCK_BYTES, auth: 'required', apiKeysFile });
+  try {
+    const as = (who: keyof typeof keys) => {
+      const metadata = new grpc.Metadata();
+      metadata.set('authorization', `Bearer ${keys[who]}`);
+      return { metadata };
+    };
+    const ask1 = ALL[0]!;
+    const runAs = async (who: keyof typeof keys) => (await collect(s.inference.generate(ask(ask1), as(who)))).tokenIds;
+    assert.deepEqual(await runAs('acme'), expected.get(ask1));
+    assert.deepEqual(await runAs('globex'), expected.get(ask1));
+    assert.equal(stats(s).hits, 0, "globex does not reuse acme's blocks");
+    assert.deepEqual(await runAs('acme'), expected.get(ask1));
+    assert.equal(stats(s).hits, 1, 'acme reuses its own');
+  } finally {
+    await s.close();
+  }
 });
