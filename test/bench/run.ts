@@ -2,8 +2,9 @@
  * `npm run bench`: speed and memory on the `1b` (TinyLlama-shaped) random model with int4, as JSON.
  * Figures are reported next to a baseline measured in the same run (this machine's read bandwidth via an ORT
  * reduction over a buffer far larger than cache), never asserted in tests.
+ * LORAPLEX_BENCH_ONLY=stalls|prefix|start runs one section alone; LORAPLEX_BENCH_SKIP_<SECTION> leaves one out.
  */
-import { existsSync, mkdirSync, rmSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import ort from 'onnxruntime-node';
 import { Graph } from '../../kernels/ir.js';
@@ -12,7 +13,9 @@ import type { QuantOptions } from '../../kernels/quant/index.js';
 import { compileModel } from '../../src/engine/compile.js';
 import { Engine } from '../../src/engine/engine.js';
 import { makeModel } from '../../src/models/make.js';
+import { prefixBench } from './prefix.js';
 import { servingBench } from './serving.js';
+import { startBench } from './start.js';
 import { stallBench } from './stalls.js';
 import { trainingBench } from './training.js';
 import type { ModelSpec } from '../../src/models/spec.js';
@@ -23,6 +26,14 @@ const SIZE = (process.env['LORAPLEX_BENCH_SIZE'] ?? '1b') as '1b' | 'small' | 't
 
 function log(msg: string): void {
   process.stderr.write(`[bench] ${msg}\n`);
+}
+
+/** Machines of one kind differ (Intel with AMX, AMD Zen 5): every result names its CPU and the flags that matter. */
+function cpuInfo(): { model: string; flags: string[] } {
+  const text = existsSync('/proc/cpuinfo') ? readFileSync('/proc/cpuinfo', 'utf8') : '';
+  const field = (name: string) => new RegExp(`^${name}\\s*:\\s*(.*)$`, 'm').exec(text)?.[1] ?? 'unknown';
+  const flags = field('flags').split(' ');
+  return { model: field('model name'), flags: ['avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_tile', 'amx_int8', 'amx_bf16'].filter((f) => flags.includes(f)) };
 }
 
 /** Bytes of weights read by one decode step: every quantized linear (packed nibbles + scales), norms. */
@@ -84,9 +95,13 @@ async function main(): Promise<void> {
   const quant: QuantOptions = { kind: 'int4', blockSize: Number(process.env['LORAPLEX_BENCH_BLOCK'] ?? 32), accuracyLevel: 4 };
   const cacheDir = join(ROOT, 'graph-cache');
   rmSync(cacheDir, { recursive: true, force: true });
-  if (process.env['LORAPLEX_BENCH_ONLY'] === 'stalls') {
-    const stalls = await stallBench(modelDir, cacheDir, quant, THREADS, log);
-    process.stdout.write(`${JSON.stringify({ model: `llama-${SIZE}`, quant, threads: THREADS, stalls }, null, 2)}\n`);
+  const cpu = cpuInfo();
+  log(`cpu: ${cpu.model} (${cpu.flags.join(' ')})`);
+  const only = process.env['LORAPLEX_BENCH_ONLY'];
+  if (only === 'stalls' || only === 'prefix' || only === 'start') {
+    const sections = { stalls: stallBench, prefix: prefixBench, start: startBench } as const;
+    const figures = await sections[only](modelDir, cacheDir, quant, THREADS, log);
+    process.stdout.write(`${JSON.stringify({ model: `llama-${SIZE}`, quant, threads: THREADS, machine: { cpu }, [only]: figures }, null, 2)}\n`);
     return;
   }
 
@@ -129,13 +144,18 @@ async function main(): Promise<void> {
 
   const stalls = process.env['LORAPLEX_BENCH_SKIP_STALLS'] ? null : await stallBench(modelDir, cacheDir, quant, THREADS, log);
 
+  const prefix = process.env['LORAPLEX_BENCH_SKIP_PREFIX'] ? null : await prefixBench(modelDir, cacheDir, quant, THREADS, log);
+
+  // The graph cache exists by now, so both spawned starts are cached ones.
+  const serveStart = process.env['LORAPLEX_BENCH_SKIP_START'] ? null : await startBench(modelDir, cacheDir, quant, THREADS, log);
+
   const weightBytes = decodeWeightBytes(compiled.spec, quant);
   const achieved = (weightBytes * b1.tokensPerSecond);
   const results = {
     model: `llama-${SIZE} (random weights, TinyLlama shape for 1b)`,
     quant,
     threads: THREADS,
-    machine: { readBandwidthGBps: +(bandwidth / 1e9).toFixed(2) },
+    machine: { cpu, readBandwidthGBps: +(bandwidth / 1e9).toFixed(2) },
     start: { coldSeconds: +cold.seconds.toFixed(2), cachedSeconds: +cachedSeconds.toFixed(2), cachedVsCold: +(cachedSeconds / cold.seconds).toFixed(3) },
     decode: {
       batch1TokensPerSecond: +b1.tokensPerSecond.toFixed(2),
@@ -152,6 +172,8 @@ async function main(): Promise<void> {
     serving,
     training,
     stalls,
+    prefix,
+    serveStart,
     // Peak includes the cold start's quantization, which holds the whole float model; serving is the RSS after
     // a cached start, decoding at batch 8 with a 1024-token cache (8 rows).
     peakRssMiB: Math.round(process.resourceUsage().maxRSS / 1024),
