@@ -25,6 +25,8 @@ export interface AdapterIo {
   write(adapterKey: AdapterKey, adapter: PeftAdapter): Promise<void>;
   /** Every stored adapter (store.list()) with its description and size. */
   listStored(): Promise<StoredAdapter[]>;
+  /** The keys of the stored adapters (store.list()), without reading their configs. */
+  listKeys(): Promise<AdapterKey[]>;
   /** One stored adapter's listing entry, or null when the store does not hold it. */
   describe(adapterKey: AdapterKey): Promise<StoredAdapter | null>;
   /** store.delete: the directory is renamed away at once, then removed (NOT_FOUND when absent). */
@@ -48,6 +50,7 @@ export function inlineAdapterIo(store: AdapterStore): AdapterIo {
     merge: async (sources, opts) => mergeAdapters(sources, opts),
     write: async (adapterKey, adapter) => store.write(adapterKey, adapter),
     listStored: async () => store.list().map((adapterKey) => describeStored(store, adapterKey)),
+    listKeys: async () => store.list(),
     describe: async (adapterKey) => (store.has(adapterKey) ? describeStored(store, adapterKey) : null),
     delete: async (adapterKey) => store.delete(adapterKey),
   };

@@ -222,7 +222,9 @@ export class AdapterManager {
     return this.storedInfoOf(stored);
   }
 
-  stats(): AdapterStats {
+  /** Counters and adapters by state; the store's directory is listed by the AdapterIo (off the event loop). */
+  async stats(): Promise<AdapterStats> {
+    const storedKeys = await this.io.listKeys();
     let loaded = 0;
     let active = 0;
     let memoryBytes = 0;
@@ -231,7 +233,7 @@ export class AdapterManager {
       else loaded++;
       memoryBytes += r.bytes;
     }
-    const stored = this.store.list().filter((adapterKey) => !this.registry.get(adapterKey)).length;
+    const stored = storedKeys.filter((adapterKey) => !this.registry.get(adapterKey)).length;
     return { stored, loaded, active, memoryBytes, ...this.counters, slotEvictions: this.slots.evictions };
   }
 

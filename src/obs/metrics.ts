@@ -55,7 +55,7 @@ export interface Metrics {
   /** A prompt looked up in the prefix cache: `hitTokens` restored from it (0 = miss); `bytes` it holds now. */
   observePrefixLookup(hitTokens: number, bytes: number): void;
   /** Reads adapter figures at every scrape (one call per scrape). */
-  attachAdapters(stats: () => AdapterCounts): void;
+  attachAdapters(stats: () => AdapterCounts | Promise<AdapterCounts>): void;
   /** One optimizer step of a training job. */
   observeTrainStep(loss: number, tokensPerSecond: number): void;
   /** No job is training any more (its throughput goes to 0). */
@@ -138,12 +138,13 @@ export function createMetrics(opts: MetricsOptions): Metrics {
   const prefixBytes = new Gauge({ name: 'loraplex_prefix_cache_bytes', help: 'Bytes of prompt-prefix K/V held for reuse.', registers });
 
   // Adapter figures: read once per scrape from the getter, cached briefly because each metric collects alone.
-  let adapterStats: (() => AdapterCounts) | null = null;
-  let cached: { at: number; value: AdapterCounts } | null = null;
-  const read = (): AdapterCounts | null => {
+  // The getter may be async (the server lists the store in its worker pool); prom-client awaits collect().
+  let adapterStats: (() => AdapterCounts | Promise<AdapterCounts>) | null = null;
+  let cached: { at: number; value: Promise<AdapterCounts> } | null = null;
+  const read = async (): Promise<AdapterCounts | null> => {
     if (!adapterStats) return null;
     const now = performance.now();
-    if (!cached || now - cached.at > 500) cached = { at: now, value: adapterStats() };
+    if (!cached || now - cached.at > 500) cached = { at: now, value: Promise.resolve(adapterStats()) };
     return cached.value;
   };
   const total = (name: string, help: string, pick: (s: AdapterCounts) => number) =>
@@ -151,8 +152,8 @@ export function createMetrics(opts: MetricsOptions): Metrics {
       name,
       help,
       registers,
-      collect() {
-        const s = read();
+      async collect() {
+        const s = await read();
         if (!s) return;
         // The manager keeps the running total; a counter cannot be set, so reset and add it.
         this.reset();
@@ -164,8 +165,8 @@ export function createMetrics(opts: MetricsOptions): Metrics {
     help: 'Adapters by state: stored (on disk only), loaded (in memory, no slot), active (in a slot).',
     labelNames: ['state'] as const,
     registers,
-    collect() {
-      const s = read();
+    async collect() {
+      const s = await read();
       if (!s) return;
       this.set({ state: 'stored' }, s.stored);
       this.set({ state: 'loaded' }, s.loaded);
@@ -176,8 +177,8 @@ export function createMetrics(opts: MetricsOptions): Metrics {
     name: 'loraplex_adapter_memory_bytes',
     help: 'Bytes of adapter tensors held in memory.',
     registers,
-    collect() {
-      const s = read();
+    async collect() {
+      const s = await read();
       if (s) this.set(s.memoryBytes);
     },
   });

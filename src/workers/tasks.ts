@@ -51,6 +51,10 @@ export const tasks = {
     }
   },
 
+  listKeys(input: { root: string }) {
+    return storeAt(input.root).list();
+  },
+
   listStored(input: { root: string }) {
     const store = storeAt(input.root);
     return store.list().map((adapterKey) => describeStored(store, adapterKey));
@@ -98,6 +102,7 @@ export function pooledAdapterIo(pool: TaskPool, root: string): AdapterIo {
     merge: (sources, options) => pool.run('mergeAdapters', { sources, options }),
     write: (adapterKey, adapter) => pool.run('writeAdapter', { root, adapterKey, adapter }),
     listStored: () => pool.run('listStored', { root }),
+    listKeys: () => pool.run('listKeys', { root }),
     describe: (adapterKey) => pool.run('describeStored', { root, adapterKey }),
     delete: (adapterKey) => pool.run('deleteAdapter', { root, adapterKey }),
   };

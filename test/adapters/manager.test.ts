@@ -175,7 +175,7 @@ test('load reads and validates into memory; info reports it', async () => {
   assert.equal(again.info.pinned, true);
   // A later load without pin does not unpin.
   assert.equal((await f.manager.load(key('alpha'))).info.pinned, true);
-  assert.equal(f.manager.stats().loads, 1);
+  assert.equal((await f.manager.stats()).loads, 1);
   assert.equal(f.writer.calls.length, 0, 'load alone never touches a slot');
 
   await rejectsWith(f.manager.load(key('nope')), 'NOT_FOUND', /^adapter_id "nope" is not in the adapter store$/);
@@ -189,7 +189,7 @@ test('memory holds at most maxCpuLoras adapters, evicting the least recently use
   await f.manager.load(key('a')); // touch: b is now the LRU
   await f.manager.load(key('c'));
   assert.deepEqual(await states(f.manager), { a: 'loaded', b: 'stored', c: 'loaded', d: 'stored' });
-  assert.equal(f.manager.stats().evictions, 1);
+  assert.equal((await f.manager.stats()).evictions, 1);
 
   // Pinned adapters are never evicted.
   await f.manager.load(key('a'), { pin: true });
@@ -202,7 +202,7 @@ test('memory holds at most maxCpuLoras adapters, evicting the least recently use
   await f.manager.unload(key('d'));
   await f.manager.load(key('b'));
   assert.deepEqual(await states(f.manager), { a: 'loaded', b: 'loaded', c: 'stored', d: 'stored' });
-  const s = f.manager.stats();
+  const s = (await f.manager.stats());
   assert.deepEqual([s.stored, s.loaded, s.active], [2, 2, 0]);
 });
 
@@ -248,7 +248,7 @@ test('slots: LRU among adapters without running requests; a lease pins the slot'
   assert.equal(lc.slot, 2);
   assert.deepEqual(f.manager.slotTable(), [null, 'a', 'c']);
   assert.deepEqual(await states(f.manager), { a: 'active', b: 'loaded', c: 'active', d: 'stored' });
-  assert.equal(f.manager.stats().slotEvictions, 1);
+  assert.equal((await f.manager.stats()).slotEvictions, 1);
 
   // a's slot is idle, c's is held by a request: d takes a's slot.
   const ld = (await f.manager.tryAcquire(key('d')))!;
@@ -266,7 +266,7 @@ test('slots: LRU among adapters without running requests; a lease pins the slot'
   lc2.release();
   la2.release();
 
-  const s = f.manager.stats();
+  const s = (await f.manager.stats());
   assert.equal(s.hits, 1);
   assert.equal(s.misses, 5);
   assert.equal(s.loads, 4);
@@ -399,14 +399,14 @@ test('unload frees the memory of the adapters', async () => {
   for (const id of ids.slice(2)) (await f.manager.tryAcquire(key(id)))!.release();
   const total = (await f.manager.list()).reduce((n, i) => n + i.bytes, 0);
   assert.ok(total > 8e6, `adapters hold ${total} bytes`);
-  assert.equal(f.manager.stats().memoryBytes, total);
+  assert.equal((await f.manager.stats()).memoryBytes, total);
   const loaded = arrayBuffers();
   assert.ok(loaded - base > 0.9 * total, `loading grew arrayBuffers by ${loaded - base}, expected about ${total}`);
 
   for (const id of ids) await f.manager.unload(key(id));
   const freed = arrayBuffers();
   assert.ok(loaded - freed > 0.9 * total, `unload freed ${loaded - freed} of ${total} bytes`);
-  assert.equal(f.manager.stats().memoryBytes, 0);
+  assert.equal((await f.manager.stats()).memoryBytes, 0);
 });
 
 test('invalid adapters are INVALID_ARGUMENT naming the adapter and the rule', async () => {
@@ -459,7 +459,7 @@ test('invalid adapters are INVALID_ARGUMENT naming the adapter and the rule', as
     }
   }
   // A rejected adapter took no memory and no slot.
-  assert.equal(g.manager.stats().loaded, 0);
+  assert.equal((await g.manager.stats()).loaded, 0);
   assert.equal(g.writer.calls.length, 0);
 });
 
@@ -474,7 +474,7 @@ test('concurrent acquires of one adapter load it once and use one slot', async (
   f.writer.gate = null;
   const leases = await Promise.all(pending);
   assert.ok(leases.every((l) => l !== null && l.slot === 1));
-  const s = f.manager.stats();
+  const s = (await f.manager.stats());
   assert.equal(s.loads, 1);
   assert.deepEqual(f.writer.sets(), [1]);
   assert.equal((await f.manager.info(key('hot'))).activeRequests, 8);
