@@ -57,12 +57,3 @@ export function diskFullAs(err: unknown, root: string): unknown {
   }
   return err;
 }
-
-/** Runs fn, turning a full disk under `root` into RESOURCE_EXHAUSTED (see diskFullAs). */
-export async function withDiskSpace<T>(root: string, fn: () => T | Promise<T>): Promise<T> {
-  try {
-    return await fn();
-  } catch (err) {
-    throw diskFullAs(err, root);
-  }
-}

@@ -14,25 +14,11 @@ import { LoraplexError, type ErrorCode } from '../errors.js';
 export type TaskFn = (input: any) => unknown;
 export type TaskRegistry = Record<string, TaskFn>;
 
-/** A task's result together with the buffers to move (not copy) to the other thread. */
-export class WithTransfer<T> {
-  constructor(
-    readonly value: T,
-    readonly transfer: ArrayBuffer[],
-  ) {}
-}
-
-/** Marks buffers to be transferred along with a task's result (duplicates and shared memory are dropped). */
-export function withTransfer<T>(value: T, buffers: ArrayBufferLike[]): WithTransfer<T> {
-  return new WithTransfer(value, transferable(buffers));
-}
-
-export function transferable(buffers: ArrayBufferLike[]): ArrayBuffer[] {
-  return [...new Set(buffers)].filter((b): b is ArrayBuffer => b instanceof ArrayBuffer && b.byteLength > 0);
-}
-
-type Unwrap<T> = T extends WithTransfer<infer V> ? V : T;
-export type TaskResult<F extends TaskFn> = Unwrap<Awaited<ReturnType<F>>>;
+/**
+ * Inputs and results are cloned; large tensors cross without a copy by living in SharedArrayBuffers (the adapter
+ * tasks return them so), which postMessage shares.
+ */
+export type TaskResult<F extends TaskFn> = Awaited<ReturnType<F>>;
 
 /** Messages between the pool and a task worker. */
 export interface TaskRequest {
@@ -61,7 +47,6 @@ interface Job {
   id: number;
   task: string;
   input: unknown;
-  transfer: ArrayBuffer[];
   resolve(v: unknown): void;
   reject(e: Error): void;
 }
@@ -91,14 +76,11 @@ export class WorkerPool<Tasks extends TaskRegistry> {
     if (!Number.isSafeInteger(opts.size) || opts.size < 1) throw new RangeError(`pool size must be a positive integer, got ${opts.size}`);
   }
 
-  /**
-   * Runs a task on a free worker (after the queued ones). `transfer` moves input buffers instead of copying
-   * them: the caller must not use them afterwards.
-   */
-  run<K extends keyof Tasks & string>(task: K, input: Parameters<Tasks[K]>[0], transfer: ArrayBufferLike[] = []): Promise<TaskResult<Tasks[K]>> {
+  /** Runs a task on a free worker (after the queued ones). */
+  run<K extends keyof Tasks & string>(task: K, input: Parameters<Tasks[K]>[0]): Promise<TaskResult<Tasks[K]>> {
     if (this.closed) return Promise.reject(new LoraplexError('UNAVAILABLE', 'server is shutting down'));
     return new Promise((resolve, reject) => {
-      this.queue.push({ id: this.nextId++, task, input, transfer: transferable(transfer), resolve: resolve as (v: unknown) => void, reject });
+      this.queue.push({ id: this.nextId++, task, input, resolve: resolve as (v: unknown) => void, reject });
       this.dispatch();
     });
   }
@@ -127,7 +109,7 @@ export class WorkerPool<Tasks extends TaskRegistry> {
       slot.worker.ref();
       const msg: TaskRequest = { id: job.id, task: job.task, input: job.input };
       try {
-        slot.worker.postMessage(msg, job.transfer);
+        slot.worker.postMessage(msg);
       } catch (err) {
         // e.g. an input that cannot be cloned: that task fails, the worker is fine.
         slot.job = null;

@@ -1,5 +1,5 @@
 import { parentPort } from 'node:worker_threads';
-import { replyError, WithTransfer, type TaskReply, type TaskRequest } from './pool.js';
+import { replyError, type TaskReply, type TaskRequest } from './pool.js';
 import { tasks } from './tasks.js';
 
 /** A pool worker: runs one named task at a time (the pool sends the next only after the reply). */
@@ -9,20 +9,15 @@ const registry: Record<string, (input: unknown) => unknown> = tasks as unknown a
 
 port.on('message', async (req: TaskRequest) => {
   let reply: TaskReply;
-  let transfer: ArrayBuffer[] = [];
   try {
     const fn = Object.hasOwn(registry, req.task) ? registry[req.task] : undefined;
     if (!fn) throw new Error(`unknown task ${req.task}`);
-    const out = await fn(req.input);
-    if (out instanceof WithTransfer) {
-      reply = { id: req.id, ok: true, result: out.value };
-      transfer = out.transfer;
-    } else reply = { id: req.id, ok: true, result: out };
+    reply = { id: req.id, ok: true, result: await fn(req.input) };
   } catch (err) {
     reply = replyError(req.id, err);
   }
   try {
-    port.postMessage(reply, transfer);
+    port.postMessage(reply);
   } catch (err) {
     // A result that cannot be cloned: the task fails, it never leaves the pool waiting.
     port.postMessage(replyError(req.id, err));

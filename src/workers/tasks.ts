@@ -15,7 +15,7 @@ import type { WorkerPool } from './pool.js';
 
 /**
  * The heavy tasks the server runs in its worker pool (src/workers/task-worker.ts runs them). Each takes plain,
- * cloneable input and returns a result whose tensors are transferred back, not copied.
+ * cloneable input; adapter results come back in SharedArrayBuffers (shared, not copied).
  */
 
 // A worker's own handles, made on first use. Its store never sweeps: the main thread's owns the root.
