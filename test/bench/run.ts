@@ -2,7 +2,9 @@
  * `npm run bench`: speed and memory on the `1b` (TinyLlama-shaped) random model with int4, as JSON.
  * Figures are reported next to a baseline measured in the same run (this machine's read bandwidth via an ORT
  * reduction over a buffer far larger than cache), never asserted in tests.
- * LORAPLEX_BENCH_ONLY=stalls|prefix|start runs one section alone; LORAPLEX_BENCH_SKIP_<SECTION> leaves one out.
+ * LORAPLEX_BENCH_ONLY=stalls|prefix|start|peer runs one section alone; LORAPLEX_BENCH_SKIP_<SECTION> leaves one out.
+ * The peer section sets loraplex beside llama.cpp on the same weights when node-llama-cpp is installed beside
+ * the project (see test/bench/peer.ts).
  */
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -13,6 +15,7 @@ import type { QuantOptions } from '../../kernels/quant/index.js';
 import { compileModel } from '../../src/engine/compile.js';
 import { Engine } from '../../src/engine/engine.js';
 import { makeModel } from '../../src/models/make.js';
+import { peerBench } from './peer.js';
 import { prefixBench } from './prefix.js';
 import { servingBench } from './serving.js';
 import { startBench } from './start.js';
@@ -98,6 +101,11 @@ async function main(): Promise<void> {
   const cpu = cpuInfo();
   log(`cpu: ${cpu.model} (${cpu.flags.join(' ')})`);
   const only = process.env['LORAPLEX_BENCH_ONLY'];
+  if (only === 'peer') {
+    const figures = await peerBench(ROOT, cacheDir, quant, THREADS, log);
+    process.stdout.write(`${JSON.stringify({ model: 'peer-tinyllama (random weights, TinyLlama shape)', quant, threads: THREADS, machine: { cpu }, peer: figures }, null, 2)}\n`);
+    return;
+  }
   if (only === 'stalls' || only === 'prefix' || only === 'start') {
     const sections = { stalls: stallBench, prefix: prefixBench, start: startBench } as const;
     const figures = await sections[only](modelDir, cacheDir, quant, THREADS, log);
@@ -149,6 +157,8 @@ async function main(): Promise<void> {
   // The graph cache exists by now, so both spawned starts are cached ones.
   const serveStart = process.env['LORAPLEX_BENCH_SKIP_START'] ? null : await startBench(modelDir, cacheDir, quant, THREADS, log);
 
+  const peer = process.env['LORAPLEX_BENCH_SKIP_PEER'] ? null : await peerBench(ROOT, cacheDir, quant, THREADS, log);
+
   const weightBytes = decodeWeightBytes(compiled.spec, quant);
   const achieved = (weightBytes * b1.tokensPerSecond);
   const results = {
@@ -174,6 +184,7 @@ async function main(): Promise<void> {
     stalls,
     prefix,
     serveStart,
+    peer,
     // Peak includes the cold start's quantization, which holds the whole float model; serving is the RSS after
     // a cached start, decoding at batch 8 with a 1024-token cache (8 rows).
     peakRssMiB: Math.round(process.resourceUsage().maxRSS / 1024),

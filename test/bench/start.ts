@@ -3,16 +3,10 @@
  * log line, once (cold when the graph cache is empty) and once with the cache in place (cached), each split by serve's
  * own log lines; and the in-process cost of the cached graph lookup (compileModel) with whether it re-hashed.
  */
-import { spawn } from 'node:child_process';
-import { mkdtempSync } from 'node:fs';
-import { tmpdir } from 'node:os';
-import { join } from 'node:path';
-import { createInterface } from 'node:readline';
 import * as grpc from '@grpc/grpc-js';
 import type { QuantOptions } from '../../kernels/quant/index.js';
 import { compileModel } from '../../src/engine/compile.js';
-
-const CLI = join(process.cwd(), 'dist', 'src', 'cli', 'main.js');
+import { launchServe } from './serve-process.js';
 
 export interface ServeStart {
   /** Spawn to the "serving" log line. */
@@ -37,15 +31,6 @@ export interface StartFigures {
   cachedLookupContentHashed: boolean;
 }
 
-interface LogLine {
-  msg?: string;
-  /** pino's epoch milliseconds at the log call. */
-  time?: number;
-  port?: number;
-  cached?: boolean;
-  startSeconds?: number;
-}
-
 async function healthServing(port: number): Promise<boolean> {
   const client = new grpc.Client(`127.0.0.1:${port}`, grpc.credentials.createInsecure());
   try {
@@ -59,48 +44,24 @@ async function healthServing(port: number): Promise<boolean> {
   }
 }
 
-/** Spawns `loraplex serve`, reads its JSON log lines until "serving", checks health, then stops it. */
+/** Spawns `loraplex serve`, waits for "serving", checks health, then stops it. */
 async function serveOnce(modelDir: string, cacheDir: string, quant: QuantOptions, threads: number): Promise<ServeStart> {
-  const scratch = mkdtempSync(join(tmpdir(), 'loraplex-bench-start-'));
-  const args = [
-    CLI, 'serve', '--model', modelDir, '--cache-dir', cacheDir, '--threads', String(threads), '--host', '127.0.0.1', '--port', '0',
-    '--auth', 'disabled', '--metrics-port', '0', '--quant', quant.kind, '--block-size', String(quant.blockSize ?? 32),
-    '--accuracy-level', String(quant.accuracyLevel ?? 4), '--adapter-root', join(scratch, 'adapters'), '--data-root', join(scratch, 'data'),
-    '--job-root', join(scratch, 'jobs'), '--export-root', join(scratch, 'exports'),
-  ];
-  const spawnedAt = Date.now();
-  const child = spawn(process.execPath, args, { stdio: ['ignore', 'pipe', 'inherit'] });
-  // Times come from pino's own stamps: pino writes asynchronously, so a line can reach the pipe only after the
-  // synchronous graph lookup that follows it.
-  const at = new Map<string, { seconds: number; line: LogLine }>();
+  const serve = await launchServe(modelDir, cacheDir, quant, threads);
   try {
-    const lines = createInterface({ input: child.stdout });
-    for await (const text of lines) {
-      let line: LogLine;
-      try {
-        line = JSON.parse(text) as LogLine;
-      } catch {
-        continue;
-      }
-      if (line.msg && line.time) at.set(line.msg, { seconds: (line.time - spawnedAt) / 1000, line });
-      if (line.msg === 'serving') break;
-    }
-    const listening = at.get('listening; loading the model');
-    const ready = at.get('model ready');
-    const serving = at.get('serving');
-    if (!listening || !ready || !serving) throw new Error(`loraplex serve exited (code ${child.exitCode}) before "serving"`);
+    const listening = serve.at.get('listening; loading the model')!;
+    const ready = serve.at.get('model ready');
+    const serving = serve.at.get('serving')!;
+    if (!ready) throw new Error('loraplex serve logged "serving" without "model ready"');
     return {
       totalSeconds: +serving.seconds.toFixed(2),
       toListeningSeconds: +listening.seconds.toFixed(2),
       modelSeconds: ready.line.startSeconds!,
       afterModelSeconds: +(serving.seconds - ready.seconds).toFixed(2),
       cached: ready.line.cached!,
-      healthServing: await healthServing(listening.line.port!),
+      healthServing: await healthServing(serve.port),
     };
   } finally {
-    const exited = new Promise((resolve) => child.once('exit', resolve));
-    child.kill('SIGTERM');
-    await exited;
+    await serve.stop();
   }
 }
 
