@@ -2,7 +2,7 @@
  * `npm run bench`: speed and memory on the `1b` (TinyLlama-shaped) random model with int4, as JSON.
  * Figures are reported next to a baseline measured in the same run (this machine's read bandwidth via an ORT
  * reduction over a buffer far larger than cache), never asserted in tests.
- * LORAPLEX_BENCH_ONLY=stalls|prefix|start runs one section alone; LORAPLEX_BENCH_SKIP_<SECTION> leaves one out.
+ * LORAPLEX_BENCH_ONLY=stalls|prefix|start|adapter-load runs one section alone; LORAPLEX_BENCH_SKIP_<SECTION> leaves one out.
  */
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -13,6 +13,7 @@ import type { QuantOptions } from '../../kernels/quant/index.js';
 import { compileModel } from '../../src/engine/compile.js';
 import { Engine } from '../../src/engine/engine.js';
 import { makeModel } from '../../src/models/make.js';
+import { adapterLoadBench } from './adapter-load.js';
 import { prefixBench } from './prefix.js';
 import { servingBench } from './serving.js';
 import { startBench } from './start.js';
@@ -93,11 +94,17 @@ async function main(): Promise<void> {
     log(`  ${((performance.now() - t0) / 1000).toFixed(1)} s`);
   }
   const quant: QuantOptions = { kind: 'int4', blockSize: Number(process.env['LORAPLEX_BENCH_BLOCK'] ?? 32), accuracyLevel: 4 };
-  const cacheDir = join(ROOT, 'graph-cache');
-  rmSync(cacheDir, { recursive: true, force: true });
   const cpu = cpuInfo();
   log(`cpu: ${cpu.model} (${cpu.flags.join(' ')})`);
   const only = process.env['LORAPLEX_BENCH_ONLY'];
+  if (only === 'adapter-load') {
+    // Its own graph cache, kept between runs: this section times adapter loads, not compiles.
+    const figures = await adapterLoadBench(modelDir, ROOT, join(ROOT, 'graph-cache-load'), quant, THREADS, log);
+    process.stdout.write(`${JSON.stringify({ model: `llama-${SIZE}`, quant, threads: THREADS, machine: { cpu }, adapterLoad: figures }, null, 2)}\n`);
+    return;
+  }
+  const cacheDir = join(ROOT, 'graph-cache');
+  rmSync(cacheDir, { recursive: true, force: true });
   if (only === 'stalls' || only === 'prefix' || only === 'start') {
     const sections = { stalls: stallBench, prefix: prefixBench, start: startBench } as const;
     const figures = await sections[only](modelDir, cacheDir, quant, THREADS, log);
