@@ -28,8 +28,6 @@ interface Entry {
   /** Absolute byte range in the file. */
   begin: number;
   end: number;
-  /** The whole file, when it was read into memory (then `file` is only a label). */
-  bytes?: Uint8Array;
   /** A descriptor the caller opened and owns (then `file` is only a label). */
   fd?: number;
 }
@@ -44,7 +42,7 @@ const MAX_HEADER_DEPTH = 8;
 const clipName = (name: string): string => (name.length > 200 ? `${name.slice(0, 200)}...` : name);
 
 /** Validates the JSON header (its bytes and where they sit in a file of `size` bytes) into entries. */
-function parseHeader(headerBytes: Uint8Array, dataStart: number, size: number, file: string, bytes?: Uint8Array): Map<string, Entry> {
+function parseHeader(headerBytes: Uint8Array, dataStart: number, size: number, file: string): Map<string, Entry> {
   let header: unknown;
   try {
     header = parseJsonCapped(headerBytes, { maxBytes: MAX_HEADER_BYTES, maxDepth: MAX_HEADER_DEPTH, what: 'header' });
@@ -83,7 +81,7 @@ function parseHeader(headerBytes: Uint8Array, dataStart: number, size: number, f
     if (dataStart + e > size) {
       throw new SafetensorsError(`${file}: tensor ${clipName(name)} ends at byte ${dataStart + e}, past the end of the file (${size} bytes; truncated?)`);
     }
-    entries.set(name, { file, dtype, shape, begin: dataStart + b, end: dataStart + e, ...(bytes ? { bytes } : {}) });
+    entries.set(name, { file, dtype, shape, begin: dataStart + b, end: dataStart + e });
   }
   return entries;
 }
@@ -101,23 +99,21 @@ function headerLength(lenBytes: Uint8Array, size: number, file: string): number 
 export function readSafetensorsHeader(file: string): Map<string, Entry> {
   const fd = openSync(file, 'r');
   try {
-    const size = fstatSync(fd).size;
-    const lenBuf = Buffer.alloc(8);
-    if (readSync(fd, lenBuf, 0, 8, 0) !== 8) throw new SafetensorsError(`${file}: too short for a safetensors header`);
-    const headerLen = headerLength(lenBuf, size, file);
-    const headerBuf = Buffer.alloc(headerLen);
-    readFully(fd, headerBuf, 8, file);
-    return parseHeader(headerBuf, 8 + headerLen, size, file);
+    return fdHeader(fd, fstatSync(fd).size, file);
   } finally {
     closeSync(fd);
   }
 }
 
-/** The header of a safetensors file already in memory; `label` names it in messages. */
-function bytesHeader(bytes: Uint8Array, label: string): Map<string, Entry> {
-  if (bytes.length < 8) throw new SafetensorsError(`${label}: too short for a safetensors header`);
-  const headerLen = headerLength(bytes.subarray(0, 8), bytes.length, label);
-  return parseHeader(bytes.subarray(8, 8 + headerLen), 8 + headerLen, bytes.length, label, bytes);
+/** The header of an open safetensors file of `size` bytes; `label` names it in messages. */
+function fdHeader(fd: number, size: number, label: string): Map<string, Entry> {
+  if (size < 8) throw new SafetensorsError(`${label}: too short for a safetensors header`);
+  const lenBuf = Buffer.alloc(8);
+  readFully(fd, lenBuf, 0, label);
+  const headerLen = headerLength(lenBuf, size, label);
+  const headerBuf = Buffer.alloc(headerLen);
+  readFully(fd, headerBuf, 8, label);
+  return parseHeader(headerBuf, 8 + headerLen, size, label);
 }
 
 /** bfloat16 is the top half of a float32. */
@@ -214,28 +210,12 @@ export class SafetensorsSource implements WeightSource {
   }
 
   /**
-   * A safetensors file read whole into memory (an adapter's, read once and bounded by its caller); `label`
-   * names it in messages instead of a path.
-   */
-  static fromBytes(bytes: Uint8Array, label: string): SafetensorsSource {
-    const source = new SafetensorsSource([]);
-    for (const [k, v] of bytesHeader(bytes, label)) source.entries.set(k, v);
-    return source;
-  }
-
-  /**
    * A safetensors file the caller opened (and closes after the last read), `size` bytes by its fstat: the header
    * is read now, tensors on demand (decodeInto), so the file is never held whole in memory.
    */
   static fromFd(fd: number, size: number, label: string): SafetensorsSource {
-    const lenBuf = Buffer.alloc(8);
-    if (size < 8) throw new SafetensorsError(`${label}: too short for a safetensors header`);
-    readFully(fd, lenBuf, 0, label);
-    const headerLen = headerLength(lenBuf, size, label);
-    const headerBuf = Buffer.alloc(headerLen);
-    readFully(fd, headerBuf, 8, label);
     const source = new SafetensorsSource([]);
-    for (const [k, v] of parseHeader(headerBuf, 8 + headerLen, size, label)) source.entries.set(k, { ...v, fd });
+    for (const [k, v] of fdHeader(fd, size, label)) source.entries.set(k, { ...v, fd });
     return source;
   }
 
@@ -249,10 +229,10 @@ export class SafetensorsSource implements WeightSource {
     const e = this.entry(name);
     const count = e.shape.reduce((a, b) => a * b, 1);
     if (dst.length !== count) throw new RangeError(`decodeInto ${name}: dst holds ${dst.length} values, the tensor ${count}`);
-    const { bytes, fd } = e;
-    if (!bytes && fd === undefined) throw new SafetensorsError(`${e.file}: decodeInto reads sources made by fromFd or fromBytes`);
+    const { fd } = e;
+    if (fd === undefined) throw new SafetensorsError(`${e.file}: decodeInto reads sources made by fromFd`);
     // A file that shrinks while read ends early: the error names the tensor.
-    const fill = (into: Uint8Array, pos: number) => (bytes ? into.set(bytes.subarray(pos, pos + into.length)) : readFully(fd!, into, pos, `${e.file}: tensor ${clipName(name)}`));
+    const fill = (into: Uint8Array, pos: number) => readFully(fd, into, pos, `${e.file}: tensor ${clipName(name)}`);
     if (e.dtype === 'F32') {
       fill(new Uint8Array(dst.buffer, dst.byteOffset, dst.byteLength), e.begin);
       return sumSquaresF32(dst);
@@ -329,17 +309,13 @@ export class SafetensorsSource implements WeightSource {
     const e = this.entry(name);
     const bytes = e.end - e.begin;
     // A fresh ArrayBuffer is aligned, so the typed views below need no extra copy.
-    // Copied, not sliced: a Node Buffer's slice is a view into a larger (pooled) buffer.
     const raw = new Uint8Array(bytes);
-    if (e.bytes) raw.set(e.bytes.subarray(e.begin, e.end));
-    else {
-      // A caller's descriptor (fromFd) stays open: its owner closes it.
-      const fd = e.fd ?? openSync(e.file, 'r');
-      try {
-        readFully(fd, raw, e.begin, e.file);
-      } finally {
-        if (e.fd === undefined) closeSync(fd);
-      }
+    // A caller's descriptor (fromFd) stays open: its owner closes it.
+    const fd = e.fd ?? openSync(e.file, 'r');
+    try {
+      readFully(fd, raw, e.begin, e.file);
+    } finally {
+      if (e.fd === undefined) closeSync(fd);
     }
     if (e.dtype === 'F32') return { shape: [...e.shape], data: new Float32Array(raw.buffer) };
     const data = new Float32Array(bytes / 2);

@@ -220,10 +220,21 @@ test('corrupt safetensors files give clear errors', () => {
   }
 });
 
-test('decodeInto: the same values as get() in F32, F16 and BF16, from an fd or bytes, with their sum of squares', () => {
+/** f on a source over `file` opened by descriptor (fromFd), closed afterwards. */
+function withFdSource<T>(file: string, f: (src: SafetensorsSource) => T): T {
+  const fd = openSync(file, 'r');
+  try {
+    return f(SafetensorsSource.fromFd(fd, fstatSync(fd).size, 'x.safetensors'));
+  } finally {
+    closeSync(fd);
+  }
+}
+
+test('decodeInto: the same values as get() in F32, F16 and BF16, with their sum of squares', () => {
   const dir = tempDir('st-decode');
   try {
-    // Over a million values, so F16 and BF16 cross decodeInto's chunk boundary; the tail holds specials.
+    // Over a million values, so F16 and BF16 cross decodeInto's chunk boundary; the tail holds specials; the tensor
+    // before it puts its bytes at an offset.
     const data = randomArray((1 << 20) + 37, 5);
     data.set([0, -0, 6e-8, -1e-6, 60000, 1.5e-40], data.length - 6);
     for (const dtype of ['F32', 'F16', 'BF16'] as const) {
@@ -232,37 +243,28 @@ test('decodeInto: the same values as get() in F32, F16 and BF16, from an fd or b
       const want = rounded(data, dtype);
       let wantSum = 0;
       for (const v of want) wantSum += v * v;
-      const fd = openSync(file, 'r');
-      try {
-        for (const src of [SafetensorsSource.fromFd(fd, fstatSync(fd).size, 'x.safetensors'), SafetensorsSource.fromBytes(readFileSync(file), 'x.safetensors')]) {
-          // Into shared memory at an offset, as the adapter reader lays tensors out.
-          const dst = new Float32Array(new SharedArrayBuffer((data.length + 1) * 4), 4, data.length);
-          const sum = src.decodeInto('w', dst);
-          assert.deepEqual(dst, want, dtype);
-          assert.deepEqual(src.get('w').data, want, dtype);
-          assert.ok(Math.abs(sum - wantSum) <= 1e-9 * wantSum, `${dtype}: sum ${sum} vs ${wantSum}`);
-          assert.throws(() => src.decodeInto('w', new Float32Array(3)), RangeError);
-        }
-      } finally {
-        closeSync(fd);
-      }
+      withFdSource(file, (src) => {
+        // Into shared memory at an offset, as the adapter reader lays tensors out.
+        const dst = new Float32Array(new SharedArrayBuffer((data.length + 1) * 4), 4, data.length);
+        const sum = src.decodeInto('w', dst);
+        assert.deepEqual(dst, want, dtype);
+        assert.deepEqual(src.get('w').data, want, dtype);
+        assert.ok(Math.abs(sum - wantSum) <= 1e-9 * wantSum, `${dtype}: sum ${sum} vs ${wantSum}`);
+        assert.throws(() => src.decodeInto('w', new Float32Array(3)), RangeError);
+      });
     }
     // A non-finite value makes the sum non-finite, in every dtype.
     for (const dtype of ['F32', 'F16', 'BF16'] as const) {
       const file = join(dir, `nan-${dtype}.safetensors`);
       writeSafetensors(file, [{ name: 'w', shape: [4], data: new Float32Array([1, NaN, 2, 3]) }], dtype);
-      assert.ok(!Number.isFinite(SafetensorsSource.fromBytes(readFileSync(file), 'x').decodeInto('w', new Float32Array(4))), dtype);
+      assert.ok(!Number.isFinite(withFdSource(file, (src) => src.decodeInto('w', new Float32Array(4)))), dtype);
     }
     // A file that shrinks after its header was read: the error names the tensor, nothing hangs.
     const file = join(dir, 'F16.safetensors');
-    const fd = openSync(file, 'r');
-    try {
-      const src = SafetensorsSource.fromFd(fd, fstatSync(fd).size, 'x.safetensors');
+    withFdSource(file, (src) => {
       truncateSync(file, 200);
       assert.throws(() => src.decodeInto('w', new Float32Array(data.length)), (e: Error) => e instanceof SafetensorsError && /x\.safetensors: tensor w: unexpected end of file/.test(e.message));
-    } finally {
-      closeSync(fd);
-    }
+    });
   } finally {
     removeDir(dir);
   }
