@@ -56,14 +56,21 @@ export function loraEffectNorm(a: Float32Array, b: Float32Array, r: number, scal
   return Math.abs(scaling) * Math.sqrt(Math.max(0, sum));
 }
 
-/** The first module whose effect breaks the bound (see MAX_EFFECT_RATIO), or null. Pure. */
-export function firstAbsurdEffect(adapter: Pick<PeftAdapter, 'scaling' | 'modules'>, served: readonly LoraModuleInfo[]): AbsurdEffect | null {
+/** Each module's ||A||_F^2 and ||B||_F^2 (float64), when the reader summed them while decoding. */
+export type SumSquares = ReadonlyMap<string, { a: number; b: number }>;
+
+/**
+ * The first module whose effect breaks the bound (see MAX_EFFECT_RATIO), or null. Pure. `sums` (the decode's sums
+ * of squares) saves the cheap bound its own pass over the tensors.
+ */
+export function firstAbsurdEffect(adapter: Pick<PeftAdapter, 'scaling' | 'modules'>, served: readonly LoraModuleInfo[], sums?: SumSquares): AbsurdEffect | null {
   const baseNorms = new Map(served.map((m) => [m.module, m.baseNorm ?? null]));
   for (const m of adapter.modules) {
     const baseNorm = baseNorms.get(m.module) ?? null;
     const limit = baseNorm === null ? Infinity : MAX_EFFECT_RATIO * baseNorm;
     // ||BA||_F <= ||B||_F ||A||_F: the O((in + out) r) bound clears ordinary adapters without the Gram matrices.
-    const cheap = Math.abs(adapter.scaling) * frobeniusNorm(m.a) * frobeniusNorm(m.b);
+    const known = sums?.get(m.module);
+    const cheap = Math.abs(adapter.scaling) * (known ? Math.sqrt(known.a) * Math.sqrt(known.b) : frobeniusNorm(m.a) * frobeniusNorm(m.b));
     if (Number.isFinite(cheap) && cheap <= limit) continue;
     const effect = loraEffectNorm(m.a, m.b, m.r, adapter.scaling);
     if (!Number.isFinite(effect) || effect > limit) return { module: m.module, effect, baseNorm };
@@ -72,8 +79,8 @@ export function firstAbsurdEffect(adapter: Pick<PeftAdapter, 'scaling' | 'module
 }
 
 /** INVALID_ARGUMENT naming `name`, the module and the figures when the adapter breaks the bound. */
-export function checkLoraEffect(name: string, adapter: Pick<PeftAdapter, 'scaling' | 'modules'>, served: readonly LoraModuleInfo[]): void {
-  const bad = firstAbsurdEffect(adapter, served);
+export function checkLoraEffect(name: string, adapter: Pick<PeftAdapter, 'scaling' | 'modules'>, served: readonly LoraModuleInfo[], sums?: SumSquares): void {
+  const bad = firstAbsurdEffect(adapter, served, sums);
   if (!bad) return;
   const fig = (x: number) => x.toPrecision(3);
   const against = bad.baseNorm === null ? '' : `, ${fig(bad.effect / bad.baseNorm)} times the base weight's ||W||_F = ${fig(bad.baseNorm)} (limit ${MAX_EFFECT_RATIO} times)`;

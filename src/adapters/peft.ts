@@ -1,4 +1,4 @@
-import { existsSync } from 'node:fs';
+import { closeSync, existsSync } from 'node:fs';
 import { basename, join } from 'node:path';
 import { fillNormal } from '../models/make.js';
 import { SafetensorsError, SafetensorsSource, type SafetensorsDtype, writeFileAtomic, writeSafetensors } from '../models/safetensors.js';
@@ -8,7 +8,7 @@ import { FAMILIES, familyOfModule, linearModules, loraModuleNames, moduleOrder }
 import { RE2JS } from 're2js';
 import { writeDirAtomic } from '../files/atomic-dir.js';
 import { clipJson, parseJsonCapped, UntrustedJsonError } from '../files/json.js';
-import { readUnderRoot, UnderRootError } from '../files/under-root.js';
+import { openUnderRoot, readUnderRoot, UnderRootError, type OpenedFile } from '../files/under-root.js';
 
 const ALL_FAMILIES = Object.keys(FAMILIES) as ModelFamily[];
 
@@ -237,13 +237,31 @@ export function readPeftAdapter(dir: string, spec?: ModelSpec, opts: { loc?: Pef
   return readPeftWeights(loc, config, spec, maxBytes - bytesRead);
 }
 
-/** adapter_model.safetensors read once, whole, at most maxBytes; then checked against config and spec. */
+/** Where decoded tensors go: `floats` values in one buffer (e.g. shared memory the caller has ready). */
+export type TensorAlloc = (floats: number) => Float32Array;
+
+/** An adapter as read, with each module's sums of squares (||A||_F^2, ||B||_F^2 in float64) from the decode. */
+export interface DecodedPeft {
+  adapter: PeftAdapter;
+  sumSquares: Map<string, { a: number; b: number }>;
+}
+
+/** adapter_model.safetensors read once, at most maxBytes; then checked against config and spec. */
 export function readPeftWeights(loc: PeftLocation, config: PeftConfig, spec: ModelSpec | undefined, maxBytes: number): PeftAdapter {
+  return decodePeftWeights(loc, config, spec, maxBytes).adapter;
+}
+
+/**
+ * readPeftWeights, decoding every tensor straight into one buffer from `alloc` (lora_A then lora_B of each module,
+ * in module order) in one pass that also sums squares: non-finite values and the effect bound need no pass of
+ * their own. The file is opened once and read tensor by tensor; the shapes are all checked before `alloc` runs.
+ */
+export function decodePeftWeights(loc: PeftLocation, config: PeftConfig, spec: ModelSpec | undefined, maxBytes: number, alloc: TensorAlloc = (n) => new Float32Array(n)): DecodedPeft {
   const dir = label(loc);
   const file = WEIGHTS_FILE;
-  let bytes: Uint8Array;
+  let opened: OpenedFile;
   try {
-    bytes = readUnderRoot(loc.root, join(loc.relDir, file), maxBytes);
+    opened = openUnderRoot(loc.root, join(loc.relDir, file), maxBytes);
   } catch (err) {
     if (err instanceof UnderRootError && err.problem === 'missing') {
       const bin = existsSync(join(loc.root, loc.relDir, 'adapter_model.bin'));
@@ -254,13 +272,19 @@ export function readPeftWeights(loc: PeftLocation, config: PeftConfig, spec: Mod
     }
     underRootFailure(dir, err);
   }
-  let src: SafetensorsSource;
   try {
-    src = SafetensorsSource.fromBytes(bytes!, file);
+    return decodeOpened(dir, opened!, config, spec, alloc);
   } catch (err) {
     if (err instanceof SafetensorsError) throw new PeftFormatError(dir, file, err.message.replace(`${file}: `, ''));
     throw err;
+  } finally {
+    closeSync(opened!.fd);
   }
+}
+
+function decodeOpened(dir: string, opened: OpenedFile, config: PeftConfig, spec: ModelSpec | undefined, alloc: TensorAlloc): DecodedPeft {
+  const file = WEIGHTS_FILE;
+  const src = SafetensorsSource.fromFd(opened.fd, opened.size, file);
   const fail: (detail: string) => never = (detail) => {
     throw new PeftFormatError(dir, file, detail);
   };
@@ -289,7 +313,7 @@ export function readPeftWeights(loc: PeftLocation, config: PeftConfig, spec: Mod
   if (byModule.size === 0) fail('holds no LoRA tensors');
 
   const known = spec ? new Map(linearModules(spec).map((l) => [l.module, l])) : null;
-  const modules: LoraLayerWeights[] = [];
+  const planned: { module: string; aName: string; bName: string; r: number; inFeatures: number; outFeatures: number }[] = [];
   for (const [module, e] of byModule) {
     if (!e.a || !e.b) fail(`module ${module} has ${e.a ? 'lora_A' : 'lora_B'} but no ${e.a ? 'lora_B' : 'lora_A'}`);
     const family = familyOfModule(module);
@@ -313,17 +337,28 @@ export function readPeftWeights(loc: PeftLocation, config: PeftConfig, spec: Mod
         );
       }
     }
-    const a = src.get(e.a!).data;
-    const b = src.get(e.b!).data;
-    for (const [label, t] of [['lora_A', a], ['lora_B', b]] as const) {
-      const i = firstNonFinite(t);
-      if (i >= 0) fail(`module ${module}: ${label} holds a non-finite value (${t[i]}) at index ${i}`);
-    }
-    modules.push({ module, a, b, r, inFeatures: inF, outFeatures: outF });
+    planned.push({ module, aName: e.a!, bName: e.b!, r, inFeatures: inF, outFeatures: outF });
   }
   // linearModules' order (by layer, then as in the forward pass), with or without a spec.
-  modules.sort((x, y) => moduleOrder(x.module) - moduleOrder(y.module));
-  return { config, r: config.r, alpha: config.loraAlpha, scaling: loraScaling(config.r, config.loraAlpha, config.useRslora), modules };
+  planned.sort((x, y) => moduleOrder(x.module) - moduleOrder(y.module));
+  const all = alloc(planned.reduce((n, p) => n + p.r * (p.inFeatures + p.outFeatures), 0));
+  const sumSquares = new Map<string, { a: number; b: number }>();
+  const modules: LoraLayerWeights[] = [];
+  let at = 0;
+  const take = (n: number) => all.subarray(at, (at += n));
+  for (const p of planned) {
+    const a = take(p.r * p.inFeatures);
+    const b = take(p.outFeatures * p.r);
+    const sums = { a: src.decodeInto(p.aName, a), b: src.decodeInto(p.bName, b) };
+    for (const [label, t, sum] of [['lora_A', a, sums.a], ['lora_B', b, sums.b]] as const) {
+      if (Number.isFinite(sum)) continue;
+      const i = firstNonFinite(t);
+      fail(`module ${p.module}: ${label} holds a non-finite value (${t[i]}) at index ${i}`);
+    }
+    sumSquares.set(p.module, sums);
+    modules.push({ module: p.module, a, b, r: p.r, inFeatures: p.inFeatures, outFeatures: p.outFeatures });
+  }
+  return { adapter: { config, r: config.r, alpha: config.loraAlpha, scaling: loraScaling(config.r, config.loraAlpha, config.useRslora), modules }, sumSquares };
 }
 
 export interface WritePeftOptions {

@@ -2,14 +2,14 @@ import { existsSync, lstatSync, mkdirSync, readdirSync, realpathSync, rmSync, st
 import { randomBytes } from 'node:crypto';
 import { dirname, join, relative, resolve } from 'node:path';
 import { LoraplexError, invalidArgument, notFound } from '../errors.js';
-import { checkLoraEffect } from './effect-bound.js';
+import { checkLoraEffect, type SumSquares } from './effect-bound.js';
 import type { LoraModuleInfo } from '../models/graph.js';
 import type { ModelSpec } from '../models/spec.js';
 import { validateAdapterId } from './ids.js';
 import type { AdapterKey } from '../adapter-key.js';
 import { adapterKeyPath, displayId, isTenantName, parseAdapterKey, storedAdapterKey } from './tenancy.js';
 import { installDir, removeDirAtomic } from '../files/atomic-dir.js';
-import { MAX_ALPHA, MAX_PATTERN_LENGTH, MAX_RANK, PeftFormatError, readPeftConfig, readPeftWeights, writePeftAdapter, type PeftAdapter, type PeftConfig, type PeftLocation } from './peft.js';
+import { MAX_ALPHA, MAX_PATTERN_LENGTH, MAX_RANK, PeftFormatError, readPeftConfig, decodePeftWeights, writePeftAdapter, type PeftAdapter, type TensorAlloc, type PeftConfig, type PeftLocation } from './peft.js';
 import { isUnder } from '../files/under-root.js';
 
 /**
@@ -190,15 +190,16 @@ export class AdapterStore {
   /**
    * Reads and validates an adapter for `spec` within `limits`. Cheap checks (rank in the config, size on
    * disk) come before any tensor is read. Every rejection is INVALID_ARGUMENT naming adapter_id and the rule;
-   * an adapter that is not there is NOT_FOUND.
+   * an adapter that is not there is NOT_FOUND. The tensors are decoded into one buffer from `alloc` (default: a
+   * fresh one).
    */
-  read(adapterKey: AdapterKey, spec: ModelSpec, limits: AdapterLimits): PeftAdapter {
+  read(adapterKey: AdapterKey, spec: ModelSpec, limits: AdapterLimits, alloc?: TensorAlloc): PeftAdapter {
     const dir = this.dir(adapterKey);
     // An overwrite swaps the directory between our reads of the config and of the tensors; reading again
     // when the directory changed under us avoids mixing an old config with new tensors.
     for (let attempt = 0; ; attempt++) {
       const before = this.inode(adapterKey, dir);
-      const adapter = this.readOnce(adapterKey, dir, spec, limits);
+      const adapter = this.readOnce(adapterKey, dir, spec, limits, alloc);
       if (this.inode(adapterKey, dir) === before || attempt >= 2) return adapter;
     }
   }
@@ -212,7 +213,7 @@ export class AdapterStore {
     }
   }
 
-  private readOnce(adapterKey: AdapterKey, dir: string, spec: ModelSpec, limits: AdapterLimits): PeftAdapter {
+  private readOnce(adapterKey: AdapterKey, dir: string, spec: ModelSpec, limits: AdapterLimits, alloc?: TensorAlloc): PeftAdapter {
     const name = `adapter_id ${JSON.stringify(displayId(adapterKey))}`;
     if (!this.has(adapterKey)) throw this.missing(adapterKey);
     const loc = this.location(adapterKey);
@@ -240,9 +241,10 @@ export class AdapterStore {
     }
 
     let adapter: PeftAdapter;
+    let sumSquares: SumSquares;
     try {
       // What is read counts, not what the directory listing shows (a symlink or a growing file).
-      adapter = readPeftWeights(loc, config, spec, limits.maxAdapterBytes - configBytes);
+      ({ adapter, sumSquares } = decodePeftWeights(loc, config, spec, limits.maxAdapterBytes - configBytes, alloc));
     } catch (err) {
       throw clientError(err);
     }
@@ -259,7 +261,7 @@ export class AdapterStore {
           `valid target_modules: ${valid.join(', ')}`,
       );
     }
-    checkLoraEffect(name, adapter, limits.loraModules);
+    checkLoraEffect(name, adapter, limits.loraModules, sumSquares);
     return adapter;
   }
 

@@ -38,9 +38,34 @@ function shared(adapter: PeftAdapter): PeftAdapter {
   return { ...adapter, modules: adapter.modules.map((m) => ({ ...m, a: share(m.a), b: share(m.b) })) };
 }
 
+/** A SharedArrayBuffer of `bytes` with every page written once, so that its first real use takes no page faults. */
+function prefaulted(bytes: number): SharedArrayBuffer {
+  const buffer = new SharedArrayBuffer(bytes);
+  const u8 = new Uint8Array(buffer);
+  for (let i = 0; i < bytes; i += 4096) u8[i] = 0;
+  return buffer;
+}
+
 export const tasks = {
-  readAdapter(input: { root: string; adapterKey: AdapterKey; spec: ModelSpec; limits: AdapterLimits }) {
-    return shared(storeAt(input.root).read(input.adapterKey, input.spec, input.limits));
+  /**
+   * Reads an adapter with its tensors decoded straight into shared memory: into `into` (prefaulted, see
+   * prefault) when it is exactly the size needed, else into a fresh buffer. `spare` gives `into` back when unused.
+   */
+  readAdapter(input: { root: string; adapterKey: AdapterKey; spec: ModelSpec; limits: AdapterLimits; into?: SharedArrayBuffer | null }): { adapter: PeftAdapter; spare: SharedArrayBuffer | null } {
+    let spare = input.into ?? null;
+    const alloc = (floats: number) => {
+      const bytes = floats * Float32Array.BYTES_PER_ELEMENT;
+      const buffer = spare?.byteLength === bytes ? spare : new SharedArrayBuffer(bytes);
+      if (buffer === spare) spare = null;
+      return new Float32Array(buffer);
+    };
+    const adapter = storeAt(input.root).read(input.adapterKey, input.spec, input.limits, alloc);
+    return { adapter, spare };
+  },
+
+  /** Shared memory for the next adapter read, its pages faulted in here rather than during that read. */
+  prefault(input: { bytes: number }): SharedArrayBuffer {
+    return prefaulted(input.bytes);
   },
 
   writeAdapter(input: { root: string; adapterKey: AdapterKey; adapter: PeftAdapter }) {
@@ -95,10 +120,41 @@ export const tasks = {
 export type Tasks = typeof tasks;
 export type TaskPool = WorkerPool<Tasks>;
 
-/** The adapter manager's slow work, in the pool. */
+/** The adapter's tensor bytes (its modules share one buffer when read by readAdapter). */
+const tensorBytes = (adapter: PeftAdapter) => adapter.modules.reduce((n, m) => n + m.a.byteLength + m.b.byteLength, 0);
+
+/**
+ * The adapter manager's slow work, in the pool. Reads decode into a prefaulted buffer the size of the last adapter
+ * read (adapters served together mostly share a shape), refilled in the pool after each use: the kernel's zeroing
+ * of tens of MB of fresh pages, which costs more than the decode, stays off the path of a cold load. One adapter's
+ * tensors of memory wait there.
+ */
 export function pooledAdapterIo(pool: TaskPool, root: string): AdapterIo {
+  let reserve: SharedArrayBuffer | null = null;
+  let refilling = false;
+  const refill = (bytes: number) => {
+    if (refilling || reserve?.byteLength === bytes) return;
+    refilling = true;
+    pool.run('prefault', { bytes }).then(
+      (buffer) => ((reserve = buffer), (refilling = false)),
+      () => (refilling = false),
+    );
+  };
   return {
-    read: (adapterKey, spec, limits) => pool.run('readAdapter', { root, adapterKey, spec, limits }),
+    read: async (adapterKey, spec, limits) => {
+      const into = reserve;
+      reserve = null;
+      let result: Awaited<ReturnType<Tasks['readAdapter']>>;
+      try {
+        result = await pool.run('readAdapter', { root, adapterKey, spec, limits, into });
+      } catch (err) {
+        reserve ??= into;
+        throw err;
+      }
+      reserve ??= result.spare;
+      refill(tensorBytes(result.adapter));
+      return result.adapter;
+    },
     merge: (sources, options) => pool.run('mergeAdapters', { sources, options }),
     write: (adapterKey, adapter) => pool.run('writeAdapter', { root, adapterKey, adapter }),
     listStored: () => pool.run('listStored', { root }),

@@ -2,9 +2,9 @@
  * `npm run bench`: speed and memory on the `1b` (TinyLlama-shaped) random model with int4, as JSON.
  * Figures are reported next to a baseline measured in the same run (this machine's read bandwidth via an ORT
  * reduction over a buffer far larger than cache), never asserted in tests.
- * LORAPLEX_BENCH_ONLY=stalls|prefix|start|peer runs one section alone; LORAPLEX_BENCH_SKIP_<SECTION> leaves one out.
- * The peer section sets loraplex beside llama.cpp on the same weights when node-llama-cpp is installed beside
- * the project (see test/bench/peer.ts).
+ * LORAPLEX_BENCH_ONLY=stalls|prefix|start|adapter-load|peer runs one section alone; LORAPLEX_BENCH_SKIP_<SECTION>
+ * leaves one out. The peer section sets loraplex beside llama.cpp on the same weights when node-llama-cpp is
+ * installed beside the project (see test/bench/peer.ts).
  */
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
@@ -15,6 +15,7 @@ import type { QuantOptions } from '../../kernels/quant/index.js';
 import { compileModel } from '../../src/engine/compile.js';
 import { Engine } from '../../src/engine/engine.js';
 import { makeModel } from '../../src/models/make.js';
+import { adapterLoadBench } from './adapter-load.js';
 import { peerBench } from './peer.js';
 import { prefixBench } from './prefix.js';
 import { servingBench } from './serving.js';
@@ -96,11 +97,17 @@ async function main(): Promise<void> {
     log(`  ${((performance.now() - t0) / 1000).toFixed(1)} s`);
   }
   const quant: QuantOptions = { kind: 'int4', blockSize: Number(process.env['LORAPLEX_BENCH_BLOCK'] ?? 32), accuracyLevel: 4 };
-  const cacheDir = join(ROOT, 'graph-cache');
-  rmSync(cacheDir, { recursive: true, force: true });
   const cpu = cpuInfo();
   log(`cpu: ${cpu.model} (${cpu.flags.join(' ')})`);
   const only = process.env['LORAPLEX_BENCH_ONLY'];
+  if (only === 'adapter-load') {
+    // Its own graph cache, kept between runs: this section times adapter loads, not compiles.
+    const figures = await adapterLoadBench(modelDir, ROOT, join(ROOT, 'graph-cache-load'), quant, THREADS, log);
+    process.stdout.write(`${JSON.stringify({ model: `llama-${SIZE}`, quant, threads: THREADS, machine: { cpu }, adapterLoad: figures }, null, 2)}\n`);
+    return;
+  }
+  const cacheDir = join(ROOT, 'graph-cache');
+  rmSync(cacheDir, { recursive: true, force: true });
   if (only === 'peer') {
     const figures = await peerBench(ROOT, cacheDir, quant, THREADS, log);
     process.stdout.write(`${JSON.stringify({ model: 'peer-tinyllama (random weights, TinyLlama shape)', quant, threads: THREADS, machine: { cpu }, peer: figures }, null, 2)}\n`);

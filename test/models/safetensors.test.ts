@@ -1,6 +1,6 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { readdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { closeSync, fstatSync, openSync, readdirSync, readFileSync, truncateSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import {
   bf16ToF32,
@@ -201,7 +201,7 @@ test('corrupt safetensors files give clear errors', () => {
     const cases: [string, Buffer, RegExp][] = [
       ['short', Buffer.from([1, 2, 3]), /too short for a safetensors header/],
       ['hugelen', Buffer.concat([Buffer.from([0xff, 0xff, 0xff, 0xff, 0, 0, 0, 0]), Buffer.alloc(16)]), /header length \d+ does not fit/],
-      ['truncated', bytes.subarray(0, bytes.length - 4), /byte range \[0, 16\) does not match/],
+      ['truncated', bytes.subarray(0, bytes.length - 4), /tensor w ends at byte \d+, past the end of the file \(\d+ bytes; truncated\?\)/],
       ['badjson', Buffer.concat([bytes.subarray(0, 8), Buffer.from('{'.padEnd(headerLen, 'x')), bytes.subarray(8 + headerLen)]), /header is not valid JSON/],
       ['array', withHeader([1, 2]), /header is not a JSON object/],
       ['dtype', withHeader({ w: { ...header.w, dtype: 'I8' } }), /tensor w has dtype I8; supported: F32, F16, BF16/],
@@ -215,6 +215,56 @@ test('corrupt safetensors files give clear errors', () => {
       assert.throws(() => readSafetensorsHeader(file), (err: Error) => err instanceof SafetensorsError && re.test(err.message) && err.message.includes(file), name);
     }
     assert.throws(() => SafetensorsSource.fromModelDir(join(dir, 'nothing')), /no model.safetensors/);
+  } finally {
+    removeDir(dir);
+  }
+});
+
+/** f on a source over `file` opened by descriptor (fromFd), closed afterwards. */
+function withFdSource<T>(file: string, f: (src: SafetensorsSource) => T): T {
+  const fd = openSync(file, 'r');
+  try {
+    return f(SafetensorsSource.fromFd(fd, fstatSync(fd).size, 'x.safetensors'));
+  } finally {
+    closeSync(fd);
+  }
+}
+
+test('decodeInto: the same values as get() in F32, F16 and BF16, with their sum of squares', () => {
+  const dir = tempDir('st-decode');
+  try {
+    // Over a million values, so F16 and BF16 cross decodeInto's chunk boundary; the tail holds specials; the tensor
+    // before it puts its bytes at an offset.
+    const data = randomArray((1 << 20) + 37, 5);
+    data.set([0, -0, 6e-8, -1e-6, 60000, 1.5e-40], data.length - 6);
+    for (const dtype of ['F32', 'F16', 'BF16'] as const) {
+      const file = join(dir, `${dtype}.safetensors`);
+      writeSafetensors(file, [{ name: 'head', shape: [3], data: new Float32Array([1, 2, 3]) }, { name: 'w', shape: [data.length], data }], dtype);
+      const want = rounded(data, dtype);
+      let wantSum = 0;
+      for (const v of want) wantSum += v * v;
+      withFdSource(file, (src) => {
+        // Into shared memory at an offset, as the adapter reader lays tensors out.
+        const dst = new Float32Array(new SharedArrayBuffer((data.length + 1) * 4), 4, data.length);
+        const sum = src.decodeInto('w', dst);
+        assert.deepEqual(dst, want, dtype);
+        assert.deepEqual(src.get('w').data, want, dtype);
+        assert.ok(Math.abs(sum - wantSum) <= 1e-9 * wantSum, `${dtype}: sum ${sum} vs ${wantSum}`);
+        assert.throws(() => src.decodeInto('w', new Float32Array(3)), RangeError);
+      });
+    }
+    // A non-finite value makes the sum non-finite, in every dtype.
+    for (const dtype of ['F32', 'F16', 'BF16'] as const) {
+      const file = join(dir, `nan-${dtype}.safetensors`);
+      writeSafetensors(file, [{ name: 'w', shape: [4], data: new Float32Array([1, NaN, 2, 3]) }], dtype);
+      assert.ok(!Number.isFinite(withFdSource(file, (src) => src.decodeInto('w', new Float32Array(4)))), dtype);
+    }
+    // A file that shrinks after its header was read: the error names the tensor, nothing hangs.
+    const file = join(dir, 'F16.safetensors');
+    withFdSource(file, (src) => {
+      truncateSync(file, 200);
+      assert.throws(() => src.decodeInto('w', new Float32Array(data.length)), (e: Error) => e instanceof SafetensorsError && /x\.safetensors: tensor w: unexpected end of file/.test(e.message));
+    });
   } finally {
     removeDir(dir);
   }
