@@ -1,5 +1,5 @@
 import { readFileSync, statSync } from 'node:fs';
-import { dirname, join, resolve } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import type { QuantOptions } from '../../kernels/quant/index.js';
 import type { ServerConfig } from './server-config.js';
@@ -273,11 +273,6 @@ function editDistance(a: string, b: string): number {
 
 // --- ServerConfig -----------------------------------------------------------------------------------
 
-/** The demo model's directory inside the cache (serve generates it on first start). */
-export function demoModelDir(cacheDir: string): string {
-  return join(cacheDir, 'demo-model-llama-small');
-}
-
 /** Settings -> ServerConfig, with the rules that involve more than one setting. */
 function toServerConfig(settings: ReadonlyMap<string, Resolved>, configFile: string | null, problems: string[]): ServerConfig {
   const r = (name: string) => settings.get(name)!;
@@ -318,10 +313,11 @@ function toServerConfig(settings: ReadonlyMap<string, Resolved>, configFile: str
   }
 
   const cacheDir = v<string>('cacheDir');
-  const model = v<string | null>('model');
+  const model = v<string>('model');
   return {
-    modelDir: model ?? demoModelDir(cacheDir),
-    source: model ?? 'demo',
+    modelDir: model,
+    source: model,
+    servedModelName: v<string | null>('servedModelName') ?? basename(model),
     quant,
     threads: v('threads'),
     executionProvider: v<ExecutionProvider>('executionProvider'),

@@ -69,6 +69,7 @@ export async function startTestServer(
     logLevel: 'silent',
     logPrompts: false,
     metricsPort: 0,
+    servedModelName: 'stories260K',
     maxTenantLabels: 0,
     dataRoot: tempDir('train-data'),
     jobRoot: tempDir('train-jobs'),
