@@ -299,6 +299,9 @@ function toServerConfig(settings: ReadonlyMap<string, Resolved>, configFile: str
   if (v<number>('metricsPort') !== 0 && v('metricsPort') === v('port')) {
     problems.push(`${at('metricsPort')}: must differ from port, here ${at('port')}`);
   }
+  if (v<number>('httpPort') !== 0 && (v('httpPort') === v('port') || v('httpPort') === v('metricsPort'))) {
+    problems.push(`${at('httpPort')}: must differ from port and metricsPort, here ${at('port')} and ${at('metricsPort')}`);
+  }
 
   const kind = v<QuantOptions['kind']>('quant');
   const quant: QuantOptions = { kind };
@@ -330,6 +333,7 @@ function toServerConfig(settings: ReadonlyMap<string, Resolved>, configFile: str
     allowSpinning: v('allowSpinning'),
     host: v('host'),
     port: v('port'),
+    httpPort: v('httpPort'),
     adapterRoot: v('adapterRoot'),
     maxCpuLoras: v('maxCpuLoras'),
     maxWaiting: v('maxWaiting'),

@@ -97,6 +97,7 @@ export const SETTINGS: readonly Setting[] = [
   // --- serving
   setting({ name: 'host', type: 'string', default: '0.0.0.0', description: 'gRPC listen address' }),
   setting({ name: 'port', type: 'int', min: 0, max: 65535, default: 50051, description: 'gRPC port (0 picks a free one; the log says which)' }),
+  setting({ name: 'httpPort', type: 'int', min: 0, max: 65535, default: 8080, description: 'OpenAI-compatible HTTP API port (/v1/completions, /v1/chat/completions, /v1/models; 0 = off)' }),
   setting({ name: 'maxWaiting', type: 'int', min: 1, max: 1 << 20, default: 256, description: 'queued requests before RESOURCE_EXHAUSTED' }),
   setting({ name: 'maxNewTokensDefault', type: 'int', min: 1, max: 1 << 20, default: 256, description: 'max new tokens when a request sets none' }),
   setting({ name: 'drainSeconds', type: 'number', min: 0, max: 3600, default: 30, description: 'grace period for running streams on SIGTERM' }),

@@ -23,6 +23,8 @@ export interface ServerConfig extends EngineSettings {
   host: string;
   /** 0 picks a free port (tests). */
   port: number;
+  /** The OpenAI-compatible HTTP API's port; 0 = off. */
+  httpPort: number;
   /** The base model's name in the HTTP API (`model`, /v1/models); default the model directory's name. */
   servedModelName: string;
   adapterRoot: string;
@@ -64,7 +66,7 @@ export interface ServerConfig extends EngineSettings {
 }
 
 /** Settings added after the first release: callers that build a ServerConfig by hand may leave them out. */
-const ADDED_SETTINGS = ['exportRoot', 'auth', 'apiKeysFile', 'tlsCert', 'tlsKey', 'tlsClientCa', 'logLevel', 'logPrompts', 'metricsPort', 'maxTenantLabels', 'dataRoot', 'jobRoot', 'trainThreads', 'maxQueuedTrainJobs', 'prefixCacheBytes', 'servedModelName'] as const satisfies readonly (keyof ServerConfig)[];
+const ADDED_SETTINGS = ['exportRoot', 'auth', 'apiKeysFile', 'tlsCert', 'tlsKey', 'tlsClientCa', 'logLevel', 'logPrompts', 'metricsPort', 'maxTenantLabels', 'dataRoot', 'jobRoot', 'trainThreads', 'maxQueuedTrainJobs', 'prefixCacheBytes', 'servedModelName', 'httpPort'] as const satisfies readonly (keyof ServerConfig)[];
 type AddedSettings = (typeof ADDED_SETTINGS)[number];
 
 /** What startServer takes: a ServerConfig whose later settings default as in the schema. */

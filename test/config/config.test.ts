@@ -58,6 +58,7 @@ test('defaults: the documented values, relative paths resolved against cwd, the 
   assert.ok(existsSync(join(cfg.modelDir, 'model.safetensors')), 'the built-in model ships with the project');
   assert.equal(cfg.source, BUILTIN_MODEL_DIR);
   assert.equal(cfg.servedModelName, 'stories260K');
+  assert.equal(cfg.httpPort, 8080);
   assert.deepEqual(cfg.quant, { kind: 'int4', blockSize: 32, accuracyLevel: 4, symmetric: true });
   assert.equal(cfg.maxModelLen, null);
   assert.equal(cfg.maxNumSeqs, 8);
@@ -173,6 +174,7 @@ test('cross-field rules', () => {
   const tls = local('--tls-cert', keysFile, '--tls-key', keysFile, '--tls-client-ca', keysFile);
   assert.deepEqual([tls.tlsCert, tls.tlsKey, tls.tlsClientCa], [keysFile, keysFile, keysFile]);
   fails(() => local('--metrics-port', '50051'), '--metrics-port 50051 (flag): must differ from port, here port 50051 (default)');
+  fails(() => local('--http-port', '9090'), '--http-port 9090 (flag): must differ from port and metricsPort, here port 50051 (default) and metricsPort 9090 (default)');
   assert.equal(local('--metrics-port', '0', '--port', '0').metricsPort, 0);
   fails(() => local('--quant', 'none', '--block-size', '64'), '--block-size 64 (flag): only applies to quantized weights, and --quant none (flag)');
   fails(() => local('--quant', 'nf4', '--accuracy-level', '4'), '--accuracy-level 4 (flag): only applies to int4 and int8, and --quant nf4 (flag)');
