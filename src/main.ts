@@ -6,6 +6,7 @@ import { withDefaults, type ServerConfigInput } from './config/server-config.js'
 import { startEngine, type LoadedEngine } from './engine/start.js';
 import type { Logger } from './obs/logger.js';
 import { startMetricsServer, type MetricsServer } from './obs/http.js';
+import { createHttpApi, type HttpApi } from './http/server.js';
 import { createMetrics, type Metrics } from './obs/metrics.js';
 import { createAuthenticator } from './rpc/auth.js';
 import type { CallObserver } from './rpc/bridge.js';
@@ -31,6 +32,8 @@ export interface ServerHooks {
   observer?: CallObserver;
   /** The metrics to fill (tests pass their own); default: a new registry. */
   metrics?: Metrics;
+  /** Serve the HTTP API on this port whatever cfg.httpPort says; 0 picks a free one (tests). */
+  httpPort?: number;
 }
 
 export interface RunningServer {
@@ -39,6 +42,8 @@ export interface RunningServer {
   metrics: Metrics;
   /** The /metrics HTTP port, or null when metricsPort is 0. */
   metricsPort: number | null;
+  /** The OpenAI-compatible HTTP API's port, or null when it is off. */
+  httpPort: number | null;
   /** Re-reads the API keys file (SIGHUP); keeps the old keys and throws when the new file is broken. */
   reloadApiKeys(): number;
   /** Health NOT_SERVING, finish running streams within drainSeconds, then stop. */
@@ -65,8 +70,17 @@ export async function startServer(input: ServerConfigInput, log: Logger, hooks: 
   log.info({ port, host: cfg.host, auth: cfg.auth, tls: tlsMode(cfg) }, 'listening; loading the model');
   let serving = false;
   let metricsHttp: MetricsServer | null = null;
+  let httpApi: HttpApi | null = null;
+  let httpPort: number | null = null;
   let loaded: LoadedEngine;
   try {
+    const wantedHttpPort = hooks.httpPort ?? (cfg.httpPort !== 0 ? cfg.httpPort : null);
+    if (wantedHttpPort !== null) {
+      // Plain HTTP: TLS, where wanted, belongs to a proxy or ingress in front of it.
+      httpApi = createHttpApi({ state: rpc.state, authenticate: (md) => auth.authenticate(md), observer, onError: (err, method) => log.error({ err, method }, 'internal error') });
+      httpPort = await httpApi.listen(wantedHttpPort, cfg.host);
+      log.info({ httpPort }, 'OpenAI-compatible HTTP API listening');
+    }
     if (cfg.metricsPort !== 0) {
       metricsHttp = await startMetricsServer({ port: cfg.metricsPort, host: cfg.host, registry: metrics.registry, ready: () => serving });
       log.info({ metricsPort: metricsHttp.port }, 'metrics listening');
@@ -75,6 +89,7 @@ export async function startServer(input: ServerConfigInput, log: Logger, hooks: 
   } catch (e) {
     rpc.server.forceShutdown();
     await metricsHttp?.close();
+    await httpApi?.close();
     throw e;
   }
   const { engine, compiled, tokenizer, maxModelLen } = loaded;
@@ -113,7 +128,7 @@ export async function startServer(input: ServerConfigInput, log: Logger, hooks: 
   // the engine worker and the event loop. The job root is created on the first job, not here.
   const jobs = new JobManager({
     jobRoot: cfg.jobRoot,
-    runner: new WorkerRunner({ modelDir: cfg.modelDir, quant: cfg.quant, threads: cfg.trainThreads, baseModelNameOrPath: cfg.source === 'demo' ? null : cfg.source }),
+    runner: new WorkerRunner({ modelDir: cfg.modelDir, quant: cfg.quant, threads: cfg.trainThreads, baseModelNameOrPath: cfg.source }),
     writeAdapter: (key, adapter) => adapters.create(key, adapter),
     maxQueued: cfg.maxQueuedTrainJobs,
     log,
@@ -146,12 +161,14 @@ export async function startServer(input: ServerConfigInput, log: Logger, hooks: 
     await pool.close();
     await engine.close();
     await metricsHttp?.close();
+    await httpApi?.close();
   };
   return {
     port,
     app,
     metrics,
     metricsPort: metricsHttp?.port ?? null,
+    httpPort,
     reloadApiKeys: () => auth.reload(),
     async drain() {
       serving = false;

@@ -1,6 +1,3 @@
-import { existsSync } from 'node:fs';
-import { join } from 'node:path';
-import { makeModel } from '../models/make.js';
 import { createLogger } from '../obs/logger.js';
 import type { ServerConfig } from '../config/server-config.js';
 import { startServer } from '../main.js';
@@ -10,15 +7,6 @@ import { TlsConfigError } from '../rpc/tls.js';
 
 export const SERVE_USAGE = `loraplex serve [--config FILE] [--model DIR] [--port P] [--auth required|disabled] [--api-keys-file PATH] ...
     (loraplex serve --help lists every setting, its flag, environment variable and default)`;
-
-/** Without --model: a small random-weight llama, generated once into the cache, so `npm start` works anywhere. */
-async function ensureDemoModel(dir: string, log: ReturnType<typeof createLogger>): Promise<void> {
-  if (!existsSync(join(dir, 'config.json'))) {
-    log.info({ dir }, 'generating the demo model (random weights, first start only)');
-    await makeModel({ arch: 'llama', size: 'small', outDir: dir, seed: 1 });
-  }
-  log.warn({ dir }, 'serving a DEMO model with random weights: its text is gibberish. Serve a real Hugging Face model directory with --model DIR');
-}
 
 export async function serveCommand(argv: string[]): Promise<void> {
   if (wantsHelp(argv)) {
@@ -30,7 +18,6 @@ export async function serveCommand(argv: string[]): Promise<void> {
   const log = createLogger({ level: cfg.logLevel });
   const from = Object.fromEntries([...settings].filter(([, r]) => r.source !== 'default').map(([name, r]) => [name, r.source]));
   log.info({ configFile, setFrom: from }, 'configuration');
-  if (cfg.source === 'demo') await ensureDemoModel(cfg.modelDir, log);
   let server;
   try {
     server = await startServer(cfg satisfies ServerConfig, log);

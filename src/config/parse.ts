@@ -1,5 +1,5 @@
 import { readFileSync, statSync } from 'node:fs';
-import { dirname, join, resolve } from 'node:path';
+import { basename, dirname, join, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import type { QuantOptions } from '../../kernels/quant/index.js';
 import type { ServerConfig } from './server-config.js';
@@ -273,11 +273,6 @@ function editDistance(a: string, b: string): number {
 
 // --- ServerConfig -----------------------------------------------------------------------------------
 
-/** The demo model's directory inside the cache (serve generates it on first start). */
-export function demoModelDir(cacheDir: string): string {
-  return join(cacheDir, 'demo-model-llama-small');
-}
-
 /** Settings -> ServerConfig, with the rules that involve more than one setting. */
 function toServerConfig(settings: ReadonlyMap<string, Resolved>, configFile: string | null, problems: string[]): ServerConfig {
   const r = (name: string) => settings.get(name)!;
@@ -304,6 +299,9 @@ function toServerConfig(settings: ReadonlyMap<string, Resolved>, configFile: str
   if (v<number>('metricsPort') !== 0 && v('metricsPort') === v('port')) {
     problems.push(`${at('metricsPort')}: must differ from port, here ${at('port')}`);
   }
+  if (v<number>('httpPort') !== 0 && (v('httpPort') === v('port') || v('httpPort') === v('metricsPort'))) {
+    problems.push(`${at('httpPort')}: must differ from port and metricsPort, here ${at('port')} and ${at('metricsPort')}`);
+  }
 
   const kind = v<QuantOptions['kind']>('quant');
   const quant: QuantOptions = { kind };
@@ -318,10 +316,11 @@ function toServerConfig(settings: ReadonlyMap<string, Resolved>, configFile: str
   }
 
   const cacheDir = v<string>('cacheDir');
-  const model = v<string | null>('model');
+  const model = v<string>('model');
   return {
-    modelDir: model ?? demoModelDir(cacheDir),
-    source: model ?? 'demo',
+    modelDir: model,
+    source: model,
+    servedModelName: v<string | null>('servedModelName') ?? basename(model),
     quant,
     threads: v('threads'),
     executionProvider: v<ExecutionProvider>('executionProvider'),
@@ -334,6 +333,7 @@ function toServerConfig(settings: ReadonlyMap<string, Resolved>, configFile: str
     allowSpinning: v('allowSpinning'),
     host: v('host'),
     port: v('port'),
+    httpPort: v('httpPort'),
     adapterRoot: v('adapterRoot'),
     maxCpuLoras: v('maxCpuLoras'),
     maxWaiting: v('maxWaiting'),

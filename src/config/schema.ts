@@ -1,6 +1,7 @@
 import { availableParallelism, homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { QuantKind } from '../../kernels/quant/index.js';
+import { BUILTIN_MODEL_DIR } from '../models/builtin.js';
 
 /**
  * Every `loraplex serve` setting, declared once. Flags, environment variables, config-file keys, `--help`
@@ -67,7 +68,8 @@ export function cacheDirDefault(env: DefaultEnv): string {
 
 export const SETTINGS: readonly Setting[] = [
   // --- model and engine
-  setting({ name: 'model', type: 'path', default: null, defaultText: 'demo model', description: 'Hugging Face model directory; unset: a random-weight demo model (gibberish text)' }),
+  setting({ name: 'model', type: 'path', default: BUILTIN_MODEL_DIR, defaultText: 'built-in stories260K', description: 'Hugging Face model directory; unset: the built-in stories260K (a 260K-parameter TinyStories llama, src/models/builtin)' }),
+  setting({ name: 'servedModelName', type: 'string', default: null, defaultText: "the model directory's name", description: 'the base model\'s name in the HTTP API\'s `model` field and /v1/models (as vLLM\'s --served-model-name)' }),
   setting({ name: 'quant', type: 'enum', values: QUANT_KINDS, default: 'int4', description: 'weight quantization' }),
   setting({ name: 'blockSize', type: 'int', values: [16, 32, 64, 128, 256], default: null, defaultText: '32 (64 for nf4)', description: 'quantization block size' }),
   setting({ name: 'accuracyLevel', type: 'int', min: 0, max: 4, default: 4, description: 'MatMulNBits accuracy level for int4/int8 (4 = int8 activations, fast; 0 = float32)' }),
@@ -95,6 +97,7 @@ export const SETTINGS: readonly Setting[] = [
   // --- serving
   setting({ name: 'host', type: 'string', default: '0.0.0.0', description: 'gRPC listen address' }),
   setting({ name: 'port', type: 'int', min: 0, max: 65535, default: 50051, description: 'gRPC port (0 picks a free one; the log says which)' }),
+  setting({ name: 'httpPort', type: 'int', min: 0, max: 65535, default: 8080, description: 'OpenAI-compatible HTTP API port (/v1/completions, /v1/chat/completions, /v1/models; 0 = off)' }),
   setting({ name: 'maxWaiting', type: 'int', min: 1, max: 1 << 20, default: 256, description: 'queued requests before RESOURCE_EXHAUSTED' }),
   setting({ name: 'maxNewTokensDefault', type: 'int', min: 1, max: 1 << 20, default: 256, description: 'max new tokens when a request sets none' }),
   setting({ name: 'drainSeconds', type: 'number', min: 0, max: 3600, default: 30, description: 'grace period for running streams on SIGTERM' }),

@@ -1,4 +1,5 @@
 import type { QuantOptions } from '../../kernels/quant/index.js';
+import { basename } from 'node:path';
 import { settingDefault, type AuthMode, type ExecutionProvider } from './schema.js';
 
 /** What the engine needs to start (src/engine/start.ts); `loraplex generate` builds it from its own flags. */
@@ -22,6 +23,10 @@ export interface ServerConfig extends EngineSettings {
   host: string;
   /** 0 picks a free port (tests). */
   port: number;
+  /** The OpenAI-compatible HTTP API's port; 0 = off. */
+  httpPort: number;
+  /** The base model's name in the HTTP API (`model`, /v1/models); default the model directory's name. */
+  servedModelName: string;
   adapterRoot: string;
   maxCpuLoras: number;
   maxWaiting: number;
@@ -29,7 +34,7 @@ export interface ServerConfig extends EngineSettings {
   maxNewTokensDefault: number;
   /** Grace period for running streams on SIGTERM. */
   drainSeconds: number;
-  /** Shown by GetModelInfo: the model directory, or 'demo'. */
+  /** Shown by GetModelInfo: the model directory. */
   source: string;
   /** Where merged models are exported. */
   exportRoot: string;
@@ -61,7 +66,7 @@ export interface ServerConfig extends EngineSettings {
 }
 
 /** Settings added after the first release: callers that build a ServerConfig by hand may leave them out. */
-const ADDED_SETTINGS = ['exportRoot', 'auth', 'apiKeysFile', 'tlsCert', 'tlsKey', 'tlsClientCa', 'logLevel', 'logPrompts', 'metricsPort', 'maxTenantLabels', 'dataRoot', 'jobRoot', 'trainThreads', 'maxQueuedTrainJobs', 'prefixCacheBytes'] as const satisfies readonly (keyof ServerConfig)[];
+const ADDED_SETTINGS = ['exportRoot', 'auth', 'apiKeysFile', 'tlsCert', 'tlsKey', 'tlsClientCa', 'logLevel', 'logPrompts', 'metricsPort', 'maxTenantLabels', 'dataRoot', 'jobRoot', 'trainThreads', 'maxQueuedTrainJobs', 'prefixCacheBytes', 'servedModelName', 'httpPort'] as const satisfies readonly (keyof ServerConfig)[];
 type AddedSettings = (typeof ADDED_SETTINGS)[number];
 
 /** What startServer takes: a ServerConfig whose later settings default as in the schema. */
@@ -71,5 +76,6 @@ export type ServerConfigInput = Omit<ServerConfig, AddedSettings> & Partial<Pick
 export function withDefaults(cfg: ServerConfigInput): ServerConfig {
   const out: Record<string, unknown> = { ...cfg };
   for (const name of ADDED_SETTINGS) if (out[name] === undefined) out[name] = settingDefault(name);
+  if (out['servedModelName'] === null) out['servedModelName'] = basename(cfg.modelDir);
   return out as unknown as ServerConfig;
 }

@@ -17,6 +17,7 @@ function chat(c: ChatPrompt): PromptInput['chat'] {
 export function promptInput(p: GenerateRequest['prompt'] | TokenizeRequest['prompt']): PromptInput {
   if (p.case === 'text') return { text: p.value };
   if (p.case === 'chat') return { chat: chat(p.value) };
+  if (p.case === 'tokenIds') return { tokenIds: [...p.value.ids] };
   return {};
 }
 
@@ -37,6 +38,9 @@ export function generateInput(req: GenerateRequest): GenerateInput {
             maxNewTokens: s.maxNewTokens,
             stopTokenIds: [...s.stopTokenIds],
             stop: [...s.stop],
+            minNewTokens: s.minNewTokens,
+            ignoreEos: s.ignoreEos,
+            ...(s.logprobs !== undefined ? { logprobs: s.logprobs } : {}),
           },
         }
       : {}),

@@ -6,7 +6,7 @@ import type { Logger } from '../obs/logger.js';
 import type { App } from './app.js';
 import { addService, type CallObserver } from './bridge.js';
 import type { Principal } from '../adapters/tenancy.js';
-import { adapterHandlers, inferenceHandlers, unavailable } from './handlers.js';
+import { adapterHandlers, inferenceHandlers, unavailable, type AppState } from './handlers.js';
 import { createHealth, type Health } from './health.js';
 import { addReflection } from './reflection.js';
 import { trainHandlers } from './train-handlers.js';
@@ -14,6 +14,8 @@ import { trainHandlers } from './train-handlers.js';
 export interface RpcServer {
   server: grpc.Server;
   health: Health;
+  /** The app once loaded; UNAVAILABLE while loading or draining (the HTTP API shares it). */
+  state: AppState;
   setApp(app: App): void;
   /** New calls get UNAVAILABLE; running streams go on. */
   setDraining(): void;
@@ -38,7 +40,7 @@ export function createRpcServer(log: Logger, options: RpcServerOptions = {}): Rp
   });
   let app: App | null = null;
   let draining = false;
-  const state = {
+  const state: AppState = {
     ready(): App {
       if (draining) throw unavailable('server is draining; retry on another replica');
       if (!app) throw unavailable('server is loading the model; retry shortly');
@@ -56,6 +58,7 @@ export function createRpcServer(log: Logger, options: RpcServerOptions = {}): Rp
   return {
     server,
     health,
+    state,
     setApp(a) {
       app = a;
     },

@@ -13,7 +13,16 @@ export interface SamplingParams {
   stopTokenIds: number[];
   /** Not included in the output (see StopStringMatcher). */
   stopStrings: string[];
+  /** Stop token ids cannot be sampled before this many tokens (vLLM's min_tokens); absent = 0. */
+  minNewTokens?: number;
+  /** The model's eos ids do not end generation; stopTokenIds still do. */
+  ignoreEos?: boolean;
+  /** Report each token's log-probability and this many top alternatives; absent = no logprobs. */
+  logprobs?: number;
 }
+
+/** The most alternatives a request may ask logprobs for (vLLM's max_logprobs is 20 too). */
+export const MAX_LOGPROBS = 20;
 
 export interface SamplingLimits {
   maxNewTokensLimit: number;
@@ -58,6 +67,12 @@ export function validateSamplingParams(p: SamplingParams, limits: SamplingLimits
   const maxNew = limits.maxNewTokensLimit;
   if (!isInt(p.maxNewTokens) || p.maxNewTokens < 1 || p.maxNewTokens > maxNew) {
     fail('maxNewTokens', p.maxNewTokens, `must be an integer in [1, ${maxNew}]`);
+  }
+  const minNew = p.minNewTokens ?? 0;
+  if (!isInt(minNew) || minNew < 0 || minNew > p.maxNewTokens) fail('minNewTokens', minNew, `must be an integer in [0, ${p.maxNewTokens}] (at most maxNewTokens)`);
+  if (p.ignoreEos !== undefined && typeof p.ignoreEos !== 'boolean') fail('ignoreEos', p.ignoreEos, 'must be true or false');
+  if (p.logprobs !== undefined && (!isInt(p.logprobs) || p.logprobs < 0 || p.logprobs > MAX_LOGPROBS)) {
+    fail('logprobs', p.logprobs, `must be an integer in [0, ${MAX_LOGPROBS}] (the server's limit on alternatives)`);
   }
   if (!Array.isArray(p.stopTokenIds)) fail('stopTokenIds', p.stopTokenIds, 'must be an array of token ids');
   const vocab = limits.vocabSize;

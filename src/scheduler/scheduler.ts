@@ -203,7 +203,9 @@ export class Scheduler {
       if (last !== null) this.notify((o) => o.observeInterToken((now - last) / 1000));
       s.lastToken = now;
     }
-    if (sampled.tokenId !== null || text) s.events.push({ type: 'token', tokenIds: sampled.tokenId === null ? [] : [sampled.tokenId], text });
+    if (sampled.tokenId !== null || text) {
+      s.events.push({ type: 'token', tokenIds: sampled.tokenId === null ? [] : [sampled.tokenId], text, ...(sampled.logprob ? { logprobs: [sampled.logprob] } : {}) });
+    }
     return stopped;
   }
 

@@ -1,6 +1,6 @@
 import type { StepRow } from '../engine/runtime.js';
 import type { SamplingParams } from '../sampling/index.js';
-import { Sampler } from '../sampling/index.js';
+import { logprobsOf, Sampler, type TokenLogprob } from '../sampling/index.js';
 
 export type FinishReason = 'stop' | 'length';
 
@@ -19,6 +19,8 @@ export interface SampledToken {
   tokenId: number | null;
   /** Set when this token ends the sequence by token ('stop') or by length; stop strings are the output stage's. */
   finish: FinishReason | null;
+  /** The generated token's log-probability, when the request asked for logprobs (never for a stop token). */
+  logprob?: TokenLogprob;
 }
 
 /**
@@ -34,6 +36,8 @@ export class SequenceState {
   finishReason: FinishReason | null = null;
   private readonly sampler: Sampler;
   private readonly stopIds: Set<number>;
+  /** The logits with the stop ids masked, while min_new_tokens holds them back. */
+  private masked: Float32Array | null = null;
 
   constructor(
     readonly promptIds: number[],
@@ -45,7 +49,7 @@ export class SequenceState {
     private readonly maxModelLen: number,
   ) {
     this.sampler = new Sampler(params, promptIds);
-    this.stopIds = new Set([...eosTokenIds, ...params.stopTokenIds]);
+    this.stopIds = new Set([...(params.ignoreEos ? [] : eosTokenIds), ...params.stopTokenIds]);
   }
 
   get done(): boolean {
@@ -80,15 +84,26 @@ export class SequenceState {
    */
   sample(logits: Float32Array): SampledToken | null {
     if (this.prefilling || this.done) return null;
-    const tokenId = this.sampler.next(logits);
-    if (!this.sampler.lastLogitsFinite) throw new NonFiniteLogits(this.tokenIds.length + 1);
+    const holdStops = this.tokenIds.length < (this.params.minNewTokens ?? 0);
+    const tokenId = this.sampler.next(holdStops ? this.withoutStops(logits) : logits);
+    // The masked copy's -Infinity entries are deliberate: judge the model's own row instead.
+    if (holdStops ? !logits.every(Number.isFinite) : !this.sampler.lastLogitsFinite) throw new NonFiniteLogits(this.tokenIds.length + 1);
     if (this.stopIds.has(tokenId)) {
       this.finish('stop');
       return { tokenId: null, finish: 'stop' };
     }
     this.tokenIds.push(tokenId);
     if (this.tokenIds.length >= this.params.maxNewTokens || this.pastLen + 1 >= this.maxModelLen) this.finishReason = 'length';
-    return { tokenId, finish: this.finishReason };
+    const topN = this.params.logprobs;
+    return { tokenId, finish: this.finishReason, ...(topN !== undefined ? { logprob: logprobsOf(logits, tokenId, topN) } : {}) };
+  }
+
+  /** min_new_tokens: a copy of the logits in which no stop id can win (vLLM's MinTokensLogitsProcessor). */
+  private withoutStops(logits: Float32Array): Float32Array {
+    if (this.masked?.length !== logits.length) this.masked = new Float32Array(logits.length);
+    this.masked.set(logits);
+    for (const id of this.stopIds) if (id < logits.length) this.masked[id] = -Infinity;
+    return this.masked;
   }
 
   /** A stop string ended the text at the last token: 'stop' even when that token also reached the length. */

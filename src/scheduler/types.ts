@@ -1,7 +1,7 @@
 import type { AdapterKey } from '../adapter-key.js';
 import type { PrefixOps } from '../engine/prefix-cache.js';
 import type { StepRow } from '../engine/runtime.js';
-import type { SamplingParams } from '../sampling/index.js';
+import type { SamplingParams, TokenLogprob } from '../sampling/index.js';
 import type { FinishReason } from './sequence-state.js';
 
 /** What the scheduler needs from the engine: one forward step at a time. */
@@ -69,7 +69,8 @@ export interface GenerationRequest {
 }
 
 export type GenerationEvent =
-  | { type: 'token'; tokenIds: number[]; text: string }
+  /** logprobs: one per token id, when the request asked for them. */
+  | { type: 'token'; tokenIds: number[]; text: string; logprobs?: TokenLogprob[] }
   | { type: 'finished'; reason: FinishReason; promptTokens: number; generatedTokens: number; timings: Timings };
 
 export interface Timings {

@@ -7,7 +7,7 @@ import { AdapterStore, type AdapterLimits } from '../adapters/store.js';
 import type { ModelSpec } from '../models/spec.js';
 import { loadTrainData as readTrainData, type DataLimits, type DataSourceInput } from '../train/data.js';
 import { loadTokenizer, type Tokenizer } from '../tokenizer/index.js';
-import { promptIds, type PromptInput, type PromptLimits } from '../validate/generate.js';
+import { promptIds, type FieldNames, type PromptInput, type PromptLimits } from '../validate/generate.js';
 import type { QuantOptions } from '../../kernels/quant/index.js';
 import { diskFullAs } from '../errors.js';
 import { stageTrainData } from '../train/jobs.js';
@@ -106,8 +106,8 @@ export const tasks = {
     }
   },
 
-  async tokenizePrompt(input: { modelDir: string; prompt: PromptInput; limits: PromptLimits }) {
-    return promptIds(input.prompt, await tokenizerAt(input.modelDir), input.limits);
+  async tokenizePrompt(input: { modelDir: string; prompt: PromptInput; limits: PromptLimits; names?: FieldNames }) {
+    return promptIds(input.prompt, await tokenizerAt(input.modelDir), input.limits, input.names);
   },
 
   /** Reads and validates a Train request's data, and stages it in the job root as the job's future data.json. */

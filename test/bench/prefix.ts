@@ -57,7 +57,7 @@ export async function prefixBench(modelDir: string, cacheDir: string, quant: Qua
       {
         modelDir, quant, threads, cacheDir, maxModelLen: 1024, maxNumSeqs: 2, maxLoras: 1, maxLoraRank: 8, prefillChunk: PREFILL_CHUNK,
         allowSpinning: false, host: '127.0.0.1', port: 0, adapterRoot: mkdtempSync(join(tmpdir(), 'loraplex-bench-adapters-')), maxCpuLoras: 2,
-        maxWaiting: 8, maxAdapterBytes: 1 << 20, maxNewTokensDefault: 1, drainSeconds: 5, source: modelDir, auth: 'disabled', metricsPort: 0,
+        maxWaiting: 8, maxAdapterBytes: 1 << 20, maxNewTokensDefault: 1, drainSeconds: 5, source: modelDir, auth: 'disabled', metricsPort: 0, httpPort: 0,
         dataRoot: mkdtempSync(join(tmpdir(), 'loraplex-bench-data-')), jobRoot: mkdtempSync(join(tmpdir(), 'loraplex-bench-jobs-')), trainThreads: 1,
         prefixCacheBytes,
       },

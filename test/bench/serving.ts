@@ -48,7 +48,7 @@ export async function servingBench(modelDir: string, root: string, cacheDir: str
     {
       modelDir, quant, threads, cacheDir, maxModelLen: 256, maxNumSeqs: STREAMS, maxLoras: STREAMS, maxLoraRank: 16, prefillChunk: 64,
       allowSpinning: false, host: '127.0.0.1', port: 0, adapterRoot, maxCpuLoras: STREAMS + 2, maxWaiting: 64,
-      maxAdapterBytes: 1 << 30, maxNewTokensDefault: NEW_TOKENS, drainSeconds: 5, source: modelDir, auth: 'disabled', metricsPort: 0,
+      maxAdapterBytes: 1 << 30, maxNewTokensDefault: NEW_TOKENS, drainSeconds: 5, source: modelDir, auth: 'disabled', metricsPort: 0, httpPort: 0,
       dataRoot: mkdtempSync(join(tmpdir(), 'loraplex-bench-data-')), jobRoot: mkdtempSync(join(tmpdir(), 'loraplex-bench-jobs-')), trainThreads: 1,
     },
     pino({ level: 'silent' }),

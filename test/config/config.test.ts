@@ -1,10 +1,11 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
 import { spawnSync } from 'node:child_process';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { ConfigError, parseConfig, resolveConfig, serveUsage, settingsMarkdown, type ParseConfigInput } from '../../src/config/parse.js';
 import { SETTINGS } from '../../src/config/schema.js';
+import { BUILTIN_MODEL_DIR } from '../../src/models/builtin.js';
 import { UsageError } from '../../src/config/usage-error.js';
 import { tempDir } from '../helpers/engine.js';
 
@@ -46,15 +47,18 @@ test('the schema: camelCase names, derived flags and env names, every setting de
   }
 });
 
-test('defaults: the documented values, relative paths resolved against cwd, the demo model in the cache', () => {
+test('defaults: the documented values, relative paths resolved against cwd, the built-in model', () => {
   const cfg = parse(['--auth', 'disabled'], { env: { XDG_CACHE_HOME: '/tmp/xdg' } });
   assert.equal(cfg.host, '0.0.0.0');
   assert.equal(cfg.port, 50051);
   assert.equal(cfg.adapterRoot, '/srv/loraplex/adapters');
   assert.equal(cfg.exportRoot, '/srv/loraplex/exports');
   assert.equal(cfg.cacheDir, '/tmp/xdg/loraplex');
-  assert.equal(cfg.modelDir, '/tmp/xdg/loraplex/demo-model-llama-small');
-  assert.equal(cfg.source, 'demo');
+  assert.equal(cfg.modelDir, BUILTIN_MODEL_DIR);
+  assert.ok(existsSync(join(cfg.modelDir, 'model.safetensors')), 'the built-in model ships with the project');
+  assert.equal(cfg.source, BUILTIN_MODEL_DIR);
+  assert.equal(cfg.servedModelName, 'stories260K');
+  assert.equal(cfg.httpPort, 8080);
   assert.deepEqual(cfg.quant, { kind: 'int4', blockSize: 32, accuracyLevel: 4, symmetric: true });
   assert.equal(cfg.maxModelLen, null);
   assert.equal(cfg.maxNumSeqs, 8);
@@ -170,6 +174,7 @@ test('cross-field rules', () => {
   const tls = local('--tls-cert', keysFile, '--tls-key', keysFile, '--tls-client-ca', keysFile);
   assert.deepEqual([tls.tlsCert, tls.tlsKey, tls.tlsClientCa], [keysFile, keysFile, keysFile]);
   fails(() => local('--metrics-port', '50051'), '--metrics-port 50051 (flag): must differ from port, here port 50051 (default)');
+  fails(() => local('--http-port', '9090'), '--http-port 9090 (flag): must differ from port and metricsPort, here port 50051 (default) and metricsPort 9090 (default)');
   assert.equal(local('--metrics-port', '0', '--port', '0').metricsPort, 0);
   fails(() => local('--quant', 'none', '--block-size', '64'), '--block-size 64 (flag): only applies to quantized weights, and --quant none (flag)');
   fails(() => local('--quant', 'nf4', '--accuracy-level', '4'), '--accuracy-level 4 (flag): only applies to int4 and int8, and --quant nf4 (flag)');

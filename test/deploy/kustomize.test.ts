@@ -338,6 +338,7 @@ describe('kustomize overlays', () => {
       const cfg = parsed.config;
       assert.equal(cfg.port, containerPort(container, 'grpc'), 'config port != containerPort grpc');
       assert.equal(cfg.metricsPort, containerPort(container, 'metrics'), 'config metricsPort != containerPort metrics');
+      assert.equal(cfg.httpPort, containerPort(container, 'http'), 'config httpPort != containerPort http');
       assert.ok(cfg.host === '0.0.0.0' || cfg.host === '::', `host ${cfg.host}: probes and Services reach the pod IP, so listen on all addresses`);
       // SIGTERM comes after the preStop sleep; draining must end before the kubelet's SIGKILL.
       const grace = pod['terminationGracePeriodSeconds'];
@@ -628,11 +629,21 @@ describe('Dockerfiles', () => {
       const runs = build.instructions.filter((i) => i.op === 'RUN').map((i) => i.args).join('\n');
       for (const step of ['npm ci', 'npm run build', 'npm prune --omit=dev']) assert.ok(runs.includes(step), `build stage runs ${step}`);
       assert.ok(runs.indexOf('npm ci') < runs.indexOf('npm run build') && runs.indexOf('npm run build') < runs.indexOf('npm prune'));
-      // ENV comes before the npm ci it configures.
-      const envAt = build.instructions.findIndex((i) => i.op === 'ENV' && i.args.includes('ONNXRUNTIME_NODE_INSTALL'));
+      // npm ci reads the project's .npmrc (ignore-scripts: no dependency's install script, so no CUDA download);
+      // the GPU image then runs onnxruntime-node's install script itself, told by ENV to fetch CUDA 12.
       const ciAt = build.instructions.findIndex((i) => i.op === 'RUN' && i.args.includes('npm ci'));
-      assert.ok(envAt >= 0 && envAt < ciAt, 'ONNXRUNTIME_NODE_INSTALL is set before npm ci');
-      assert.equal(build.env.get('ONNXRUNTIME_NODE_INSTALL'), name === 'Dockerfile' ? 'skip' : 'cuda12');
+      const npmrcAt = build.instructions.findIndex((i) => i.op === 'COPY' && i.args.split(/\s+/).includes('.npmrc'));
+      assert.ok(npmrcAt >= 0 && npmrcAt < ciAt, '.npmrc is copied before npm ci');
+      assert.match(readFileSync(join(root, '.npmrc'), 'utf8'), /^ignore-scripts=true$/m);
+      const ortInstall = 'node node_modules/onnxruntime-node/script/install.js';
+      if (name === 'Dockerfile') {
+        assert.ok(!runs.includes(ortInstall) && !build.env.has('ONNXRUNTIME_NODE_INSTALL'), 'the CPU image downloads no CUDA libraries');
+      } else {
+        const envAt = build.instructions.findIndex((i) => i.op === 'ENV' && i.args.includes('ONNXRUNTIME_NODE_INSTALL'));
+        assert.ok(envAt >= 0 && envAt < ciAt, 'ONNXRUNTIME_NODE_INSTALL is set before its install script runs');
+        assert.equal(build.env.get('ONNXRUNTIME_NODE_INSTALL'), 'cuda12');
+        assert.ok(runs.indexOf('npm ci') < runs.indexOf(ortInstall), 'onnxruntime-node\'s install script runs after npm ci');
+      }
 
       // Every file the build copies is in the repository and passes the .dockerignore beside the Dockerfile.
       const patterns = dockerignore(name);
@@ -648,7 +659,8 @@ describe('Dockerfiles', () => {
       const copied = df.final.instructions.filter((i) => i.op === 'COPY').map((i) => i.args);
       for (const c of copied) assert.match(c, /^--from=(build|node)\s/, `final stage COPY ${c}: only from the build`);
       const fromBuild = copied.filter((c) => c.startsWith('--from=build')).map((c) => c.split(/\s+/)[1]);
-      assert.deepEqual(fromBuild.sort(), ['/src/dist', '/src/node_modules', '/src/package.json']);
+      // The built-in model is read from the source tree (src/models/builtin.ts), so the image carries it there.
+      assert.deepEqual(fromBuild.sort(), ['/src/dist', '/src/node_modules', '/src/package.json', '/src/src/models/builtin']);
     });
 
     test(`${name}: non-root, ENTRYPOINT node dist/src/cli/main.js, CMD serve --config, EXPOSE the default ports`, () => {
@@ -667,7 +679,7 @@ describe('Dockerfiles', () => {
       // Kubernetes passes the same args (and mounts its ConfigMap there).
       assert.deepEqual(server(render('cpu')).container['args'], cmd);
       const exposed = df.final.instructions.filter((i) => i.op === 'EXPOSE').flatMap((i) => i.args.split(/\s+/)).map((p) => Number(p.split('/')[0]));
-      for (const s of ['port', 'metricsPort']) assert.ok(exposed.includes(SETTINGS_BY_NAME.get(s)!.default as number), `EXPOSE the default ${s}`);
+      for (const s of ['port', 'httpPort', 'metricsPort']) assert.ok(exposed.includes(SETTINGS_BY_NAME.get(s)!.default as number), `EXPOSE the default ${s}`);
       assert.equal(df.final.env.get('HOME'), '/tmp', 'HOME on a writable path (the root FS is read-only in Kubernetes)');
     });
   }

@@ -17,6 +17,8 @@ export interface TestServer {
   inference: ReturnType<typeof makeClient<(typeof InferenceService)['method']>>;
   adapters: ReturnType<typeof makeClient<(typeof AdapterService)['method']>>;
   train: ReturnType<typeof makeClient<(typeof TrainService)['method']>>;
+  /** The HTTP API's base URL (`http://127.0.0.1:<port>/v1`) when options.httpApi asked for it. */
+  httpUrl: string | null;
   /** The training roots (temporary unless overridden). */
   dataRoot: string;
   jobRoot: string;
@@ -28,6 +30,8 @@ export interface TestServerOptions {
   credentials?: grpc.ChannelCredentials;
   /** e.g. grpc.ssl_target_name_override. */
   channelOptions?: grpc.ChannelOptions;
+  /** Also serve the OpenAI-compatible HTTP API (on a free port: TestServer.httpUrl). */
+  httpApi?: boolean;
 }
 
 /**
@@ -69,6 +73,9 @@ export async function startTestServer(
     logLevel: 'silent',
     logPrompts: false,
     metricsPort: 0,
+    // Off unless a test asks (options.httpApi).
+    httpPort: 0,
+    servedModelName: 'stories260K',
     maxTenantLabels: 0,
     dataRoot: tempDir('train-data'),
     jobRoot: tempDir('train-jobs'),
@@ -78,7 +85,7 @@ export async function startTestServer(
     prefixCacheBytes: 0,
     ...overrides,
   };
-  const server = await startServer(cfg, pino({ level: 'silent' }));
+  const server = await startServer(cfg, pino({ level: 'silent' }), options.httpApi ? { httpPort: 0 } : {});
   const address = `127.0.0.1:${server.port}`;
   const clientOptions = { ...(options.credentials ? { credentials: options.credentials } : {}), ...(options.channelOptions ? { channelOptions: options.channelOptions } : {}) };
   const inference = makeClient(InferenceService, address, clientOptions);
@@ -91,6 +98,7 @@ export async function startTestServer(
     inference,
     adapters,
     train,
+    httpUrl: server.httpPort === null ? null : `http://127.0.0.1:${server.httpPort}/v1`,
     dataRoot: cfg.dataRoot,
     jobRoot: cfg.jobRoot,
     async close() {

@@ -135,7 +135,7 @@ before(async () => {
     {
       modelDir: STORIES, quant: { kind: 'int4', blockSize: 32, accuracyLevel: 4 }, threads: 1, cacheDir: tempDir('server-cache'), maxModelLen: 256, maxNumSeqs: 8, maxLoras: 4,
       maxLoraRank: 16, prefillChunk: 16, allowSpinning: false, host: '127.0.0.1', port: 0, adapterRoot, maxCpuLoras: 8, maxWaiting: 64,
-      maxAdapterBytes: 64 * 1024 * 1024, maxNewTokensDefault: 32, drainSeconds: 5, source: STORIES, auth: 'disabled', metricsPort: 0,
+      maxAdapterBytes: 64 * 1024 * 1024, maxNewTokensDefault: 32, drainSeconds: 5, source: STORIES, auth: 'disabled', metricsPort: 0, httpPort: 0,
     },
     log,
     { observer: createRequestLog({ log, metrics }) },

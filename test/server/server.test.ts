@@ -112,7 +112,7 @@ test('an expired deadline ends the stream with DEADLINE_EXCEEDED and frees its r
 test('bad requests get INVALID_ARGUMENT / NOT_FOUND naming the field and the limit; the server survives them', async () => {
   const cases: [object, number, RegExp][] = [
     [{ prompt: text('') }, grpc.status.INVALID_ARGUMENT, /text: the prompt must not be empty/],
-    [{}, grpc.status.INVALID_ARGUMENT, /prompt: set text or chat/],
+    [{}, grpc.status.INVALID_ARGUMENT, /prompt: set text, chat or token_ids.ids/],
     [{ prompt: text('Once'), sampling: { maxNewTokens: 10_000 } }, grpc.status.INVALID_ARGUMENT, /sampling\.max_new_tokens 10000: exceeds the \d+ tokens left in the context \(maxModelLen 256/],
     [{ prompt: text('Once'), sampling: { topP: 1.5 } }, grpc.status.INVALID_ARGUMENT, /sampling\.top_p 1\.5: must be in \(0, 1\]/],
     [{ prompt: text('Once'), sampling: { temperature: -1 } }, grpc.status.INVALID_ARGUMENT, /sampling\.temperature -1/],

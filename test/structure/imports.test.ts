@@ -29,7 +29,8 @@ const RULES: readonly Rule[] = [
     from: under('src/obs'),
     to: anyOf(...['rpc', 'adapters', 'scheduler', 'engine', 'train', 'models'].map((d) => under(`src/${d}`))),
   },
-  { why: 'config and rpc sit below the composition root', from: anyOf(under('src/config'), under('src/rpc')), to: is('src/main.ts') },
+  { why: 'config, rpc and http sit below the composition root', from: anyOf(under('src/config'), under('src/rpc'), under('src/http')), to: is('src/main.ts') },
+  { why: 'the HTTP front door is built on rpc (one generation path), never the other way', from: under('src/rpc'), to: under('src/http') },
   { why: 'the composition root does not know the command line', from: is('src/main.ts'), to: under('src/cli') },
   {
     why: 'only the CLI sits above the composition root',
