@@ -93,7 +93,7 @@ export async function startServer(input: ServerConfigInput, log: Logger, hooks: 
     throw e;
   }
   const { engine, compiled, tokenizer, maxModelLen } = loaded;
-  log.info({ model: cfg.source, quant: cfg.quant.kind, cached: compiled.cached, contentHashed: compiled.contentHashed, startSeconds: +loaded.startSeconds.toFixed(2), kvCacheBytes: engine.info.kvCacheBytes, loraPoolBytes: engine.info.loraPoolBytes }, 'model ready');
+  log.info({ model: cfg.source, quant: cfg.quant.kind, cached: compiled.cached, contentHashed: compiled.contentHashed, startSeconds: +loaded.startSeconds.toFixed(2), kvCacheBytes: engine.info.kvCacheBytes, loraPoolBytes: engine.info.loraPoolBytes, pairsSingleRows: engine.info.pairsSingleRows }, 'model ready');
   mkdirSync(cfg.adapterRoot, { recursive: true });
   sweepExportTemps(cfg.exportRoot);
   const pool = new WorkerPool<Tasks>(new URL('./workers/task-worker.js', import.meta.url), { size: TASK_THREADS });

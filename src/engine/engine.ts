@@ -22,7 +22,7 @@ export class Engine {
 
   static async start(opts: RuntimeOptions): Promise<Engine> {
     const worker = new Worker(new URL('./worker.js', import.meta.url));
-    const engine = new Engine(worker, opts, { kvCacheBytes: 0, loraPoolBytes: 0 });
+    const engine = new Engine(worker, opts, { kvCacheBytes: 0, loraPoolBytes: 0, pairsSingleRows: false });
     worker.on('message', (reply: EngineReply) => engine.settle(reply));
     worker.on('error', (e) => engine.failAll(e));
     worker.on('exit', (code) => engine.failAll(new EngineError(`engine worker exited with code ${code}`, 'INTERNAL')));

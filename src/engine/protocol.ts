@@ -17,4 +17,6 @@ export type EngineReply =
 export interface InitResult {
   kvCacheBytes: number;
   loraPoolBytes: number;
+  /** One-token steps of one row run as a pair (this CPU's kernels treat a lone row differently). */
+  pairsSingleRows: boolean;
 }

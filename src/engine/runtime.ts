@@ -62,6 +62,14 @@ export class Runtime {
   /** Prompt-prefix K/V blocks kept between requests (empty unless the scheduler saves some). */
   readonly prefixes = new PrefixStore();
 
+  /**
+   * Whether one-token steps of one row run as a pair of identical rows. Some CPU kernels give a lone row other
+   * numbers than the same row among others: onnxruntime's 4-bit MatMulNBits on AVX2 takes a dedicated M = 1 path
+   * that sums in another order than its M >= 2 path (AVX-512 has no such path). A request decoding alone would
+   * then not match itself in a batch. `create` finds out on the real graph, so no CPU list has to be kept.
+   */
+  pairsSingleRows = false;
+
   static async create(opts: RuntimeOptions): Promise<Runtime> {
     const providers = opts.executionProviders ?? ['cpu'];
     let session: ort.InferenceSession;
@@ -91,7 +99,18 @@ export class Runtime {
     const fed = /^(input_ids|past_len|kv_rows|slot|lora_scale|past_key\.\d+|past_value\.\d+|lora_[ab]\..+)$/;
     const missing = session.inputNames.filter((n) => !fed.test(n));
     if (missing.length) throw new EngineError(`serving graph has inputs the runtime does not feed: ${missing.join(', ')}`, 'INTERNAL');
-    return new Runtime(session, opts, cache, pool);
+    const runtime = new Runtime(session, opts, cache, pool);
+    runtime.pairsSingleRows = await runtime.loneRowDiffers();
+    return runtime;
+  }
+
+  /** One token on row 0, alone and then as a pair: do the logits differ in any bit? Leaves row 0 free. */
+  private async loneRowDiffers(): Promise<boolean> {
+    const row: StepRow = { kvRow: 0, slot: 0, pastLen: 0, tokens: [Math.min(1, this.opts.layout.vocabSize - 1)] };
+    const alone = (await this.forward([row], undefined, false)).logits.slice();
+    const paired = (await this.forward([row], undefined, true)).logits;
+    this.cache.clearFrom(0, 0);
+    return alone.some((v, i) => !Object.is(v, paired[i]));
   }
 
   setSlot(slot: number, adapter: LoraAdapterWeights): void {
@@ -116,14 +135,17 @@ export class Runtime {
     }
   }
 
-  private async forward(rows: StepRow[], prefix: PrefixOps | undefined): Promise<StepResult> {
+  private async forward(asked: StepRow[], prefix: PrefixOps | undefined, pair = this.pairsSingleRows): Promise<StepResult> {
     const { opts, cache } = this;
+    // A lone one-token row runs beside a copy of itself (see pairsSingleRows). The copy writes the same keys and
+    // values to the same place, and only the first row's logits are returned.
+    const rows = pair && asked.length === 1 && asked[0]!.tokens.length === 1 ? [asked[0]!, asked[0]!] : asked;
     if (rows.length === 0) throw new EngineError('step with no rows', 'INVALID_ARGUMENT');
     const seq = rows[0]!.tokens.length;
     const seen = new Set<number>();
     for (const r of rows) {
       if (r.tokens.length !== seq || seq === 0) throw new EngineError('every row of a step must carry the same, non-zero number of tokens', 'INVALID_ARGUMENT');
-      if (r.kvRow < 0 || r.kvRow >= opts.maxNumSeqs || seen.has(r.kvRow)) throw new EngineError(`kvRow ${r.kvRow}: must be a distinct row in 0..${opts.maxNumSeqs - 1}`, 'INVALID_ARGUMENT');
+      if (r.kvRow < 0 || r.kvRow >= opts.maxNumSeqs || (seen.has(r.kvRow) && rows === asked)) throw new EngineError(`kvRow ${r.kvRow}: must be a distinct row in 0..${opts.maxNumSeqs - 1}`, 'INVALID_ARGUMENT');
       seen.add(r.kvRow);
       if (r.slot < 0 || r.slot >= opts.slots) throw new EngineError(`slot ${r.slot}: must be in 0..${opts.slots - 1}`, 'INVALID_ARGUMENT');
       const vocab = opts.layout.vocabSize;
@@ -170,7 +192,8 @@ export class Runtime {
     const newKv = out['new_kv']!.data as Float32Array;
     cache.append(newKv, rows.map((r) => r.kvRow), rows.map((r) => r.pastLen), seq);
     for (const b of prefix?.save ?? []) this.prefixes.save(cache, b.kvRow, b.start, prefix!.blockTokens, b.id);
-    return { logits: out['logits']!.data as Float32Array, runMs };
+    const logits = out['logits']!.data as Float32Array;
+    return { logits: rows === asked ? logits : logits.subarray(0, opts.layout.vocabSize), runMs };
   }
 
   private readonly zeroBuffers = new Map<number, Float32Array>();

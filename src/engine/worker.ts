@@ -16,7 +16,7 @@ async function handle(req: EngineRequest): Promise<{ result: unknown; transfer?:
   switch (req.type) {
     case 'init': {
       runtime = await Runtime.create(req.opts);
-      const result: InitResult = { kvCacheBytes: runtime.cache.bytes, loraPoolBytes: runtime.pool.bytes };
+      const result: InitResult = { kvCacheBytes: runtime.cache.bytes, loraPoolBytes: runtime.pool.bytes, pairsSingleRows: runtime.pairsSingleRows };
       return { result };
     }
     case 'step': {
