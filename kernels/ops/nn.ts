@@ -53,11 +53,11 @@ export function rotaryTables(maxPositions: number, headDim: number, theta: numbe
 }
 
 /**
- * Per-step attention context shared by every layer. The window is the first `window` cache positions, fed by
- * the caller as views [window, rows, kvDim] with window a multiple of ATTENTION_BLOCK covering every row's
- * past + new tokens.
+ * Per-step attention context shared by every layer. The window of a batch row is its cache blocks laid end to
+ * end: kvBlocks [batch, nblocks] names blocks of a pool [numBlocks, blockLen, kvDim] (the caller pads short rows
+ * with an all-zero block), so window = nblocks * blockLen covers every row's past + new tokens.
  * mask [batch, 1, 1, seq, window]: new token s of row b sees positions t <= positions[b, s] (causal, its own
- * past and earlier new tokens); everything after, including other rows' stale data, is -inf.
+ * past and earlier new tokens); everything after, padding and stale data included, is -inf.
  * scatterIndices [batch, seq, 2]: (b, positions[b, s]) where the new keys/values go in the window.
  */
 export interface AttentionContext {
@@ -66,15 +66,16 @@ export interface AttentionContext {
 }
 
 /**
- * Cache windows are fed in multiples of this many positions. Every row's real keys form a prefix of the
- * window and the rest is masked to exact zeros, so with whole blocks the float reductions over the window
+ * Cache blocks hold this many positions, and windows are whole blocks. Every row's real keys form a prefix of
+ * the window and the rest is masked to exact zeros, so with whole blocks the float reductions over the window
  * (softmax sums, probs @ V) see the same values in the same SIMD lanes whatever the batch's longest row is:
  * a request computes the same logits alone and in a mixed batch.
  */
 export const ATTENTION_BLOCK = 64;
 
-export function attentionContext(g: Graph, positions: Value /* [batch, seq] int64 */, pastKey: Value /* [window, rows, kvDim] */): AttentionContext {
-  const window = range(g, dimOf(g, pastKey, 0, 'window_len'), 'window_positions'); // [window]
+export function attentionContext(g: Graph, positions: Value /* [batch, seq] int64 */, kvBlocks: Value /* [batch, nblocks] int64 */, pool: Value /* [numBlocks, blockLen, kvDim] */): AttentionContext {
+  const windowLen = mul(g, dimOf(g, kvBlocks, 1, 'block_count'), dimOf(g, pool, 1, 'block_len'), 'window_len');
+  const window = range(g, windowLen, 'window_positions'); // [window]
   const keep = compare(g, 'LessOrEqual', reshape(g, window, [1, 1, -1], 'window_row'), g.op1('Unsqueeze', [positions, g.ints([2])], { dtype: 'int64', shape: ['batch', 'seq', 1] }, undefined, undefined, 'positions_col'), 'attn_keep'); // [batch, seq, window]
   const mask = g.op1('Unsqueeze', [additiveMask(g, keep, 'attn_mask3d'), g.ints([1, 2])], { dtype: 'float32', shape: ['batch', 1, 1, 'seq', 'window'] }, undefined, undefined, 'attn_mask');
   // Row index of every new token, [batch, seq]: 0..batch-1 broadcast over seq.
@@ -91,26 +92,27 @@ export interface AttentionDims {
 }
 
 /**
- * Attention of new tokens over a time-major KV cache window, without copying the cache in or out through the
- * binding. q [batch, seq, heads*headDim], k/v [batch, seq, kvHeads*headDim] (rotary applied); pastK/pastV
- * [window, rows, kvDim] are views of the caller's cache; kvRows [batch] picks each batch row's cache row.
- * The new keys/values are scattered into the gathered window at their positions, so real keys always form a
- * prefix (see ATTENTION_BLOCK). Grouped-query: head h reads kv head floor(h / (heads/kvHeads)).
- * Returns [batch, seq, heads*headDim].
+ * Attention of new tokens over a block-paged KV cache, without copying the cache in or out through the binding.
+ * q [batch, seq, heads*headDim], k/v [batch, seq, kvHeads*headDim] (rotary applied); poolK/poolV
+ * [numBlocks, blockLen, kvDim] are the caller's block pools as they are; kvBlocks [batch, nblocks] is each
+ * row's block table. Each row's blocks are gathered into its window and the new keys/values scattered in at
+ * their positions, so real keys always form a prefix (see ATTENTION_BLOCK). Grouped-query: head h reads kv
+ * head floor(h / (heads/kvHeads)). Returns [batch, seq, heads*headDim].
  */
-export function cachedAttention(g: Graph, dims: AttentionDims, q: Value, k: Value, v: Value, pastK: Value, pastV: Value, kvRows: Value, ctx: AttentionContext): Value {
+export function cachedAttention(g: Graph, dims: AttentionDims, q: Value, k: Value, v: Value, poolK: Value, poolV: Value, kvBlocks: Value, ctx: AttentionContext): Value {
   const { numHeads, numKvHeads, headDim } = dims;
   const group = numHeads / numKvHeads;
   const scaledQ = mul(g, q, g.scalar(1 / Math.sqrt(headDim)), 'q_scaled');
   // [batch, seq, kvHeads, group, headDim] -> [batch, kvHeads, group, seq, headDim]
   const q5 = transpose(g, reshape(g, scaledQ, [0, 0, numKvHeads, group, headDim], 'q5'), [0, 2, 3, 1, 4], 'q_t');
-  const windowOf = (past: Value, fresh: Value, name: string) => {
-    const rows = transpose(g, gather(g, past, kvRows, 1, `${name}_rows`), [1, 0, 2], `${name}_by_row`); // [batch, window, kvDim]
+  const windowOf = (pool: Value, fresh: Value, name: string) => {
+    const blocks = gather(g, pool, kvBlocks, 0, `${name}_blocks`); // [batch, nblocks, blockLen, kvDim]
+    const rows = reshape(g, blocks, [0, -1, numKvHeads * headDim], `${name}_by_row`); // [batch, window, kvDim]
     const full = g.op1('ScatterND', [rows, ctx.scatterIndices, fresh], { dtype: 'float32', shape: ['batch', 'window', numKvHeads * headDim] }, undefined, undefined, `${name}_window`);
     return reshape(g, full, [0, 0, numKvHeads, 1, headDim], `${name}5`); // [batch, window, kvHeads, 1, headDim]
   };
-  const kT = transpose(g, windowOf(pastK, k, 'k'), [0, 2, 3, 4, 1], 'k_t'); // [batch, kvHeads, 1, headDim, window]
-  const vT = transpose(g, windowOf(pastV, v, 'v'), [0, 2, 3, 1, 4], 'v_t'); // [batch, kvHeads, 1, window, headDim]
+  const kT = transpose(g, windowOf(poolK, k, 'k'), [0, 2, 3, 4, 1], 'k_t'); // [batch, kvHeads, 1, headDim, window]
+  const vT = transpose(g, windowOf(poolV, v, 'v'), [0, 2, 3, 1, 4], 'v_t'); // [batch, kvHeads, 1, window, headDim]
   const scores = add(g, matmul(g, q5, kT, 'scores'), ctx.mask, 'scores_masked'); // [batch, kvHeads, group, seq, window]
   const out = matmul(g, softmax(g, scores, -1, 'probs'), vT, 'ctx'); // [batch, kvHeads, group, seq, headDim]
   return reshape(g, transpose(g, out, [0, 3, 1, 2, 4], 'ctx_t'), [0, 0, numHeads * headDim], 'attn_out');

@@ -355,6 +355,7 @@ function toServerConfig(settings: ReadonlyMap<string, Resolved>, configFile: str
     trainThreads: v('trainThreads'),
     maxQueuedTrainJobs: v('maxQueuedTrainJobs'),
     prefixCacheBytes: v('prefixCacheBytes'),
+    kvCacheBytes: v<number>('kvCacheBytes'),
   };
 }
 

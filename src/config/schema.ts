@@ -78,8 +78,9 @@ export const SETTINGS: readonly Setting[] = [
   setting({ name: 'threads', type: 'int', min: 1, max: 256, default: () => Math.min(2, availableParallelism()), defaultText: 'min(2, CPUs)', description: 'onnxruntime intra-op threads' }),
   setting({ name: 'cacheDir', type: 'path', default: cacheDirDefault, defaultText: '$XDG_CACHE_HOME/loraplex or ~/.cache/loraplex', description: 'quantized graph cache' }),
   setting({ name: 'maxModelLen', type: 'int', min: 2, max: 1 << 20, default: null, defaultText: "the model's", description: 'tokens per sequence (prompt + generated)' }),
-  setting({ name: 'maxNumSeqs', type: 'int', min: 1, max: 1024, default: 8, description: 'sequences decoding at once (KV cache rows)' }),
+  setting({ name: 'maxNumSeqs', type: 'int', min: 1, max: 1024, default: 16, description: 'sequences decoding at once (KV cache rows; their K/V memory is bounded by kvCacheBytes)' }),
   setting({ name: 'prefillChunk', type: 'int', min: 1, max: 1 << 16, default: 64, description: 'prompt tokens per prefill step' }),
+  setting({ name: 'kvCacheBytes', type: 'int', min: 1 * MIB, max: Number.MAX_SAFE_INTEGER, default: 1024 * MIB, defaultText: '1073741824 (1 GiB)', description: 'K/V cache of running sequences (capped at maxNumSeqs x maxModelLen): a pool of 64-token blocks that rows take as they grow and give back when they end; a request starts once its prompt + max_new_tokens fit (else it waits). Memory is committed as blocks are first used; 1 GiB holds about 23000 tokens of a 1B llama' }),
   setting({ name: 'prefixCacheBytes', type: 'int', min: 0, max: Number.MAX_SAFE_INTEGER, default: 256 * MIB, defaultText: '268435456 (256 MiB)', description: 'K/V of prompt prefixes kept for reuse by later prompts with the same start and adapter (LRU, blocks of lcm(64, prefillChunk) tokens; 0 = off); 256 MiB holds about 6000 tokens of a 1B llama, most of a few long system prompts' }),
   setting({ name: 'allowSpinning', type: 'bool', default: false, description: 'let onnxruntime threads spin between steps (a few % faster, burns idle CPU)' }),
   // --- adapters

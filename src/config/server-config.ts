@@ -14,6 +14,8 @@ export interface EngineSettings {
   maxLoraRank: number;
   prefillChunk: number;
   allowSpinning: boolean;
+  /** Bytes of the K/V cache of running sequences (a pool of 64-token blocks); absent: enough for maxNumSeqs rows at maxModelLen. */
+  kvCacheBytes?: number | undefined;
   /** Default cpu. */
   executionProvider?: ExecutionProvider;
 }
@@ -66,7 +68,7 @@ export interface ServerConfig extends EngineSettings {
 }
 
 /** Settings added after the first release: callers that build a ServerConfig by hand may leave them out. */
-const ADDED_SETTINGS = ['exportRoot', 'auth', 'apiKeysFile', 'tlsCert', 'tlsKey', 'tlsClientCa', 'logLevel', 'logPrompts', 'metricsPort', 'maxTenantLabels', 'dataRoot', 'jobRoot', 'trainThreads', 'maxQueuedTrainJobs', 'prefixCacheBytes', 'servedModelName', 'httpPort'] as const satisfies readonly (keyof ServerConfig)[];
+const ADDED_SETTINGS = ['exportRoot', 'auth', 'apiKeysFile', 'tlsCert', 'tlsKey', 'tlsClientCa', 'logLevel', 'logPrompts', 'metricsPort', 'maxTenantLabels', 'dataRoot', 'jobRoot', 'trainThreads', 'maxQueuedTrainJobs', 'prefixCacheBytes', 'servedModelName', 'httpPort', 'kvCacheBytes'] as const satisfies readonly (keyof ServerConfig)[];
 type AddedSettings = (typeof ADDED_SETTINGS)[number];
 
 /** What startServer takes: a ServerConfig whose later settings default as in the schema. */

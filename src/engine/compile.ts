@@ -12,7 +12,7 @@ import type { ModelSpec } from '../models/spec.js';
 import { modelIdentity, resolveContentKey, type ContentKeyOptions } from './model-identity.js';
 
 /** Bump whenever the serving graph or a codec changes what it writes: old cache entries are then ignored. */
-export const ENGINE_VERSION = 'loraplex-engine-6';
+export const ENGINE_VERSION = 'loraplex-engine-7';
 
 export interface CompileOptions extends ContentKeyOptions {
   quant: QuantOptions;

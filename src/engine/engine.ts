@@ -1,5 +1,5 @@
 import { Worker } from 'node:worker_threads';
-import { EngineError, type RuntimeOptions, type StepRow } from './runtime.js';
+import { EngineError, type RuntimeOptions, type StepResult, type StepRow } from './runtime.js';
 import type { EngineReply, EngineRequest, InitResult } from './protocol.js';
 import { packSlot } from './lora-pool.js';
 import type { LoraAdapterWeights } from '../models/lora.js';
@@ -22,7 +22,7 @@ export class Engine {
 
   static async start(opts: RuntimeOptions): Promise<Engine> {
     const worker = new Worker(new URL('./worker.js', import.meta.url));
-    const engine = new Engine(worker, opts, { kvCacheBytes: 0, loraPoolBytes: 0, pairsSingleRows: false });
+    const engine = new Engine(worker, opts, { kvCacheBytes: 0, kvBlocks: 0, loraPoolBytes: 0, pairsSingleRows: false });
     worker.on('message', (reply: EngineReply) => engine.settle(reply));
     worker.on('error', (e) => engine.failAll(e));
     worker.on('exit', (code) => engine.failAll(new EngineError(`engine worker exited with code ${code}`, 'INTERNAL')));
@@ -45,9 +45,17 @@ export class Engine {
     return 2 * this.opts.layout.numLayers * this.opts.layout.kvDim * Float32Array.BYTES_PER_ELEMENT;
   }
 
-  /** One forward step, with the prefix blocks it restores and saves; returns [rows, vocab] logits of each row's last token. */
-  async step(rows: StepRow[], prefix?: PrefixOps): Promise<{ logits: Float32Array; runMs: number }> {
-    return (await this.call(prefix ? { type: 'step', rows, prefix } : { type: 'step', rows })) as { logits: Float32Array; runMs: number };
+  /** Blocks of KV cache positions that rows can hold at once (see KvCache). */
+  get kvBlocks(): number {
+    return this.info.kvBlocks;
+  }
+
+  /**
+   * One forward step, with the prefix blocks it restores and saves, after the rows of ended sequences give their
+   * cache blocks back (`freeRows`); returns [rows, vocab] logits of each row's last token.
+   */
+  async step(rows: StepRow[], prefix?: PrefixOps, freeRows?: number[]): Promise<StepResult> {
+    return (await this.call({ type: 'step', rows, ...(prefix ? { prefix } : {}), ...(freeRows?.length ? { freeRows } : {}) })) as StepResult;
   }
 
   /**

@@ -16,7 +16,7 @@ export interface PrefixOps {
 
 /**
  * Copies of prompt-prefix K/V blocks, owned by the engine worker next to the KV cache. A block is one
- * Float32Array laid out [layer][k|v][position][kvDim]. The store holds no policy: which blocks exist, and when
+ * Float32Array laid out [layer][k|v][position][kvDim] (KvCache.read / write). The store holds no policy: which blocks exist, and when
  * they go, is the scheduler's index (so admission can look up hits without a round trip to the worker).
  */
 export class PrefixStore {
@@ -38,37 +38,23 @@ export class PrefixStore {
 
   save(cache: KvCache, kvRow: number, start: number, blockTokens: number, id: string): void {
     if (this.blocks.has(id)) return;
-    const { kvDim, rows, numLayers } = cache;
-    const block = new Float32Array(numLayers * 2 * blockTokens * kvDim);
-    let at = 0;
-    for (let l = 0; l < numLayers; l++) {
-      for (const src of [cache.keys[l]!, cache.values[l]!]) {
-        for (let p = start; p < start + blockTokens; p++, at += kvDim) {
-          const from = (p * rows + kvRow) * kvDim;
-          block.set(src.subarray(from, from + kvDim), at);
-        }
-      }
-    }
+    const block = new Float32Array(cache.numLayers * 2 * blockTokens * cache.kvDim);
+    cache.read(kvRow, start, blockTokens, block);
     this.blocks.set(id, block);
   }
 
-  /** Writes the blocks into the row from position 0; a missing block is a scheduler bug, so it throws. */
+  /**
+   * Writes the blocks into the row from position 0 (taking cache blocks for them); a missing block is a
+   * scheduler bug, so it throws before the row changes.
+   */
   restore(cache: KvCache, kvRow: number, ids: readonly string[], blockTokens: number): void {
     const blocks = ids.map((id) => {
       const b = this.blocks.get(id);
       if (!b) throw new Error(`prefix block ${id} is not in the engine's store`);
       return b;
     });
-    const { kvDim, rows, numLayers } = cache;
-    blocks.forEach((block, i) => {
-      let at = 0;
-      for (let l = 0; l < numLayers; l++) {
-        for (const dst of [cache.keys[l]!, cache.values[l]!]) {
-          for (let p = i * blockTokens; p < (i + 1) * blockTokens; p++, at += kvDim) dst.set(block.subarray(at, at + kvDim), (p * rows + kvRow) * kvDim);
-        }
-      }
-    });
-    cache.markFilled(kvRow, ids.length * blockTokens);
+    cache.prepare(kvRow, 0, ids.length * blockTokens);
+    blocks.forEach((block, i) => cache.write(kvRow, i * blockTokens, blockTokens, block));
   }
 
   drop(ids: readonly string[]): void {

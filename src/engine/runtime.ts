@@ -1,7 +1,6 @@
 import ort from 'onnxruntime-node';
 import { LoraplexError, type ErrorCode } from '../errors.js';
-import { KvCache } from './kv-cache.js';
-import { ATTENTION_BLOCK } from '../../kernels/ops/nn.js';
+import { KV_BLOCK, KvCache, KvCacheFull } from './kv-cache.js';
 import { LoraPool } from './lora-pool.js';
 import { PrefixStore, type PrefixOps } from './prefix-cache.js';
 import type { LoraAdapterWeights } from '../models/lora.js';
@@ -16,6 +15,11 @@ export interface RuntimeOptions {
   maxNumSeqs: number;
   /** Tokens per row (maxModelLen). */
   maxModelLen: number;
+  /**
+   * Bytes of K/V cache blocks (address space; pages are committed as blocks are first used). Absent: enough for
+   * every row at maxModelLen. Never more than that either: more could not be used.
+   */
+  kvCacheBytes?: number;
   /** Adapter slots including slot 0 (the base model): maxLoras + 1. */
   slots: number;
   maxLoraRank: number;
@@ -41,6 +45,19 @@ export interface StepResult {
   /** [batch, vocab] logits of each row's last new token. */
   logits: Float32Array;
   runMs: number;
+  /** KV cache blocks held by rows after the step. */
+  kvBlocksUsed: number;
+}
+
+/** Float32 elements of one typed array: V8's limit for a pool of one layer's keys. */
+const MAX_POOL_ELEMENTS = 2 ** 31;
+
+/** Cache blocks (the zero block included) for the options: the byte budget, capped by what rows could ever hold. */
+export function kvCacheBlocks(opts: Pick<RuntimeOptions, 'kvCacheBytes' | 'maxNumSeqs' | 'maxModelLen'>, layout: Pick<ServingLayout, 'numLayers' | 'kvDim'>): number {
+  const useful = opts.maxNumSeqs * Math.ceil(opts.maxModelLen / KV_BLOCK);
+  const budget = opts.kvCacheBytes === undefined ? useful : Math.floor(opts.kvCacheBytes / KvCache.blockBytes(layout.numLayers, layout.kvDim));
+  if (budget < 1) throw new EngineError(`kvCacheBytes ${opts.kvCacheBytes}: less than one cache block of ${KV_BLOCK} positions (${KvCache.blockBytes(layout.numLayers, layout.kvDim)} bytes for this model)`, 'INVALID_ARGUMENT');
+  return 1 + Math.min(budget, useful, Math.floor(MAX_POOL_ELEMENTS / (KV_BLOCK * layout.kvDim)) - 1);
 }
 
 /** An engine failure with its domain code; crosses the worker boundary as { message, code }. */
@@ -57,7 +74,16 @@ export class Runtime {
     readonly opts: RuntimeOptions,
     readonly cache: KvCache,
     readonly pool: LoraPool,
-  ) {}
+  ) {
+    // The pools are fed whole every step: one tensor per layer, made once.
+    for (let l = 0; l < cache.numLayers; l++) {
+      const dims = [cache.numBlocks, KV_BLOCK, cache.kvDim];
+      this.poolTensors.push(new ort.Tensor('float32', cache.keys[l]!, dims), new ort.Tensor('float32', cache.values[l]!, dims));
+    }
+  }
+
+  /** past_key.L and past_value.L for every layer, in that order. */
+  private readonly poolTensors: ort.Tensor[] = [];
 
   /** Prompt-prefix K/V blocks kept between requests (empty unless the scheduler saves some). */
   readonly prefixes = new PrefixStore();
@@ -93,10 +119,9 @@ export class Runtime {
       throw e;
     }
     const { layout } = opts;
-    // Capacity in whole attention blocks: every window fed to the graph is a multiple of ATTENTION_BLOCK.
-    const cache = new KvCache(layout.numLayers, opts.maxNumSeqs, Math.ceil(opts.maxModelLen / ATTENTION_BLOCK) * ATTENTION_BLOCK, layout.kvDim);
+    const cache = new KvCache(layout.numLayers, opts.maxNumSeqs, kvCacheBlocks(opts, layout), layout.kvDim);
     const pool = new LoraPool(layout.loraModules, opts.slots, opts.maxLoraRank);
-    const fed = /^(input_ids|past_len|kv_rows|slot|lora_scale|past_key\.\d+|past_value\.\d+|lora_[ab]\..+)$/;
+    const fed = /^(input_ids|past_len|kv_blocks|slot|lora_scale|past_key\.\d+|past_value\.\d+|lora_[ab]\..+)$/;
     const missing = session.inputNames.filter((n) => !fed.test(n));
     if (missing.length) throw new EngineError(`serving graph has inputs the runtime does not feed: ${missing.join(', ')}`, 'INTERNAL');
     const runtime = new Runtime(session, opts, cache, pool);
@@ -109,7 +134,7 @@ export class Runtime {
     const row: StepRow = { kvRow: 0, slot: 0, pastLen: 0, tokens: [Math.min(1, this.opts.layout.vocabSize - 1)] };
     const alone = (await this.forward([row], undefined, false)).logits.slice();
     const paired = (await this.forward([row], undefined, true)).logits;
-    this.cache.clearFrom(0, 0);
+    this.cache.freeRow(0);
     return alone.some((v, i) => !Object.is(v, paired[i]));
   }
 
@@ -123,13 +148,20 @@ export class Runtime {
 
   /**
    * One forward step. Either one row with a chunk of tokens (prefill) or many rows with one token each (decode):
-   * rows in a batch must all carry the same number of tokens. `prefix` restores cached blocks into rows before
-   * the pass and saves blocks after it; its drops happen whatever the step's outcome, so the store never keeps
-   * a block the scheduler has forgotten.
+   * rows in a batch must all carry the same number of tokens. `freeRows` (sequences that ended) give their cache
+   * blocks back first, whatever else happens. `prefix` restores cached blocks into rows before the pass and saves
+   * blocks after it; its drops happen whatever the step's outcome, so the store never keeps a block the scheduler
+   * has forgotten.
    */
-  async step(rows: StepRow[], prefix?: PrefixOps): Promise<StepResult> {
+  async step(rows: StepRow[], prefix?: PrefixOps, freeRows?: readonly number[]): Promise<StepResult> {
     try {
+      for (const row of freeRows ?? []) if (row >= 0 && row < this.opts.maxNumSeqs) this.cache.freeRow(row);
+      // Only giving blocks back (the scheduler went idle).
+      if (rows.length === 0 && freeRows?.length && !prefix) return { logits: new Float32Array(0), runMs: 0, kvBlocksUsed: this.cache.usedBlocks };
       return await this.forward(rows, prefix);
+    } catch (e) {
+      if (e instanceof KvCacheFull) throw new EngineError(e.message, 'RESOURCE_EXHAUSTED');
+      throw e;
     } finally {
       if (prefix?.drop) this.prefixes.drop(prefix.drop);
     }
@@ -153,18 +185,21 @@ export class Runtime {
       if (r.pastLen < 0 || r.pastLen + seq > opts.maxModelLen) throw new EngineError(`row ${r.kvRow}: ${r.pastLen} cached + ${seq} new tokens exceed maxModelLen ${opts.maxModelLen}`, 'RESOURCE_EXHAUSTED');
     }
     for (const r of prefix?.restore ?? []) this.prefixes.restore(cache, r.kvRow, r.ids, prefix!.blockTokens);
-    // A reused row (or one rewound to a shorter past) must read exact zeros after its own keys (see KvCache).
-    for (const r of rows) cache.clearFrom(r.kvRow, r.pastLen);
+    // Blocks for every new position, and exact zeros after each row's own keys (see KvCache). All or nothing:
+    // a step the pool cannot hold changes no row.
+    const short = asked.reduce((n, r) => n + cache.shortfall(r.kvRow, r.pastLen + seq), 0);
+    if (short > cache.usableBlocks - cache.usedBlocks) throw new KvCacheFull(`KV cache full: the step needs ${short} more blocks of ${KV_BLOCK} positions, ${cache.usableBlocks - cache.usedBlocks} of ${cache.usableBlocks} are free (kvCacheBytes)`);
+    for (const r of asked) cache.prepare(r.kvRow, r.pastLen, r.pastLen + seq);
     const batch = rows.length;
     const ids = new BigInt64Array(batch * seq);
     rows.forEach((r, b) => r.tokens.forEach((t, s) => (ids[b * seq + s] = BigInt(t))));
     const i64 = (f: (r: StepRow) => number) => new ort.Tensor('int64', BigInt64Array.from(rows, (r) => BigInt(f(r))), [batch]);
-    // The window covers every row's past and new tokens, rounded up to whole attention blocks (see ATTENTION_BLOCK).
-    const past = Math.ceil(Math.max(...rows.map((r) => r.pastLen + seq)) / ATTENTION_BLOCK) * ATTENTION_BLOCK;
+    // The window covers every row's past and new tokens in whole blocks (see ATTENTION_BLOCK).
+    const nblocks = Math.ceil(Math.max(...rows.map((r) => r.pastLen + seq)) / KV_BLOCK);
     const feeds: Record<string, ort.Tensor> = {
       input_ids: new ort.Tensor('int64', ids, [batch, seq]),
       past_len: i64((r) => r.pastLen),
-      kv_rows: i64((r) => r.kvRow),
+      kv_blocks: new ort.Tensor('int64', cache.blockTable(rows.map((r) => r.kvRow), nblocks), [batch, nblocks]),
       // A row whose slot is empty reads slot 0 (zeros either way), so adapter-free steps can use the small zero pool.
       slot: i64((r) => (this.pool.inUse([r.slot]) ? r.slot : 0)),
       // Each row's delta scale: the adapter's own scaling (lora_alpha / r) times the request's adapter_scale.
@@ -182,9 +217,8 @@ export class Runtime {
       }
     }
     for (let l = 0; l < cache.numLayers; l++) {
-      const v = cache.view(l, past);
-      feeds[`past_key.${l}`] = new ort.Tensor('float32', v.key, [past, cache.rows, cache.kvDim]);
-      feeds[`past_value.${l}`] = new ort.Tensor('float32', v.value, [past, cache.rows, cache.kvDim]);
+      feeds[`past_key.${l}`] = this.poolTensors[2 * l]!;
+      feeds[`past_value.${l}`] = this.poolTensors[2 * l + 1]!;
     }
     const t0 = performance.now();
     const out = await this.session.run(feeds);
@@ -193,7 +227,7 @@ export class Runtime {
     cache.append(newKv, rows.map((r) => r.kvRow), rows.map((r) => r.pastLen), seq);
     for (const b of prefix?.save ?? []) this.prefixes.save(cache, b.kvRow, b.start, prefix!.blockTokens, b.id);
     const logits = out['logits']!.data as Float32Array;
-    return { logits: rows === asked ? logits : logits.subarray(0, opts.layout.vocabSize), runMs };
+    return { logits: rows === asked ? logits : logits.subarray(0, opts.layout.vocabSize), runMs, kvBlocksUsed: cache.usedBlocks };
   }
 
   private readonly zeroBuffers = new Map<number, Float32Array>();

@@ -16,14 +16,14 @@ async function handle(req: EngineRequest): Promise<{ result: unknown; transfer?:
   switch (req.type) {
     case 'init': {
       runtime = await Runtime.create(req.opts);
-      const result: InitResult = { kvCacheBytes: runtime.cache.bytes, loraPoolBytes: runtime.pool.bytes, pairsSingleRows: runtime.pairsSingleRows };
+      const result: InitResult = { kvCacheBytes: runtime.cache.bytes, kvBlocks: runtime.cache.usableBlocks, loraPoolBytes: runtime.pool.bytes, pairsSingleRows: runtime.pairsSingleRows };
       return { result };
     }
     case 'step': {
-      const { logits, runMs } = await need().step(req.rows, req.prefix);
+      const { logits, runMs, kvBlocksUsed } = await need().step(req.rows, req.prefix, req.freeRows);
       // Hand the logits buffer over without a copy when ORT gave it its own buffer.
       const own = logits.byteOffset === 0 && logits.byteLength === logits.buffer.byteLength ? logits : logits.slice();
-      return { result: { logits: own, runMs }, transfer: [own.buffer as ArrayBuffer] };
+      return { result: { logits: own, runMs, kvBlocksUsed }, transfer: [own.buffer as ArrayBuffer] };
     }
     case 'setSlot': {
       need().setSlot(req.slot, req.adapter);

@@ -1,6 +1,6 @@
 import { Graph, type Value } from '../../kernels/ir.js';
 import { add, concat, dimOf, gather, reshape, sub } from '../../kernels/ops/basic.js';
-import { attentionContext, cachedAttention, loraDelta } from '../../kernels/ops/nn.js';
+import { ATTENTION_BLOCK, attentionContext, cachedAttention, loraDelta } from '../../kernels/ops/nn.js';
 import { familyOf, type LinearWeight } from './families/index.js';
 import type { HostTensor, ModelSpec, WeightSource } from './spec.js';
 import type { LoraModuleShape } from './lora.js';
@@ -12,11 +12,12 @@ import type { LoraModuleShape } from './lora.js';
  * Inputs:
  *   input_ids [batch, seq] int64     new tokens of each row
  *   past_len  [batch] int64          tokens already cached for each row (= position of the first new token)
- *   kv_rows   [batch] int64          cache row of each batch row
+ *   kv_blocks [batch, nblocks] int64 each row's block table: the pool blocks holding its positions
+ *                                    [64 i, 64 (i+1)) in order, padded with block 0 (all zeros) to nblocks
  *   slot      [batch] int64          adapter slot of each row (0 = base model)
  *   lora_scale [batch] float32       each row's delta scale: lora_alpha / r times the request's adapter_scale
- *   past_key.L / past_value.L [window, rows, kvDim] float32   time-major cache views (window: a multiple of
- *                                    ATTENTION_BLOCK covering past_len + seq of every row), no copy
+ *   past_key.L / past_value.L [numBlocks, 64, kvDim] float32  the JS-owned block pools of layer L, fed whole
+ *                                    (no copy); window = nblocks * 64 covers past_len + seq of every row
  *   lora_a.M [slots, rank, in], lora_b.M [slots, out, rank] float32 in PEFT layout for each LoRA module M
  * Outputs:
  *   logits [batch, vocab]            of each row's last new token
@@ -106,7 +107,7 @@ export function buildServingGraph(spec: ModelSpec, weights: WeightSource, opts: 
   const g = new Graph(`loraplex_${spec.modelType}_serving`);
   const ids = g.input('input_ids', 'int64', ['batch', 'seq']);
   const pastLen = g.input('past_len', 'int64', ['batch']);
-  const kvRows = g.input('kv_rows', 'int64', ['batch']);
+  const kvBlocks = g.input('kv_blocks', 'int64', ['batch', 'nblocks']);
   const slot = g.input('slot', 'int64', ['batch']);
   const rowScale = reshape(g, g.input('lora_scale', 'float32', ['batch']), [-1, 1, 1], 'lora_row_scale');
   const c: Ctx = { g, opts, slot, rowScale, loraModules: [] };
@@ -114,14 +115,14 @@ export function buildServingGraph(spec: ModelSpec, weights: WeightSource, opts: 
   const pastKeys: Value[] = [];
   const pastValues: Value[] = [];
   for (let l = 0; l < spec.numLayers; l++) {
-    pastKeys.push(g.input(`past_key.${l}`, 'float32', ['past', 'rows', kvDim]));
-    pastValues.push(g.input(`past_value.${l}`, 'float32', ['past', 'rows', kvDim]));
+    pastKeys.push(g.input(`past_key.${l}`, 'float32', ['blocks', ATTENTION_BLOCK, kvDim]));
+    pastValues.push(g.input(`past_value.${l}`, 'float32', ['blocks', ATTENTION_BLOCK, kvDim]));
   }
   // Absolute position of every new token: past_len[b] + s.  [batch, seq]
   const seqLen = dimOf(g, ids, 1, 'seq_len');
   const seqRange = g.op1('Range', [g.constant('zero', 'int64', [], new BigInt64Array([0n])), reshape(g, seqLen, [], 'seq_scalar'), g.constant('one', 'int64', [], new BigInt64Array([1n]))], { dtype: 'int64', shape: ['seq'] }, undefined, undefined, 'seq_range');
   const positions = add(g, reshape(g, pastLen, [-1, 1], 'past_len_col2'), reshape(g, seqRange, [1, -1], 'seq_row'), 'positions');
-  const masks = attentionContext(g, positions, pastKeys[0]!);
+  const masks = attentionContext(g, positions, kvBlocks, pastKeys[0]!);
 
   const newKv: Value[] = [];
   const family = familyOf(spec);
@@ -136,7 +137,7 @@ export function buildServingGraph(spec: ModelSpec, weights: WeightSource, opts: 
       packedLinear: (x, packedName, parts) => packedLinearWithLora(c, x, packedName, parts),
       attention: (layer, q, k, v, heads) => {
         newKv.push(k, v);
-        return cachedAttention(g, heads, q, k, v, pastKeys[layer]!, pastValues[layer]!, kvRows, masks);
+        return cachedAttention(g, heads, q, k, v, pastKeys[layer]!, pastValues[layer]!, kvBlocks, masks);
       },
     },
     ids,

@@ -54,6 +54,8 @@ export interface Metrics {
   observeInterToken(seconds: number): void;
   /** A prompt looked up in the prefix cache: `hitTokens` restored from it (0 = miss); `bytes` it holds now. */
   observePrefixLookup(hitTokens: number, bytes: number): void;
+  /** KV cache blocks: held by rows, reserved for running requests (their prompt + max_new_tokens), in the pool. */
+  setKvBlocks(state: { used: number; reserved: number; total: number }): void;
   /** Reads adapter figures at every scrape (one call per scrape). */
   attachAdapters(stats: () => AdapterCounts | Promise<AdapterCounts>): void;
   /** One optimizer step of a training job. */
@@ -126,6 +128,7 @@ export function createMetrics(opts: MetricsOptions): Metrics {
   const waiting = new Gauge({ name: 'loraplex_sequences_waiting', help: 'Requests waiting for a KV row or an adapter slot.', registers });
   const rowsUsed = new Gauge({ name: 'loraplex_kv_cache_rows_used', help: 'KV cache rows in use.', registers });
   const rowsFree = new Gauge({ name: 'loraplex_kv_cache_rows_free', help: 'KV cache rows free.', registers });
+  const kvBlocks = new Gauge({ name: 'loraplex_kv_cache_blocks', help: 'KV cache blocks of 64 tokens: used (held by rows), reserved (the worst case of running requests, which admission counts), total (the pool, kvCacheBytes).', labelNames: ['state'] as const, registers });
   const batchSize = new Histogram({ name: 'loraplex_decode_batch_size', help: 'Rows per decode step.', buckets: BATCH_BUCKETS, registers });
   const stepSeconds = new Histogram({ name: 'loraplex_engine_step_seconds', help: 'Engine forward step time by kind.', labelNames: ['kind'] as const, buckets: STEP_BUCKETS, registers });
   // Both kinds exist from the start, so rate() has a series before the first request.
@@ -259,6 +262,11 @@ export function createMetrics(opts: MetricsOptions): Metrics {
         prefixHitTokens.inc(hitTokens);
       }
       prefixBytes.set(bytes);
+    },
+    setKvBlocks({ used, reserved, total }) {
+      kvBlocks.set({ state: 'used' }, used);
+      kvBlocks.set({ state: 'reserved' }, reserved);
+      kvBlocks.set({ state: 'total' }, total);
     },
     attachAdapters(stats) {
       adapterStats = stats;

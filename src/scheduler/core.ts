@@ -1,6 +1,7 @@
 import type { AdapterKey } from '../adapter-key.js';
 import { LoraplexError } from '../errors.js';
 import type { PrefixOps } from '../engine/prefix-cache.js';
+import { KV_BLOCK } from '../engine/kv-cache.js';
 import type { Departure, PlannedRow, ScheduledRequest, StepPhase, StepPlan } from './plan.js';
 import type { PrefixIndex } from './prefix-index.js';
 import { NonFiniteLogits, type SampledToken, type SequenceState } from './sequence-state.js';
@@ -17,6 +18,10 @@ export type TokenSink<P> = (request: ScheduledRequest<P>, sampled: SampledToken)
 export interface CoreOptions {
   /** KV cache rows. */
   maxNumSeqs: number;
+  /** KV cache blocks rows can hold at once; absent = rows are the only limit. */
+  kvBlocks?: number;
+  /** Tokens per row: a sequence never caches more (absent: no cap). */
+  maxModelLen?: number;
   /** Prompt tokens per prefill step (fixed positions: see SchedulerOptions.prefillChunk). */
   prefillChunk: number;
   vocabSize: number;
@@ -38,6 +43,10 @@ export class SchedulerCore<P> {
   private readonly waiting: ScheduledRequest<P>[] = [];
   private readonly running: ScheduledRequest<P>[] = [];
   private readonly freeRows: number[];
+  /** Rows given back since the last step, whose cache blocks the engine frees at the next one. */
+  private freedRows: number[] = [];
+  /** Blocks reserved by running requests: each holds its worst case, prompt + max_new_tokens. */
+  private reserved = 0;
   /** Round-robin start for admission across adapters, so no adapter's queue starves. */
   private lastAdmittedAdapter: string | null = null;
 
@@ -61,6 +70,17 @@ export class SchedulerCore<P> {
     return this.freeRows.length;
   }
 
+  get reservedBlocks(): number {
+    return this.reserved;
+  }
+
+  /** The rows freed since the last call: the next engine step gives their cache blocks back first. */
+  takeFreedRows(): number[] {
+    const rows = this.freedRows;
+    this.freedRows = [];
+    return rows;
+  }
+
   get idle(): boolean {
     return !this.waiting.length && !this.running.length;
   }
@@ -80,7 +100,7 @@ export class SchedulerCore<P> {
 
   /** A request the core can track (abort it, enqueue it); not yet waiting. */
   create(seq: SequenceState, req: GenerationRequest, payload: P): ScheduledRequest<P> {
-    return { seq, req, payload, lease: null, abort: null, admitted: false, prefixChain: null };
+    return { seq, req, payload, lease: null, abort: null, admitted: false, prefixChain: null, reservedBlocks: 0 };
   }
 
   enqueue(r: ScheduledRequest<P>): void {
@@ -224,6 +244,11 @@ export class SchedulerCore<P> {
   /**
    * Admits waiting requests while rows are free, round-robin across adapters. Never waits: a request whose
    * adapter is not ready stays queued while its adapter is prepared in the background.
+   *
+   * KV memory: a request is admitted only when the blocks for its prompt + max_new_tokens can be reserved (it
+   * takes them from the pool only as it grows). Nothing is ever preempted and recomputed: a prompt recomputed
+   * in one prefill is not bit-identical to the tokens it decoded one by one. The first request in turn that does
+   * not fit stops admission, so a long request is not starved by shorter ones behind it.
    */
   private admit(departed: Departure<P>[]): ScheduledRequest<P>[] {
     const admitted: ScheduledRequest<P>[] = [];
@@ -231,6 +256,8 @@ export class SchedulerCore<P> {
     const blocked = new Set<AdapterKey>();
     for (const r of this.admissionOrder()) {
       if (!this.freeRows.length) break;
+      const blocks = this.blocksFor(r);
+      if (this.opts.kvBlocks !== undefined && this.reserved + blocks > this.opts.kvBlocks) break;
       const key = r.req.adapterKey;
       if (key !== null && blocked.has(key)) continue;
       const lease = key === null ? BASE_LEASE : this.takeLease(key, departed);
@@ -246,12 +273,21 @@ export class SchedulerCore<P> {
       r.lease = lease;
       r.seq.slot = lease.slot;
       r.seq.kvRow = this.freeRows.pop()!;
+      r.reservedBlocks = blocks;
+      this.reserved += blocks;
       r.admitted = true;
       this.running.push(r);
       admitted.push(r);
       this.lastAdmittedAdapter = key ?? '';
     }
     return admitted;
+  }
+
+  /** The cache blocks a request can ever hold (0 without block accounting). */
+  blocksFor(r: ScheduledRequest<P>): number {
+    if (this.opts.kvBlocks === undefined) return 0;
+    const tokens = Math.min(r.seq.promptIds.length + r.seq.params.maxNewTokens, this.opts.maxModelLen ?? Infinity);
+    return Math.ceil(tokens / KV_BLOCK);
   }
 
   private takeLease(key: AdapterKey, departed: Departure<P>[]): AdapterLease | null {
@@ -285,13 +321,16 @@ export class SchedulerCore<P> {
     return out;
   }
 
-  /** The request leaves the batch: its row and its adapter lease go back. */
+  /** The request leaves the batch: its row, its block reservation and its adapter lease go back. */
   private retire(r: ScheduledRequest<P>): void {
     const i = this.running.indexOf(r);
     if (i < 0) return;
     this.running.splice(i, 1);
     this.freeRows.push(r.seq.kvRow);
+    this.freedRows.push(r.seq.kvRow);
     r.seq.kvRow = -1;
+    this.reserved -= r.reservedBlocks;
+    r.reservedBlocks = 0;
     r.lease?.release();
     r.lease = null;
   }

@@ -17,6 +17,8 @@ export interface ScheduledRequest<P> {
   admitted: boolean;
   /** The prefix-block chain of its prompt, set when its prefill starts (null before, or without a prefix cache). */
   prefixChain: string[] | null;
+  /** KV cache blocks reserved for it from admission until it leaves (0 without block accounting). */
+  reservedBlocks: number;
 }
 
 /** One request's part of a step: the row the engine computes for it. */

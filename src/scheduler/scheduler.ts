@@ -1,3 +1,4 @@
+import { KV_BLOCK } from '../engine/kv-cache.js';
 import { LoraplexError, resourceExhausted } from '../errors.js';
 import type { Tokenizer } from '../tokenizer/index.js';
 import { AsyncQueue } from '../util/async-queue.js';
@@ -41,6 +42,7 @@ export class Scheduler {
   private accepting = true;
   private stepCount = 0;
   private lastDecodeBatch = 0;
+  private kvBlocksUsed = 0;
   private readonly prefixes: PrefixIndex | null;
 
   constructor(
@@ -60,6 +62,7 @@ export class Scheduler {
     this.core = new SchedulerCore(
       {
         maxNumSeqs: opts.maxNumSeqs,
+        ...(engine.kvBlocks ? { kvBlocks: engine.kvBlocks, maxModelLen: opts.maxModelLen } : {}),
         prefillChunk: opts.prefillChunk,
         vocabSize: engine.vocabSize,
         ...(prefixes ? { prefixes } : {}),
@@ -81,7 +84,12 @@ export class Scheduler {
       steps: this.stepCount,
       lastDecodeBatch: this.lastDecodeBatch,
       prefixCache: { queries: p?.queries ?? 0, hits: p?.hits ?? 0, hitTokens: p?.hitTokens ?? 0, bytes: p?.bytes ?? 0 },
+      kvBlocks: this.kvBlockState(),
     };
+  }
+
+  private kvBlockState(): { used: number; reserved: number; total: number } {
+    return { used: this.kvBlocksUsed, reserved: this.core.reservedBlocks, total: this.engine.kvBlocks ?? 0 };
   }
 
   /** Queues a request; its events stream tokens, then 'finished' (or end with an error). */
@@ -93,6 +101,11 @@ export class Scheduler {
     const seq = new SequenceState(req.promptIds, req.params, 0, this.opts.eosTokenIds, this.opts.maxModelLen);
     const stream: Stream = { events: new AsyncQueue(), output: this.outputs.open(req.promptIds, req.params.stopStrings), arrived: performance.now(), admitted: null, firstToken: null, lastToken: null };
     const r = this.core.create(seq, req, stream);
+    const blocks = this.core.blocksFor(r);
+    if (blocks > (this.engine.kvBlocks ?? Infinity)) {
+      // Waiting would never help: even an empty cache cannot hold it.
+      throw new LoraplexError('INVALID_ARGUMENT', `prompt + sampling.max_new_tokens: ${req.promptIds.length} + ${req.params.maxNewTokens} tokens need ${blocks} KV cache blocks of ${KV_BLOCK} tokens; this server's kvCacheBytes holds ${this.engine.kvBlocks} blocks (${this.engine.kvBlocks! * KV_BLOCK} tokens)`);
+    }
     if (req.signal) {
       const onAbort = () => this.abort(r, req.signal!.reason);
       if (req.signal.aborted) onAbort();
@@ -137,6 +150,9 @@ export class Scheduler {
   private async loop(): Promise<void> {
     while (!this.stopped) {
       if (this.core.idle) {
+        await this.freeIdleRows();
+        // A request or close() may have come during that await (its kick found no waiter).
+        if (this.stopped || !this.core.idle) continue;
         this.releaseUnwantedLeases();
         this.reportQueue();
         await new Promise<void>((resolve) => (this.wake = resolve));
@@ -162,6 +178,17 @@ export class Scheduler {
     }
   }
 
+  /** Nothing runs: the cache blocks of the rows that ended go back now rather than at the next step. */
+  private async freeIdleRows(): Promise<void> {
+    const rows = this.core.takeFreedRows();
+    if (!rows.length || !this.engine.kvBlocks) return;
+    try {
+      this.kvBlocksUsed = (await this.engine.step([], undefined, rows)).kvBlocksUsed ?? 0;
+    } catch (err) {
+      this.onError(err);
+    }
+  }
+
   /** Ends the streams of requests that left while planning and starts the queue clock of those admitted. */
   private settle(plan: StepPlan<Stream>): StepPlan<Stream> {
     for (const d of plan.departed) this.leave(d);
@@ -178,7 +205,9 @@ export class Scheduler {
     const t0 = performance.now();
     let logits: Float32Array;
     try {
-      ({ logits } = await this.engine.step(rows, plan.prefix ?? undefined));
+      const out = await this.engine.step(rows, plan.prefix ?? undefined, this.core.takeFreedRows());
+      logits = out.logits;
+      this.kvBlocksUsed = out.kvBlocksUsed ?? 0;
     } catch (err) {
       this.core.forgetSaves(plan);
       throw err;
@@ -252,6 +281,7 @@ export class Scheduler {
   private reportQueue(): void {
     const rowsFree = this.core.freeRowCount;
     this.notify((o) => o.setQueue({ running: this.core.runningCount, waiting: this.core.waitingCount, rowsUsed: this.opts.maxNumSeqs - rowsFree, rowsFree }));
+    if (this.engine.kvBlocks) this.notify((o) => o.setKvBlocks?.(this.kvBlockState()));
   }
 
   /** Observer failures go to onError: metrics must never fail a request. */

@@ -6,8 +6,11 @@ import type { FinishReason } from './sequence-state.js';
 
 /** What the scheduler needs from the engine: one forward step at a time. */
 export interface StepRunner {
-  step(rows: StepRow[], prefix?: PrefixOps): Promise<{ logits: Float32Array }>;
+  /** `freeRows`: rows of sequences that ended since the last step, whose cache blocks go back first. */
+  step(rows: StepRow[], prefix?: PrefixOps, freeRows?: number[]): Promise<{ logits: Float32Array; kvBlocksUsed?: number }>;
   readonly vocabSize: number;
+  /** KV cache blocks (of KV_BLOCK positions) rows can hold at once; without it admission counts rows only. */
+  readonly kvBlocks?: number;
   /** K and V bytes of one cached token; without it there is no prefix cache. */
   readonly kvBytesPerToken?: number;
   /** Which load of its adapter a slot holds (see Engine.slotLoadId). */
@@ -103,6 +106,8 @@ export interface SchedulerObserver {
   observeInterToken(seconds: number): void;
   /** A prompt looked up in the prefix cache: `hitTokens` restored (0 = miss); `bytes` now cached. */
   observePrefixLookup?(hitTokens: number, bytes: number): void;
+  /** KV cache blocks: held by rows after the last step, reserved for running requests, and in the pool. */
+  setKvBlocks?(state: { used: number; reserved: number; total: number }): void;
 }
 
 export interface SchedulerStats {
@@ -113,4 +118,6 @@ export interface SchedulerStats {
   lastDecodeBatch: number;
   /** Prompts looked up, those that restored a cached prefix, the tokens restored, and the bytes cached now. */
   prefixCache: { queries: number; hits: number; hitTokens: number; bytes: number };
+  /** KV cache blocks held after the last step, reserved by running requests, and in the pool (0: not counted). */
+  kvBlocks: { used: number; reserved: number; total: number };
 }

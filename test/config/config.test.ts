@@ -61,7 +61,7 @@ test('defaults: the documented values, relative paths resolved against cwd, the 
   assert.equal(cfg.httpPort, 8080);
   assert.deepEqual(cfg.quant, { kind: 'int4', blockSize: 32, accuracyLevel: 4, symmetric: true });
   assert.equal(cfg.maxModelLen, null);
-  assert.equal(cfg.maxNumSeqs, 8);
+  assert.equal(cfg.maxNumSeqs, 16);
   assert.equal(cfg.maxLoras, 4);
   assert.equal(cfg.maxCpuLoras, 16);
   assert.equal(cfg.maxLoraRank, 16);
@@ -113,7 +113,7 @@ test('precedence: defaults < config file < env < flags', () => {
   assert.equal(r.settings.get('maxLoras')!.source, 'env');
   assert.equal(r.config.maxWaiting, 7);
   assert.equal(r.settings.get('maxWaiting')!.source, 'file');
-  assert.equal(r.config.maxNumSeqs, 8);
+  assert.equal(r.config.maxNumSeqs, 16);
   assert.equal(r.settings.get('maxNumSeqs')!.source, 'default');
   // Paths in a config file are relative to the file.
   assert.equal(r.config.adapterRoot, '/etc/loraplex/data/adapters');

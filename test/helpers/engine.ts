@@ -5,6 +5,7 @@ import type { QuantOptions } from '../../kernels/quant/index.js';
 import { dequantizeLinear, quantizeLinear } from '../../kernels/quant/index.js';
 import { compileModel, type CompiledModel } from '../../src/engine/compile.js';
 import { Engine } from '../../src/engine/engine.js';
+import { KvCache } from '../../src/engine/kv-cache.js';
 import { f16ToF32, f32ToF16Bits } from '../../src/models/safetensors.js';
 import type { HostTensor, ModelSpec, WeightSource } from '../../src/models/spec.js';
 
@@ -14,7 +15,7 @@ export function tempDir(prefix: string): string {
   return mkdtempSync(join(tmpdir(), `loraplex-${prefix}-`));
 }
 
-export async function startTestEngine(modelDir: string, quant: QuantOptions, opts: { cacheDir?: string; maxNumSeqs?: number; maxLoras?: number; maxLoraRank?: number; maxModelLen?: number } = {}): Promise<{ engine: Engine; compiled: CompiledModel }> {
+export async function startTestEngine(modelDir: string, quant: QuantOptions, opts: { cacheDir?: string; maxNumSeqs?: number; maxLoras?: number; maxLoraRank?: number; maxModelLen?: number; kvBlocks?: number } = {}): Promise<{ engine: Engine; compiled: CompiledModel }> {
   const compiled = compileModel(modelDir, { quant, cacheDir: opts.cacheDir ?? tempDir('cache') });
   const engine = await Engine.start({
     modelPath: compiled.modelPath,
@@ -24,6 +25,7 @@ export async function startTestEngine(modelDir: string, quant: QuantOptions, opt
     slots: (opts.maxLoras ?? 2) + 1,
     maxLoraRank: opts.maxLoraRank ?? 8,
     intraOpThreads: 1,
+    ...(opts.kvBlocks !== undefined ? { kvCacheBytes: opts.kvBlocks * KvCache.blockBytes(compiled.layout.numLayers, compiled.layout.kvDim) } : {}),
   });
   return { engine, compiled };
 }

@@ -221,34 +221,36 @@ test('composite: RMSNorm -> int4 gate + LoRA, nf4 up -> SwiGLU -> int4 head (pad
 });
 
 test('cached attention of nn.ts (Gather, ScatterND, grouped-query MatMul broadcast, Softmax): d/dq, dk, dv vs finite differences', async () => {
-  const heads = 4, kvHeads = 2, hd = 4, kvDim = kvHeads * hd, rows = 3, window = 8, batch = 2, seq = 2;
+  const heads = 4, kvHeads = 2, hd = 4, kvDim = kvHeads * hd, blockLen = 4, numBlocks = 6, batch = 2, seq = 2;
   const pastLens = [3, 1];
-  const kvRows = [2, 0];
+  // Block tables, scattered and padded (row 1 fits in one block).
+  const tables = [[4, 1], [2, 0]];
+  const at = (b: number, t: number) => (tables[b]![Math.floor(t / blockLen)]! * blockLen + (t % blockLen)) * kvDim;
   const q = randomFloats(batch * seq * heads * hd, 41);
   const k = randomFloats(batch * seq * kvDim, 42);
   const v = randomFloats(batch * seq * kvDim, 43);
-  const pk = randomFloats(window * rows * kvDim, 44);
-  const pv = randomFloats(window * rows * kvDim, 45);
+  const pk = randomFloats(numBlocks * blockLen * kvDim, 44);
+  const pv = randomFloats(numBlocks * blockLen * kvDim, 45);
   const rw = randomFloats(batch * seq * heads * hd, 46);
   const positions = pastLens.flatMap((p) => [p, p + 1]);
   const g = new Graph('attn_grad');
   const pos = g.input('positions', 'int64', ['batch', 'seq']);
-  const kr = g.input('kv_rows', 'int64', ['batch']);
+  const kb = g.input('kv_blocks', 'int64', ['batch', 'nblocks']);
   const qv = g.input('q', 'float32', ['batch', 'seq', heads * hd]);
   const kv = g.input('k', 'float32', ['batch', 'seq', kvDim]);
   const vv = g.input('v', 'float32', ['batch', 'seq', kvDim]);
-  const pkv = g.input('pk', 'float32', ['window', rows, kvDim]);
-  const pvv = g.input('pv', 'float32', ['window', rows, kvDim]);
-  const y = cachedAttention(g, { numHeads: heads, numKvHeads: kvHeads, headDim: hd }, qv, kv, vv, pkv, pvv, kr, attentionContext(g, pos, pkv));
+  const pkv = g.input('pk', 'float32', ['blocks', blockLen, kvDim]);
+  const pvv = g.input('pv', 'float32', ['blocks', blockLen, kvDim]);
+  const y = cachedAttention(g, { numHeads: heads, numKvHeads: kvHeads, headDim: hd }, qv, kv, vv, pkv, pvv, kb, attentionContext(g, pos, kb, pkv));
   const loss = weightedSum(g, y, rw, [batch, seq, heads * hd]);
   const [dq, dk, dv] = gradients(g, loss, [qv, kv, vv]);
   g.output(dq!, 'dq', [batch, seq, heads * hd]);
   g.output(dk!, 'dk', [batch, seq, kvDim]);
   g.output(dv!, 'dv', [batch, seq, kvDim]);
   const out = await runGraph(g, {
-    positions: { type: 'int64', data: positions, dims: [batch, seq] }, kv_rows: { type: 'int64', data: kvRows, dims: [batch] },
+    positions: { type: 'int64', data: positions, dims: [batch, seq] }, kv_blocks: { type: 'int64', data: tables.flat(), dims: [batch, 2] },
     q: f32(q, [batch, seq, heads * hd]), k: f32(k, [batch, seq, kvDim]), v: f32(v, [batch, seq, kvDim]),
-    pk: f32(pk, [window, rows, kvDim]), pv: f32(pv, [window, rows, kvDim]),
+    pk: f32(pk, [numBlocks, blockLen, kvDim]), pv: f32(pv, [numBlocks, blockLen, kvDim]),
   });
   // float64 reference: row b's keys are its cached rows 0..p-1 then its new tokens.
   const q64 = Float64Array.from(q), k64 = Float64Array.from(k), v64 = Float64Array.from(v);
@@ -257,7 +259,7 @@ test('cached attention of nn.ts (Gather, ScatterND, grouped-query MatMul broadca
     for (let b = 0; b < batch; b++) {
       const p = pastLens[b]!;
       const key = (t: number, h: number, d: number, src: Float64Array, cache: Float32Array) =>
-        t < p ? cache[(t * rows + kvRows[b]!) * kvDim + h * hd + d]! : src[(b * seq + t - p) * kvDim + h * hd + d]!;
+        t < p ? cache[at(b, t) + h * hd + d]! : src[(b * seq + t - p) * kvDim + h * hd + d]!;
       for (let s = 0; s < seq; s++) {
         for (let h = 0; h < heads; h++) {
           const kh = Math.floor(h / (heads / kvHeads));

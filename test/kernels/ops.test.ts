@@ -65,22 +65,24 @@ test('rotary (rotate-half) at arbitrary positions', async () => {
   assert.ok(maxAbsDiff(out['y']!, expected) < 1e-4);
 });
 
-test('cached attention: ragged rows over a time-major cache window, grouped-query', async () => {
-  const heads = 4, kvHeads = 2, hd = 4, kvDim = kvHeads * hd, rows = 3, window = 12;
+test('cached attention: ragged rows over a block-paged cache, scattered blocks, grouped-query', async () => {
+  const heads = 4, kvHeads = 2, hd = 4, kvDim = kvHeads * hd, blockLen = 4, numBlocks = 7;
   const pastLens = [5, 2]; // two batch rows
-  const kvRows = [2, 0];
+  // Row 0's positions live in blocks 5 then 2 (out of order); row 1's in block 3, padded with block 0.
+  const tables = [[5, 2], [3, 0]];
   const seq = 2;
   // Full per-row K/V for positions 0..past+seq-1 (the reference sees them all).
   const fullK = pastLens.map((p, i) => randomFloats((p + seq) * kvDim, 10 + i));
   const fullV = pastLens.map((p, i) => randomFloats((p + seq) * kvDim, 20 + i));
   const q = randomFloats(2 * seq * heads * hd, 30);
-  // Garbage wherever a row has nothing cached (other rows, stale data): it must be masked out.
-  const cacheK = randomFloats(window * rows * kvDim, 40, 100);
-  const cacheV = randomFloats(window * rows * kvDim, 41, 100);
+  // Garbage wherever a row has nothing cached (other blocks, the padding, stale data): it must be masked out.
+  const poolK = randomFloats(numBlocks * blockLen * kvDim, 40, 100);
+  const poolV = randomFloats(numBlocks * blockLen * kvDim, 41, 100);
+  const at = (b: number, t: number) => (tables[b]![Math.floor(t / blockLen)]! * blockLen + (t % blockLen)) * kvDim;
   pastLens.forEach((p, b) => {
     for (let t = 0; t < p; t++) {
-      cacheK.set(fullK[b]!.subarray(t * kvDim, (t + 1) * kvDim), (t * rows + kvRows[b]!) * kvDim);
-      cacheV.set(fullV[b]!.subarray(t * kvDim, (t + 1) * kvDim), (t * rows + kvRows[b]!) * kvDim);
+      poolK.set(fullK[b]!.subarray(t * kvDim, (t + 1) * kvDim), at(b, t));
+      poolV.set(fullV[b]!.subarray(t * kvDim, (t + 1) * kvDim), at(b, t));
     }
   });
   const newK = new Float32Array(2 * seq * kvDim);
@@ -91,22 +93,22 @@ test('cached attention: ragged rows over a time-major cache window, grouped-quer
   });
   const g = new Graph('attn');
   const pos = g.input('positions', 'int64', [2, seq]);
-  const kr = g.input('kv_rows', 'int64', [2]);
+  const kb = g.input('kv_blocks', 'int64', [2, 'nblocks']);
   const qv = g.input('q', 'float32', [2, seq, heads * hd]);
   const kv = g.input('k', 'float32', [2, seq, kvDim]);
   const vv = g.input('v', 'float32', [2, seq, kvDim]);
-  const pk = g.input('pk', 'float32', ['window', rows, kvDim]);
-  const pv = g.input('pv', 'float32', ['window', rows, kvDim]);
-  const ctx = attentionContext(g, pos, pk);
-  g.output(cachedAttention(g, { numHeads: heads, numKvHeads: kvHeads, headDim: hd }, qv, kv, vv, pk, pv, kr, ctx), 'y');
+  const pk = g.input('pk', 'float32', ['blocks', blockLen, kvDim]);
+  const pv = g.input('pv', 'float32', ['blocks', blockLen, kvDim]);
+  const ctx = attentionContext(g, pos, kb, pk);
+  g.output(cachedAttention(g, { numHeads: heads, numKvHeads: kvHeads, headDim: hd }, qv, kv, vv, pk, pv, kb, ctx), 'y');
   const out = await runGraph(g, {
     positions: { type: 'int64', data: pastLens.flatMap((p) => [p, p + 1]), dims: [2, seq] },
-    kv_rows: { type: 'int64', data: kvRows, dims: [2] },
+    kv_blocks: { type: 'int64', data: tables.flat(), dims: [2, 2] },
     q: { type: 'float32', data: q, dims: [2, seq, heads * hd] },
     k: { type: 'float32', data: newK, dims: [2, seq, kvDim] },
     v: { type: 'float32', data: newV, dims: [2, seq, kvDim] },
-    pk: { type: 'float32', data: cacheK, dims: [window, rows, kvDim] },
-    pv: { type: 'float32', data: cacheV, dims: [window, rows, kvDim] },
+    pk: { type: 'float32', data: poolK, dims: [numBlocks, blockLen, kvDim] },
+    pv: { type: 'float32', data: poolV, dims: [numBlocks, blockLen, kvDim] },
   });
   for (let b = 0; b < 2; b++) {
     const p = pastLens[b]!;

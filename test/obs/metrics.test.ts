@@ -78,6 +78,7 @@ test('steps, batch sizes and queue gauges', async () => {
   m.observeStep('decode', 0.01, 3);
   m.observeStep('decode', 0.01, 8);
   m.setQueue({ running: 3, waiting: 2, rowsUsed: 3, rowsFree: 5 });
+  m.setKvBlocks({ used: 4, reserved: 6, total: 32 });
   m.observeInterToken(0.04);
   const text = await m.registry.metrics();
   assert.match(text, /^loraplex_engine_step_seconds_count\{kind="prefill"\} 1$/m);
@@ -88,6 +89,9 @@ test('steps, batch sizes and queue gauges', async () => {
   assert.match(text, /^loraplex_sequences_waiting 2$/m);
   assert.match(text, /^loraplex_kv_cache_rows_used 3$/m);
   assert.match(text, /^loraplex_kv_cache_rows_free 5$/m);
+  assert.match(text, /^loraplex_kv_cache_blocks\{state="used"\} 4$/m);
+  assert.match(text, /^loraplex_kv_cache_blocks\{state="reserved"\} 6$/m);
+  assert.match(text, /^loraplex_kv_cache_blocks\{state="total"\} 32$/m);
   assert.match(text, /^loraplex_inter_token_latency_seconds_count 1$/m);
 });
 

@@ -229,6 +229,9 @@ test('Prometheus scrapes loraplex and sees the tokens the clients received', asy
   await eventually(promBase, 'sum(loraplex_adapters{state=~"loaded|active"})', (r) => value(r) === 1);
   await eventually(promBase, 'loraplex_sequences_running', (r) => r.length === 1 && value(r) === 0);
   await eventually(promBase, 'loraplex_kv_cache_rows_free', (r) => value(r) === server.app.cfg.maxNumSeqs);
+  // Idle again: every KV block is back in the pool.
+  await eventually(promBase, 'loraplex_kv_cache_blocks{state="used"}', (r) => r.length === 1 && value(r) === 0);
+  await eventually(promBase, 'loraplex_kv_cache_blocks{state="total"}', (r) => value(r) > 0);
   await eventually(promBase, 'loraplex_process_resident_memory_bytes', (r) => value(r) > 0);
   // The recording rules evaluate against the scraped series.
   await eventually(promBase, 'loraplex:generated_tokens:rate1m', (r) => r.length === 1);

@@ -20,11 +20,11 @@ function logitsFor(tokens: number[]): Float32Array {
   return out;
 }
 
-function setup(opts: { maxNumSeqs?: number; prefillChunk?: number; leases?: LeaseSource; stopAt?: number } = {}) {
+function setup(opts: { maxNumSeqs?: number; prefillChunk?: number; leases?: LeaseSource; stopAt?: number; kvBlocks?: number } = {}) {
   const sampled: { id: number; token: SampledToken }[] = [];
   const released: string[] = [];
   const leases: LeaseSource = opts.leases ?? { take: (k) => ({ slot: Number(k.slice(1)), release: () => released.push(k) }) };
-  const core = new SchedulerCore<{ id: number }>({ maxNumSeqs: opts.maxNumSeqs ?? 4, prefillChunk: opts.prefillChunk ?? 3, vocabSize: V }, leases, (r, token) => {
+  const core = new SchedulerCore<{ id: number }>({ maxNumSeqs: opts.maxNumSeqs ?? 4, prefillChunk: opts.prefillChunk ?? 3, vocabSize: V, ...(opts.kvBlocks ? { kvBlocks: opts.kvBlocks, maxModelLen: 64 } : {}) }, leases, (r, token) => {
     sampled.push({ id: r.payload.id, token });
     return token.tokenId === opts.stopAt; // the output stage's stop string
   });
@@ -106,6 +106,27 @@ test('an abort leaves at once while waiting, at the next plan while running', ()
   assert.deepEqual(next.departed.map((d) => [d.request.payload.id, (d.error as LoraplexError).code]), [[0, 'DEADLINE_EXCEEDED']]);
   assert.equal(s.core.freeRowCount, 1);
   assert.ok(s.core.idle);
+});
+
+test('KV blocks: admission reserves prompt + max_new_tokens (within maxModelLen) in 64-token blocks; a request that does not fit waits, and those behind it too', () => {
+  const s = setup({ maxNumSeqs: 4, kvBlocks: 2 });
+  const capped = s.add(30, null, 100); // 130 tokens, but a row holds 64: one block
+  s.add(4, null);
+  const third = s.add(4, null);
+  const first = s.core.plan('decode');
+  assert.deepEqual(first.admitted.map((r) => r.payload.id), [0, 1]);
+  assert.equal(s.core.reservedBlocks, 2);
+  assert.equal(s.core.freeRowCount, 2, 'rows are free, blocks are not');
+  assert.equal(s.core.waitingCount, 1);
+  assert.deepEqual(s.core.takeFreedRows(), []);
+  const row = capped.seq.kvRow;
+  s.core.abort(capped, new LoraplexError('CANCELLED', 'client cancelled'));
+  const next = s.core.plan('decode');
+  assert.deepEqual(next.admitted.map((r) => r.payload.id), [2]);
+  assert.equal(s.core.reservedBlocks, 2);
+  // The engine gives the departed row's blocks back at the next step, before the new request takes any.
+  assert.deepEqual(s.core.takeFreedRows(), [row]);
+  assert.equal(third.seq.kvRow, row, 'the freed row is reused at once');
 });
 
 test('admission never waits: an adapter without a lease stays queued, one whose lease throws leaves with the error', () => {
