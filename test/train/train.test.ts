@@ -27,7 +27,7 @@ const tokenizer = await loadTokenizer(STORIES);
 function options(extra: TrainConfigInput, jobDir: string, events?: TrainEvent[], signal?: AbortSignal): TrainRunOptions {
   const config = validateTrainConfig({ r: 8, loraAlpha: 16, targetModules: 'all-linear', learningRate: 3e-3, microBatchSize: 8, maxSeqLength: 64, evalFraction: 0.05, seed: 7, ...extra }, { spec, maxLoraRank: 16, maxModelLen: 512 });
   // The first 300 kB of Shakespeare: enough for a clear style change, small enough for CI.
-  const data = loadTrainData({ path: 'tinyshakespeare.txt' }, { dataRoot: join(SHAKESPEARE, '..') });
+  const data = loadTrainData({ path: 'tinyshakespeare.txt', textSplit: 'paragraph' }, { dataRoot: join(SHAKESPEARE, '..') });
   data.train = data.train.slice(0, 400);
   return { spec, weights, tokenizer, quant: QUANT, config, data, jobDir, threads: 2, baseModelNameOrPath: 'stories260K', ...(events ? { onEvent: (e) => events.push(e) } : {}), ...(signal ? { signal } : {}) };
 }
