@@ -360,7 +360,8 @@ function toServerConfig(settings: ReadonlyMap<string, Resolved>, configFile: str
 
 // --- help -------------------------------------------------------------------------------------------
 
-function placeholder(s: Setting): string {
+/** ` N`, ` PATH`, ` int4|nf4|...`: what follows a setting's flag in help text. */
+export function placeholder(s: Setting): string {
   if (s.type === 'bool') return '';
   if (s.type === 'int' || s.type === 'number') return ' N';
   if (s.type === 'path') return ' PATH';
@@ -369,7 +370,7 @@ function placeholder(s: Setting): string {
   return ` ${values && values.length <= 24 ? values : s.flag.slice(s.flag.lastIndexOf('-') + 1).toUpperCase()}`;
 }
 
-function defaultText(s: Setting): string {
+export function defaultText(s: Setting): string {
   if (s.defaultText) return s.defaultText;
   const d = typeof s.default === 'function' ? null : s.default;
   return d === null ? 'unset' : String(d);

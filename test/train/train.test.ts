@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { readPeftAdapter } from '../../src/adapters/peft.js';
 import { loadModelDir } from '../../src/models/load.js';
@@ -121,15 +121,20 @@ test('the same seed gives the same loss curve; a resumed run ends with the same 
   }
 });
 
-test('loraplex train --json prints the final metrics', async () => {
+test('loraplex train --json prints the final metrics; the adapter names the model as PEFT does', async () => {
   const dataDir = tempDir('cli-data');
   mkdirSync(dataDir, { recursive: true });
   writeFileSync(join(dataDir, 'tiny.txt'), 'First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n'.repeat(40));
   const cli = new URL('../../src/cli/main.js', import.meta.url).pathname;
   const out = join(tempDir('cli-out'), 'adapter');
-  const { stdout } = await promisify(execFile)(process.execPath, [cli, 'train', '--model', STORIES, '--data', join(dataDir, 'tiny.txt'), '--out', out, '--max-steps', '5', '--max-seq-length', '32', '--micro-batch-size', '2', '--eval-fraction', '0.2', '--json']);
+  const { stdout } = await promisify(execFile)(process.execPath, [cli, 'train', '--model', STORIES, '--data', join(dataDir, 'tiny.txt'), '--out', out, '--max-steps', '5', '--max-seq-length', '32', '--micro-batch-size', '2', '--eval-fraction', '0.2', '--json',
+    '--lora-dropout', '0.1', '--text-split', 'paragraph', '--asymmetric', '--block-size', '16', '--threads', '1']);
   const m = JSON.parse(stdout);
   for (const k of ['trainLoss', 'evalLoss', 'steps', 'tokensPerSecond']) assert.ok(typeof m[k] === 'number', k);
   assert.equal(m.steps, 5);
   assert.equal(readPeftAdapter(out, spec).r, 8);
+  const config = JSON.parse(readFileSync(join(out, 'adapter_config.json'), 'utf8'));
+  // The model's name (its directory's, as it has no _name_or_path), not the path it was given.
+  assert.equal(config.base_model_name_or_path, 'stories260K');
+  assert.equal(config.lora_dropout, 0.1);
 });
