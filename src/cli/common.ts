@@ -1,4 +1,5 @@
 import type { QuantOptions } from '../../kernels/quant/index.js';
+import { LM_HEAD_QUANTS, type LmHeadQuant, type ModelQuant } from '../models/linear.js';
 import type { EngineSettings } from '../config/server-config.js';
 import { cacheDirDefault, defaultBlockSize, defaultOf, QUANT_KINDS, type Setting } from '../config/schema.js';
 import { UsageError } from '../config/usage-error.js';
@@ -6,7 +7,7 @@ import { num, str } from './args.js';
 import { schemaSetting, settingOptions } from './help.js';
 
 /** The serve settings that commands running the model (`generate`) take as flags, with serve's defaults and bounds. */
-const ENGINE_FLAG_SETTINGS = ['model', 'quant', 'blockSize', 'accuracyLevel', 'asymmetric', 'threads', 'cacheDir', 'maxModelLen', 'maxNumSeqs', 'maxLoras', 'maxLoraRank', 'prefillChunk', 'allowSpinning'] as const;
+const ENGINE_FLAG_SETTINGS = ['model', 'quant', 'blockSize', 'accuracyLevel', 'asymmetric', 'lmHeadQuant', 'threads', 'cacheDir', 'maxModelLen', 'maxNumSeqs', 'maxLoras', 'maxLoraRank', 'prefillChunk', 'allowSpinning'] as const;
 
 const flagName = (s: Setting) => s.flag.slice('--'.length);
 
@@ -36,15 +37,18 @@ const numericSetting = (v: Record<string, unknown>, name: string) => numericFlag
  * --quant, --block-size, --asymmetric (and --accuracy-level, unless `accuracyLevel` fixes it) as serve reads
  * them: schema defaults and bounds, and the same refusal of a setting the kind does not use.
  */
-export function quantFromFlags(v: Record<string, unknown>, fixed: { accuracyLevel?: number } = {}): QuantOptions {
+export function quantFromFlags(v: Record<string, unknown>, fixed: { accuracyLevel?: number } = {}): ModelQuant {
   const kind = str(v, 'quant', defaultOf(schemaSetting('quant'), process.env) as QuantOptions['kind'], QUANT_KINDS);
   const unused = (names: string[], why: string) => {
     const given = names.map(schemaSetting).find((s) => v[flagName(s)] !== undefined);
     if (given) throw new UsageError(`${given.flag}: ${why}, and --quant is ${kind}`);
   };
-  const quant: QuantOptions = { kind };
-  if (kind === 'none') unused(['blockSize', 'asymmetric', 'accuracyLevel'], 'only applies to quantized weights');
-  else quant.blockSize = numericFlag(v, 'blockSize', defaultBlockSize(kind));
+  const quant: ModelQuant = { kind };
+  if (kind === 'none') unused(['blockSize', 'asymmetric', 'accuracyLevel', 'lmHeadQuant'], 'only applies to quantized weights');
+  else {
+    quant.blockSize = numericFlag(v, 'blockSize', defaultBlockSize(kind));
+    quant.lmHead = str(v, 'lm-head-quant', defaultOf(schemaSetting('lmHeadQuant'), process.env) as LmHeadQuant, LM_HEAD_QUANTS);
+  }
   if (kind === 'int4' || kind === 'int8') {
     quant.accuracyLevel = fixed.accuracyLevel ?? numericSetting(v, 'accuracyLevel');
     quant.symmetric = !v['asymmetric'];

@@ -18,7 +18,7 @@ export const TRAIN_USAGE = `loraplex train --model DIR --data FILE(.txt|.jsonl) 
     (loraplex train --help lists every option: the Train RPC's fields, and the base model's quantization)`;
 
 /** The serve settings that say how the base is loaded for training (their flags, defaults and bounds). */
-const BASE_SETTINGS = ['quant', 'blockSize', 'asymmetric', 'threads'] as const;
+const BASE_SETTINGS = ['quant', 'blockSize', 'asymmetric', 'lmHeadQuant', 'threads'] as const;
 
 const baseOptions = settingOptions(BASE_SETTINGS, (s) => (s.name === 'threads' ? 'onnxruntime intra-op threads of the training' : s.description));
 

@@ -2,6 +2,7 @@ import { readFileSync, statSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import type { QuantOptions } from '../../kernels/quant/index.js';
+import type { LmHeadQuant, ModelQuant } from '../models/linear.js';
 import type { ServerConfig } from './server-config.js';
 import { UsageError } from './usage-error.js';
 import {
@@ -306,10 +307,13 @@ function toServerConfig(settings: ReadonlyMap<string, Resolved>, configFile: str
   }
 
   const kind = v<QuantOptions['kind']>('quant');
-  const quant: QuantOptions = { kind };
+  const quant: ModelQuant = { kind };
   if (kind === 'none') {
-    for (const name of ['blockSize', 'asymmetric', 'accuracyLevel']) if (set(name)) problems.push(`${at(name)}: only applies to quantized weights, and ${at('quant')}`);
-  } else quant.blockSize = v<number | null>('blockSize') ?? defaultBlockSize(kind);
+    for (const name of ['blockSize', 'asymmetric', 'accuracyLevel', 'lmHeadQuant']) if (set(name)) problems.push(`${at(name)}: only applies to quantized weights, and ${at('quant')}`);
+  } else {
+    quant.blockSize = v<number | null>('blockSize') ?? defaultBlockSize(kind);
+    quant.lmHead = v<LmHeadQuant>('lmHeadQuant');
+  }
   if (kind === 'int4' || kind === 'int8') {
     quant.accuracyLevel = v<number>('accuracyLevel');
     quant.symmetric = !v<boolean>('asymmetric');
