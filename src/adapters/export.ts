@@ -3,9 +3,10 @@ import { join } from 'node:path';
 import { randomBytes } from 'node:crypto';
 import { LoraplexError, invalidArgument } from '../errors.js';
 import { dequantizeLinear, quantizeLinear, type QuantOptions } from '../../kernels/quant/index.js';
+import { DEFAULT_LM_HEAD_QUANT, lmHeadQuantOptions, type ModelQuant } from '../models/linear.js';
 import { loadModelDir } from '../models/load.js';
-import { familyOfModule } from '../models/families/index.js';
-import { writeShardedSafetensors, writeSafetensors, type TensorToWrite } from '../models/safetensors.js';
+import { familyOf, familyOfModule } from '../models/families/index.js';
+import { f16ToF32, f32ToF16Bits, writeShardedSafetensors, writeSafetensors, type TensorToWrite } from '../models/safetensors.js';
 import type { HostTensor, ModelSpec } from '../models/spec.js';
 import type { PeftAdapter } from './peft.js';
 import { writeDirAtomic } from '../files/atomic-dir.js';
@@ -63,13 +64,28 @@ function linearModuleOf(spec: ModelSpec, name: string): string | null {
 
 const outputExists = (outputName: string) => new LoraplexError('ALREADY_EXISTS', `output_name ${JSON.stringify(outputName)} already exists in the export root`);
 
+/** W as the server computes with it: quantized and dequantized with the codec (a copy; W itself when float). */
+function asServed(w: Float32Array, N: number, K: number, q: QuantOptions, name: string): Float32Array {
+  return q.kind === 'none' ? w : dequantizeLinear(quantizeLinear(w, N, K, q, name));
+}
+
+/** The embedding table as served: float16 under a quantized base (ServingGraphOptions.embeddingFp16). */
+function fp16Rounded(data: Float32Array): Float32Array {
+  const out = new Float32Array(data.length);
+  f16ToF32(Uint16Array.from(data, (v) => f32ToF16Bits(v)), out);
+  return out;
+}
+
 /**
  * Writes base + weighted adapter deltas as a plain Hugging Face model directory: the served base, i.e. every
  * linear weight quantized and dequantized with the served codec (exactly what the server computes with; the
- * original weights when quant is none), plus Σ weight * scaling * B A. Other tensors are copied. Written into a
- * temporary folder under exportRoot and renamed into place, so a crash never leaves a half model.
+ * original weights when quant is none), plus Σ weight * scaling * B A. The output head is written with its own
+ * codec (lmHeadQuant) and the embedding rounded to float16 as served; a quantized base's tied head is therefore
+ * untied (lm_head.weight written, tie_word_embeddings false), as the two no longer hold the same values. Other
+ * tensors are copied. Written into a temporary folder under exportRoot and renamed into place, so a crash never
+ * leaves a half model.
  */
-export function exportMergedModel(modelDir: string, quant: QuantOptions, sources: ExportSource[], exportRoot: string, outputName: string, dtype: 'F16' | 'F32'): ExportResult {
+export function exportMergedModel(modelDir: string, quant: ModelQuant, sources: ExportSource[], exportRoot: string, outputName: string, dtype: 'F16' | 'F32'): ExportResult {
   const t0 = performance.now();
   validateOutputName(outputName);
   const dest = join(exportRoot, outputName);
@@ -95,8 +111,8 @@ export function exportMergedModel(modelDir: string, quant: QuantOptions, sources
       w = new Float32Array(N * K);
       for (let i = 0; i < rows; i++) for (let j = 0; j < cols; j++) w[j * K + i] = t.data[i * cols + j]!;
     }
-    if (quant.kind !== 'none') w = dequantizeLinear(quantizeLinear(w, N, K, quant, name));
-    else if (!conv) w = w.slice();
+    w = asServed(w, N, K, quant, name);
+    if (w === t.data) w = w.slice();
     for (const d of deltas.get(module) ?? []) {
       const m = d.adapter.modules[d.index]!;
       const f = d.weight * d.adapter.scaling;
@@ -115,7 +131,23 @@ export function exportMergedModel(modelDir: string, quant: QuantOptions, sources
     for (let i = 0; i < rows; i++) for (let j = 0; j < cols; j++) back[i * cols + j] = w[j * K + i]!;
     return { shape: t.shape, data: back };
   };
-  const tensors: TensorToWrite[] = weights.names().map((name) => ({ name, shape: weights.shape(name), data: () => served(name).data }));
+  // Under a quantized base the head and the embedding are served differently even when the checkpoint ties them.
+  const headName = familyOf(spec).lmHeadWeight(spec, weights);
+  const untie = quant.kind !== 'none' && headName !== 'lm_head.weight';
+  const embeddingName = spec.family === 'gpt2' ? 'wte.weight' : 'model.embed_tokens.weight';
+  const head = (): Float32Array => {
+    const t = weights.get(headName);
+    const [N, K] = t.shape as [number, number];
+    return asServed(t.data, N, K, lmHeadQuantOptions(quant), 'lm_head');
+  };
+  const tensor = (name: string): Float32Array => {
+    // A tied checkpoint may still carry an lm_head.weight (a copy of the embedding): the untied head replaces it.
+    if (name === (untie ? 'lm_head.weight' : headName)) return head();
+    if (name === embeddingName && quant.kind !== 'none') return fp16Rounded(weights.get(name).data);
+    return served(name).data;
+  };
+  const tensors: TensorToWrite[] = weights.names().map((name) => ({ name, shape: weights.shape(name), data: () => tensor(name) }));
+  if (untie && !weights.has('lm_head.weight')) tensors.push({ name: 'lm_head.weight', shape: weights.shape(headName), data: head });
   const totalBytes = tensors.reduce((n, t) => n + t.shape.reduce((a, b) => a * b, 1) * (dtype === 'F16' ? 2 : 4), 0);
 
   const temp = join(exportRoot, `${TMP_PREFIX}${outputName}-${randomBytes(4).toString('hex')}`);
@@ -125,11 +157,12 @@ export function exportMergedModel(modelDir: string, quant: QuantOptions, sources
     // The model directory is the operator's (a Hugging Face cache links its files), so symlinks are fine here.
     const config = parseJsonCapped(readFileSync(join(modelDir, 'config.json')), { maxBytes: MAX_MODEL_CONFIG_BYTES, maxDepth: 32, what: 'config.json' }) as Record<string, unknown>;
     config['torch_dtype'] = dtype === 'F16' ? 'float16' : 'float32';
+    if (untie) config['tie_word_embeddings'] = false;
     writeFileSync(join(tmp, 'config.json'), `${JSON.stringify(config, null, 2)}\n`);
     for (const f of CARRIED) if (existsSync(join(modelDir, f))) copyFileSync(join(modelDir, f), join(tmp, f));
     const provenance = {
       exportedBy: 'loraplex',
-      baseQuantization: quant,
+      baseQuantization: { ...quant, lmHead: quant.kind === 'none' ? 'none' : (quant.lmHead ?? DEFAULT_LM_HEAD_QUANT) },
       adapters: sources.map((s) => ({ adapterId: s.adapterId, weight: s.weight, r: s.adapter.r, loraAlpha: s.adapter.alpha })),
       specModelType: spec.modelType,
     };

@@ -11,9 +11,11 @@ import type { LoraLayerWeights, LoraModuleShape } from '../models/lora.js';
  * - svd: the best rank-k approximation of Σ w_i ΔW_i (computed from the low-rank factors, never the dense
  *   matrix), optionally clamped at a quantile of the factor entries.
  * - linear / ties / dare_linear / dare_ties: combine the A's and the B's separately with weights
- *   sqrt(w_i s_i) (equal ranks and modules needed), via task arithmetic, TIES (magnitude pruning, sign election,
- *   disjoint mean) or DARE (random pruning with rescale; a seeded RNG: the same seed gives the same adapter,
- *   though not torch's random draws).
+ *   sign(w_i) sqrt(|w_i s_i|) for A and sqrt(|w_i s_i|) for B (so a negative weight subtracts; equal ranks and
+ *   modules needed), via task arithmetic, TIES (magnitude pruning, sign election, disjoint mean) or DARE
+ *   (random pruning with rescale; a seeded RNG: the same seed gives the same adapter, though not torch's
+ *   random draws).
+ * - One source: every method is linear, as PEFT does (nothing to elect a sign against or to approximate).
  */
 export type MergeMethod = 'linear' | 'cat' | 'svd' | 'ties' | 'dare_linear' | 'dare_ties';
 export type MajoritySignMethod = 'total' | 'frequency';
@@ -39,7 +41,9 @@ export interface MergeOptions {
 
 const SHORT = (module: string) => module.slice(module.lastIndexOf('.') + 1);
 
-export function mergeAdapters(sources: MergeSource[], opts: MergeOptions): PeftAdapter {
+export function mergeAdapters(sources: MergeSource[], requested: MergeOptions): PeftAdapter {
+  validateMethod(requested.method);
+  const opts: MergeOptions = sources.length === 1 ? { method: 'linear' } : requested;
   validate(sources, opts);
   const modules = moduleUnion(sources);
   let merged: LoraLayerWeights[];
@@ -65,9 +69,12 @@ export function mergeAdapters(sources: MergeSource[], opts: MergeOptions): PeftA
   };
 }
 
-function validate(sources: MergeSource[], opts: MergeOptions): void {
+function validateMethod(method: MergeMethod): void {
   const methods: MergeMethod[] = ['linear', 'cat', 'svd', 'ties', 'dare_linear', 'dare_ties'];
-  if (!methods.includes(opts.method)) throw invalidArgument(`method ${JSON.stringify(opts.method)}: must be one of ${methods.join(', ')}`);
+  if (!methods.includes(method)) throw invalidArgument(`method ${JSON.stringify(method)}: must be one of ${methods.join(', ')}`);
+}
+
+function validate(sources: MergeSource[], opts: MergeOptions): void {
   if (sources.length === 0) throw invalidArgument('sources: give at least one adapter');
   if (sources.length > 64) throw invalidArgument(`sources: ${sources.length} adapters exceed the limit of 64`);
   const ids = new Set<string>();
@@ -83,7 +90,6 @@ function validate(sources: MergeSource[], opts: MergeOptions): void {
     const r0 = sources[0]!.adapter.r;
     for (const s of sources) {
       if (s.adapter.r !== r0) throw invalidArgument(`sources: ${opts.method} needs equal ranks; "${sources[0]!.adapterId}" has r=${r0}, "${s.adapterId}" has r=${s.adapter.r} (use cat or svd)`);
-      if (s.weight < 0) throw invalidArgument(`sources: weight ${s.weight} of "${s.adapterId}": ${opts.method} scales by sqrt(weight * scaling) as PEFT does, so weights must be >= 0 (use cat or svd)`);
     }
     const first = new Set(sources[0]!.adapter.modules.map((m) => m.module));
     for (const s of sources.slice(1)) {
@@ -169,14 +175,21 @@ function clampAtQuantile(a: Float32Array, b: Float32Array, q: number): void {
   for (const t of [a, b]) for (let i = 0; i < t.length; i++) t[i] = Math.min(Math.max(t[i]!, -limit), limit);
 }
 
+/** PEFT's split of w s between the factors: the sign goes on A only, or B A would not change sign. */
+export function factorWeights(weight: number, scaling: number): { a: number; b: number } {
+  const ws = weight * scaling;
+  const root = Math.sqrt(Math.abs(ws));
+  return { a: ws >= 0 ? root : -root, b: root };
+}
+
 function taskArithmeticModules(sources: MergeSource[], modules: LoraModuleShape[], opts: MergeOptions): LoraLayerWeights[] {
-  const weights = sources.map((s) => Math.sqrt(s.weight * s.adapter.scaling));
+  const split = sources.map((s) => factorWeights(s.weight, s.adapter.scaling));
   const rng = new Rng(opts.seed ?? 0);
   const r = sources[0]!.adapter.r;
   return modules.map((shape) => {
     const parts = sources.map((s) => find(s, shape.module)!);
-    const a = combine(parts.map((p) => p.a), weights, opts, rng);
-    const b = combine(parts.map((p) => p.b), weights, opts, rng);
+    const a = combine(parts.map((p) => p.a), split.map((w) => w.a), opts, rng);
+    const b = combine(parts.map((p) => p.b), split.map((w) => w.b), opts, rng);
     return { module: shape.module, a, b, r, inFeatures: shape.inFeatures, outFeatures: shape.outFeatures };
   });
 }

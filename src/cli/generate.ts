@@ -5,26 +5,36 @@ import { runBatch } from '../scheduler/batch.js';
 import { UsageError } from '../config/usage-error.js';
 import { startEngine } from '../engine/start.js';
 import { num, parse, str } from './args.js';
-import { engineFlags, engineSettings } from './common.js';
+import { engineOptions, engineSettings, ENGINE_ABOUT } from './common.js';
+import { optionRows, parseArgsOptions, usageText, type CliOptions } from './help.js';
 
-export const GENERATE_USAGE = `loraplex generate --model DIR [--adapter DIR] [--quant none|int4|nf4|int8] [--prompt TEXT]
-    [--max-new-tokens N] [--temperature T] [--top-k K] [--top-p P] [--repetition-penalty R] [--seed S]
-    [--stop TEXT]... [--json] [--threads N] [--cache-dir DIR] [--block-size B] [--accuracy-level 0|4] [--asymmetric]`;
+export const GENERATE_USAGE = `loraplex generate --model DIR [--adapter DIR] [--prompt TEXT] [--OPTION VALUE]...
+    (loraplex generate --help lists every option)`;
+
+/** What generate adds to the engine options; sampling as the Generate RPC's SamplingParams. */
+const GENERATE_OPTIONS: CliOptions = {
+  adapter: { type: 'string', arg: ' DIR', help: 'a PEFT adapter directory to apply [none: the base model]' },
+  prompt: { type: 'string', arg: ' TEXT', help: "the prompt, tokenized with the model's BOS rule [empty]" },
+  'max-new-tokens': { type: 'string', arg: ' N', help: 'tokens to generate at most, capped by the context left [64]' },
+  temperature: { type: 'string', arg: ' T', help: '0 = greedy [0]' },
+  'top-k': { type: 'string', arg: ' K', help: '0 = off [0]' },
+  'top-p': { type: 'string', arg: ' P', help: 'nucleus sampling, in (0, 1] [1]' },
+  'repetition-penalty': { type: 'string', arg: ' R', help: 'HF semantics over prompt and generated ids, > 0 [1]' },
+  seed: { type: 'string', arg: ' S', help: 'same seed, same tokens [random]' },
+  stop: { type: 'string', multiple: true, arg: ' TEXT', help: 'a string that ends generation (not printed)' },
+  json: { type: 'boolean', help: 'print {promptIds, tokenIds, text, finishReason} as one JSON line instead of streaming text' },
+};
+
+/** `loraplex generate --help`. */
+export function generateUsage(): string {
+  return usageText('loraplex generate --model DIR [--OPTION VALUE]...', ['Generates from one prompt without a server, on the engine loraplex serve runs. Boolean options take no value.'], [
+    ['Generation', optionRows(GENERATE_OPTIONS)],
+    [ENGINE_ABOUT, optionRows(engineOptions)],
+  ]);
+}
 
 export async function generateCommand(argv: string[]): Promise<void> {
-  const v = parse(argv, {
-    ...engineFlags,
-    adapter: { type: 'string' },
-    prompt: { type: 'string' },
-    'max-new-tokens': { type: 'string' },
-    temperature: { type: 'string' },
-    'top-k': { type: 'string' },
-    'top-p': { type: 'string' },
-    'repetition-penalty': { type: 'string' },
-    seed: { type: 'string' },
-    stop: { type: 'string', multiple: true },
-    json: { type: 'boolean' },
-  });
+  const v = parse(argv, parseArgsOptions({ ...engineOptions, ...GENERATE_OPTIONS }));
   if (typeof v['model'] !== 'string') throw new UsageError(`--model DIR is required\n${GENERATE_USAGE}`);
   const settings = engineSettings(v, v['model']);
   settings.maxNumSeqs = 1;

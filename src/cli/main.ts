@@ -1,21 +1,35 @@
 #!/usr/bin/env node
 import { UsageError } from '../config/usage-error.js';
-import { GENERATE_USAGE, generateCommand } from './generate.js';
-import { MAKE_MODEL_USAGE, makeModelCommand } from './make-model.js';
+import { serveUsage, wantsHelp } from '../config/parse.js';
+import { GENERATE_USAGE, generateCommand, generateUsage } from './generate.js';
+import { MAKE_MODEL_USAGE, makeModelCommand, makeModelUsage } from './make-model.js';
 import { SERVE_USAGE, serveCommand } from './serve.js';
-import { TRAIN_USAGE, trainCommand } from './train.js';
+import { TRAIN_USAGE, trainCommand, trainUsage } from './train.js';
 
 const USAGE = `loraplex: serve and fine-tune many LoRA adapters on one 4-bit base model
 
-Commands:
+Commands (loraplex COMMAND --help lists a command's options):
   ${SERVE_USAGE}
   ${GENERATE_USAGE}
   ${TRAIN_USAGE}
   ${MAKE_MODEL_USAGE}
 `;
 
+/** Each command's `--help` (or -h): its usage on stdout, exit 0. */
+const HELP: Readonly<Record<string, () => string>> = {
+  serve: serveUsage,
+  generate: generateUsage,
+  train: trainUsage,
+  'make-model': makeModelUsage,
+};
+
 async function main(argv: string[]): Promise<number> {
   const [command, ...rest] = argv;
+  const help = command !== undefined && Object.hasOwn(HELP, command) ? HELP[command] : undefined;
+  if (help && wantsHelp(rest)) {
+    process.stdout.write(help());
+    return 0;
+  }
   switch (command) {
     case 'serve':
       await serveCommand(rest);
@@ -29,8 +43,13 @@ async function main(argv: string[]): Promise<number> {
     case 'make-model':
       await makeModelCommand(rest);
       return 0;
+    case 'help': {
+      // `loraplex help train` = `loraplex train --help`
+      const topic = rest[0] !== undefined && Object.hasOwn(HELP, rest[0]) ? HELP[rest[0]] : undefined;
+      process.stdout.write(topic ? topic() : USAGE);
+      return 0;
+    }
     case undefined:
-    case 'help':
     case '--help':
     case '-h':
       process.stdout.write(USAGE);

@@ -1,64 +1,88 @@
 import { basename, dirname, resolve } from 'node:path';
 import { existsSync } from 'node:fs';
-import { writePeftAdapter } from '../adapters/peft.js';
+import { peftBaseModelName, writePeftAdapter } from '../adapters/peft.js';
 import { loadModelDir } from '../models/load.js';
 import { loadTokenizer } from '../tokenizer/index.js';
-import { validateTrainConfig, type TrainConfigInput } from '../train/config.js';
-import { loadTrainData } from '../train/data.js';
+import { validateTrainConfig } from '../train/config.js';
+import { loadTrainData, type TrainData } from '../train/data.js';
 import { runTraining, type TrainEvent } from '../train/trainer.js';
+import { dataSourceInput, trainConfigInput } from '../rpc/train-handlers.js';
 import { LoraplexError } from '../errors.js';
-import { QUANT_KINDS } from '../config/schema.js';
 import { UsageError } from '../config/usage-error.js';
-import { num, parse, str } from './args.js';
-import type { QuantOptions } from '../../kernels/quant/index.js';
+import { parse } from './args.js';
+import { quantFromFlags, threadsFromFlags } from './common.js';
+import { optionRows, parseArgsOptions, settingOptions, usageText, type CliOptions } from './help.js';
+import { asFlagMessage, trainFieldFlags, trainFieldHelpRows, trainRequestFromFlags } from './train-options.js';
 
-export const TRAIN_USAGE = `loraplex train --model DIR --data FILE(.txt|.jsonl) --out DIR [--quant int4|nf4|int8|none]
-    [--r R] [--lora-alpha A] [--target-modules q_proj,v_proj|all-linear] [--use-rslora]
-    [--learning-rate LR] [--lr-scheduler constant|linear|cosine] [--warmup-steps N] [--weight-decay W]
-    [--max-grad-norm G] [--micro-batch-size B] [--gradient-accumulation-steps N] [--epochs E] [--max-steps N]
-    [--max-seq-length L] [--eval-fraction F] [--eval-every N] [--checkpoint-every N] [--seed S] [--threads N] [--json]`;
+export const TRAIN_USAGE = `loraplex train --model DIR --data FILE(.txt|.jsonl) --out DIR [--TRAIN-OPTION VALUE]...
+    (loraplex train --help lists every option: the Train RPC's fields, and the base model's quantization)`;
 
-const optionalNumber = (v: Record<string, unknown>, flag: string) => (v[flag] === undefined ? undefined : num(v, flag, 0));
+/** The serve settings that say how the base is loaded for training (their flags, defaults and bounds). */
+const BASE_SETTINGS = ['quant', 'blockSize', 'asymmetric', 'lmHeadQuant', 'threads'] as const;
 
-/** Trains an adapter without a server: the same trainer as the Train RPC. */
+const baseOptions = settingOptions(BASE_SETTINGS, (s) => (s.name === 'threads' ? 'onnxruntime intra-op threads of the training' : s.description));
+
+const OWN_OPTIONS: CliOptions = {
+  model: { type: 'string', arg: ' DIR', help: 'Hugging Face model directory (required)' },
+  data: { type: 'string', arg: ' FILE', help: 'training data, .txt or .jsonl ({"text"}, {"prompt", "completion"} or {"messages"} per line) (required)' },
+  'eval-data': { type: 'string', arg: ' FILE', help: 'a separate eval set, .txt or .jsonl; not with --eval-fraction' },
+  out: { type: 'string', arg: ' DIR', help: 'the PEFT adapter directory to write; must not exist yet (required)' },
+  'job-dir': { type: 'string', arg: ' DIR', help: 'checkpoints and the training graph [OUT.job]; a rerun with the same one resumes from its latest checkpoint' },
+  json: { type: 'boolean', help: 'print the final metrics as one JSON line on stdout (no progress on stderr)' },
+};
+
+/** `loraplex train --help`: generated from the TrainRequest descriptor and the serve schema. */
+export function trainUsage(): string {
+  return usageText(
+    'loraplex train --model DIR --data FILE --out DIR [--OPTION VALUE]...',
+    [
+      "Fine-tunes a LoRA adapter on the quantized base without a server: the Train RPC's trainer, defaults and",
+      'limits. Boolean options take no value. Unset options take the default in brackets.',
+    ],
+    [
+      ['Input and output', [...optionRows(OWN_OPTIONS), ['--help', 'this help']]],
+      ["Base model (as loraplex serve's settings; training computes the 4-bit matmuls exactly, at accuracy level 0)", optionRows(baseOptions)],
+      ["Training (the Train RPC's TrainRequest fields, proto/loraplex/v1/train.proto)", trainFieldHelpRows()],
+    ],
+  );
+}
+
+/** A validation error of the RPC's code, named as the CLI user wrote it. */
+function asUsage<T>(f: () => T): T {
+  try {
+    return f();
+  } catch (e) {
+    if (e instanceof LoraplexError) throw new UsageError(asFlagMessage(e.message));
+    throw e;
+  }
+}
+
+/** Trains an adapter without a server: the same trainer, request fields and validation as the Train RPC. */
 export async function trainCommand(argv: string[]): Promise<void> {
-  const v = parse(argv, {
-    model: { type: 'string' }, data: { type: 'string' }, out: { type: 'string' }, quant: { type: 'string' }, 'job-dir': { type: 'string' },
-    r: { type: 'string' }, 'lora-alpha': { type: 'string' }, 'target-modules': { type: 'string' }, 'use-rslora': { type: 'boolean' },
-    'learning-rate': { type: 'string' }, 'lr-scheduler': { type: 'string' }, 'warmup-steps': { type: 'string' }, 'weight-decay': { type: 'string' },
-    'max-grad-norm': { type: 'string' }, 'micro-batch-size': { type: 'string' }, 'gradient-accumulation-steps': { type: 'string' },
-    epochs: { type: 'string' }, 'max-steps': { type: 'string' }, 'max-seq-length': { type: 'string' }, 'eval-fraction': { type: 'string' },
-    'eval-every': { type: 'string' }, 'checkpoint-every': { type: 'string' }, seed: { type: 'string' }, threads: { type: 'string' }, json: { type: 'boolean' },
-  });
+  const v = parse(argv, { ...parseArgsOptions({ ...OWN_OPTIONS, ...baseOptions }), ...trainFieldFlags() });
   for (const f of ['model', 'data', 'out']) if (typeof v[f] !== 'string') throw new UsageError(`--${f} is required\n${TRAIN_USAGE}`);
   const modelDir = v['model'] as string;
   const out = resolve(v['out'] as string);
   if (existsSync(out)) throw new UsageError(`--out ${out}: already exists (choose a new directory)`);
-  const kind = str(v, 'quant', 'int4', QUANT_KINDS);
   // Training computes in float32 activations: accuracy level 0 keeps the 4-bit matmuls exact to the dequantized weights.
-  const quant: QuantOptions = kind === 'none' ? { kind } : { kind, ...(kind === 'nf4' ? {} : { accuracyLevel: 0 }) };
+  const quant = quantFromFlags(v, { accuracyLevel: 0 });
+  const threads = threadsFromFlags(v);
+  const file = resolve(v['data'] as string);
+  const req = trainRequestFromFlags(v);
+  req.path = basename(file);
   const { spec, weights } = loadModelDir(modelDir);
   const tokenizer = await loadTokenizer(modelDir);
-  const input: TrainConfigInput = {
-    r: optionalNumber(v, 'r'), loraAlpha: optionalNumber(v, 'lora-alpha'), useRslora: Boolean(v['use-rslora']),
-    targetModules: typeof v['target-modules'] === 'string' ? (v['target-modules'] as string).split(',') : undefined,
-    learningRate: optionalNumber(v, 'learning-rate'), lrSchedulerType: v['lr-scheduler'] as string | undefined,
-    warmupSteps: optionalNumber(v, 'warmup-steps'), weightDecay: optionalNumber(v, 'weight-decay'), maxGradNorm: optionalNumber(v, 'max-grad-norm'),
-    microBatchSize: optionalNumber(v, 'micro-batch-size'), gradientAccumulationSteps: optionalNumber(v, 'gradient-accumulation-steps'),
-    numEpochs: optionalNumber(v, 'epochs'), maxSteps: optionalNumber(v, 'max-steps'), maxSeqLength: optionalNumber(v, 'max-seq-length'),
-    evalFraction: optionalNumber(v, 'eval-fraction'), evalEvery: optionalNumber(v, 'eval-every'), checkpointEvery: optionalNumber(v, 'checkpoint-every'),
-    seed: optionalNumber(v, 'seed'),
-  };
-  let config;
-  let data;
-  try {
-    config = validateTrainConfig(input, { spec, maxLoraRank: 256, maxModelLen: spec.maxPositions });
-    const file = resolve(v['data'] as string);
-    data = loadTrainData({ path: basename(file) }, { dataRoot: dirname(file), maxFileBytes: 1 << 30 });
-  } catch (e) {
-    if (e instanceof LoraplexError) throw new UsageError(e.message);
-    throw e;
-  }
+  const config = asUsage(() => validateTrainConfig(trainConfigInput(req), { spec, maxLoraRank: 256, maxModelLen: spec.maxPositions }));
+  const data: TrainData = asUsage(() => {
+    const source = dataSourceInput(req);
+    const limits = { maxFileBytes: 1 << 30 };
+    const train = loadTrainData(source, { ...limits, dataRoot: dirname(file) }).train;
+    if (typeof v['eval-data'] !== 'string') return { train, eval: null };
+    if (config.evalFraction > 0) throw new UsageError(`--eval-fraction ${config.evalFraction}: set --eval-fraction or --eval-data, not both`);
+    const evalFile = resolve(v['eval-data']);
+    const evalSet = loadTrainData({ path: basename(evalFile), textSplit: source.textSplit ?? null }, { ...limits, dataRoot: dirname(evalFile) }).train;
+    return { train, eval: evalSet };
+  });
   const json = Boolean(v['json']);
   const tty = process.stderr.isTTY && !json;
   const onEvent = (e: TrainEvent) => {
@@ -71,8 +95,8 @@ export async function trainCommand(argv: string[]): Promise<void> {
   const result = await runTraining({
     spec, weights, tokenizer, quant, config, data,
     jobDir: typeof v['job-dir'] === 'string' ? v['job-dir'] : `${out}.job`,
-    threads: num(v, 'threads', 2, { integer: true, min: 1, max: 256 }),
-    baseModelNameOrPath: modelDir,
+    threads,
+    baseModelNameOrPath: peftBaseModelName(modelDir),
     onEvent,
   });
   if (tty) process.stderr.write('\n');

@@ -2,6 +2,7 @@ import { readFileSync, statSync } from 'node:fs';
 import { basename, dirname, join, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import type { QuantOptions } from '../../kernels/quant/index.js';
+import type { LmHeadQuant, ModelQuant } from '../models/linear.js';
 import type { ServerConfig } from './server-config.js';
 import { UsageError } from './usage-error.js';
 import {
@@ -304,10 +305,13 @@ function toServerConfig(settings: ReadonlyMap<string, Resolved>, configFile: str
   }
 
   const kind = v<QuantOptions['kind']>('quant');
-  const quant: QuantOptions = { kind };
+  const quant: ModelQuant = { kind };
   if (kind === 'none') {
-    for (const name of ['blockSize', 'asymmetric', 'accuracyLevel']) if (set(name)) problems.push(`${at(name)}: only applies to quantized weights, and ${at('quant')}`);
-  } else quant.blockSize = v<number | null>('blockSize') ?? defaultBlockSize(kind);
+    for (const name of ['blockSize', 'asymmetric', 'accuracyLevel', 'lmHeadQuant']) if (set(name)) problems.push(`${at(name)}: only applies to quantized weights, and ${at('quant')}`);
+  } else {
+    quant.blockSize = v<number | null>('blockSize') ?? defaultBlockSize(kind);
+    quant.lmHead = v<LmHeadQuant>('lmHeadQuant');
+  }
   if (kind === 'int4' || kind === 'int8') {
     quant.accuracyLevel = v<number>('accuracyLevel');
     quant.symmetric = !v<boolean>('asymmetric');
@@ -361,7 +365,8 @@ function toServerConfig(settings: ReadonlyMap<string, Resolved>, configFile: str
 
 // --- help -------------------------------------------------------------------------------------------
 
-function placeholder(s: Setting): string {
+/** ` N`, ` PATH`, ` int4|nf4|...`: what follows a setting's flag in help text. */
+export function placeholder(s: Setting): string {
   if (s.type === 'bool') return '';
   if (s.type === 'int' || s.type === 'number') return ' N';
   if (s.type === 'path') return ' PATH';
@@ -370,7 +375,7 @@ function placeholder(s: Setting): string {
   return ` ${values && values.length <= 24 ? values : s.flag.slice(s.flag.lastIndexOf('-') + 1).toUpperCase()}`;
 }
 
-function defaultText(s: Setting): string {
+export function defaultText(s: Setting): string {
   if (s.defaultText) return s.defaultText;
   const d = typeof s.default === 'function' ? null : s.default;
   return d === null ? 'unset' : String(d);

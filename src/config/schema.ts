@@ -2,6 +2,7 @@ import { availableParallelism, homedir } from 'node:os';
 import { join, resolve } from 'node:path';
 import type { QuantKind } from '../../kernels/quant/index.js';
 import { BUILTIN_MODEL_DIR } from '../models/builtin.js';
+import { DEFAULT_LM_HEAD_QUANT, LM_HEAD_QUANTS } from '../models/linear.js';
 
 /**
  * Every `loraplex serve` setting, declared once. Flags, environment variables, config-file keys, `--help`
@@ -73,6 +74,7 @@ export const SETTINGS: readonly Setting[] = [
   setting({ name: 'quant', type: 'enum', values: QUANT_KINDS, default: 'int4', description: 'weight quantization' }),
   setting({ name: 'blockSize', type: 'int', values: [16, 32, 64, 128, 256], default: null, defaultText: '32 (64 for nf4)', description: 'quantization block size' }),
   setting({ name: 'accuracyLevel', type: 'int', min: 0, max: 4, default: 4, description: 'MatMulNBits accuracy level for int4/int8 (4 = int8 activations, fast; 0 = float32)' }),
+  setting({ name: 'lmHeadQuant', type: 'enum', values: LM_HEAD_QUANTS, default: DEFAULT_LM_HEAD_QUANT, description: "the output head's quantization under a quantized base, in serving and training: int8 and int4 are MatMulNBits with the base's block size (int4 = the base's 4 bits); none = float32 (bitsandbytes QLoRA keeps the head float)" }),
   setting({ name: 'asymmetric', type: 'bool', default: false, description: 'asymmetric int4/int8 quantization (with zero points)' }),
   setting({ name: 'executionProvider', type: 'enum', values: EXECUTION_PROVIDERS, default: 'cpu', description: 'onnxruntime execution provider; cuda needs onnxruntime-node installed with its CUDA 12 libraries (ONNXRUNTIME_NODE_INSTALL=cuda12)' }),
   setting({ name: 'threads', type: 'int', min: 1, max: 256, default: () => Math.min(2, availableParallelism()), defaultText: 'min(2, CPUs)', description: 'onnxruntime intra-op threads' }),

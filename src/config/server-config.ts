@@ -1,11 +1,11 @@
-import type { QuantOptions } from '../../kernels/quant/index.js';
+import type { ModelQuant } from '../models/linear.js';
 import { basename } from 'node:path';
 import { settingDefault, type AuthMode, type ExecutionProvider } from './schema.js';
 
 /** What the engine needs to start (src/engine/start.ts); `loraplex generate` builds it from its own flags. */
 export interface EngineSettings {
   modelDir: string;
-  quant: QuantOptions;
+  quant: ModelQuant;
   threads: number;
   cacheDir: string;
   maxModelLen: number | null;

@@ -3,9 +3,8 @@ import { existsSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { writeOnnxModel } from '../../kernels/onnx.js';
 import { writeDirAtomic } from '../files/atomic-dir.js';
-import type { QuantOptions } from '../../kernels/quant/index.js';
 import { buildServingGraph, type ServingLayout } from '../models/graph.js';
-import { quantizedLinear } from '../models/linear.js';
+import { lmHeadQuantOptions, quantizedLinear, type ModelQuant } from '../models/linear.js';
 import { loadModelDir } from '../models/load.js';
 import { f32ToF16Bits } from '../models/safetensors.js';
 import type { ModelSpec } from '../models/spec.js';
@@ -15,7 +14,7 @@ import { modelIdentity, resolveContentKey, type ContentKeyOptions } from './mode
 export const ENGINE_VERSION = 'loraplex-engine-7';
 
 export interface CompileOptions extends ContentKeyOptions {
-  quant: QuantOptions;
+  quant: ModelQuant;
   /** Where quantized graphs are cached (one folder per key; model file identities under identities/). */
   cacheDir: string;
 }
@@ -40,7 +39,7 @@ interface CacheMeta {
   spec: ModelSpec;
   layout: ServingLayout;
   notes: string[];
-  quant: QuantOptions;
+  quant: ModelQuant;
   /** sha256 of the model files the entry was built from (contentKey), for checking an entry by hand. */
   contentKey?: string;
 }
@@ -52,8 +51,9 @@ function toFp16(data: Float32Array): Uint16Array {
 }
 
 /** Canonical quant settings so equivalent option objects share one cache entry. */
-function quantKeyPart(q: QuantOptions): string {
-  return JSON.stringify({ kind: q.kind, blockSize: q.blockSize ?? null, symmetric: q.symmetric ?? true, accuracyLevel: q.accuracyLevel ?? 0 });
+function quantKeyPart(q: ModelQuant): string {
+  const head = lmHeadQuantOptions(q);
+  return JSON.stringify({ kind: q.kind, blockSize: q.blockSize ?? null, symmetric: q.symmetric ?? true, accuracyLevel: q.accuracyLevel ?? 0, lmHead: head.kind });
 }
 
 /**
@@ -76,6 +76,7 @@ export function compileModel(modelDir: string, opts: CompileOptions): CompiledMo
   }
   const { graph, layout } = buildServingGraph(spec, weights, {
     linear: quantizedLinear(opts.quant),
+    lmHeadLinear: quantizedLinear(lmHeadQuantOptions(opts.quant)),
     embeddingFp16: opts.quant.kind !== 'none',
     toFp16,
   });

@@ -43,6 +43,8 @@ export interface ServingLayout {
 
 export interface ServingGraphOptions {
   linear: LinearEmitter;
+  /** The output head's linear (its own codec: lmHeadQuant); default `linear`. */
+  lmHeadLinear?: LinearEmitter;
   /** Store the embedding table in float16 (halves its memory; exact enough for 4-bit serving). */
   embeddingFp16: boolean;
   /** Float16 conversion for the table, supplied by the caller (keeps this module free of codec details). */
@@ -147,7 +149,7 @@ export function buildServingGraph(spec: ModelSpec, weights: WeightSource, opts: 
   const lastIndex = sub(g, seqLen, g.ints([1]), 'last_index');
   const last = gather(g, hidden, lastIndex, 1, 'last_hidden'); // [batch, 1, hidden]
   g.scope = 'lm_head.';
-  const logits = opts.linear(g, last, 'lm_head', weights.get(family.lmHeadWeight(spec, weights)), null);
+  const logits = (opts.lmHeadLinear ?? opts.linear)(g, last, 'lm_head', weights.get(family.lmHeadWeight(spec, weights)), null);
   g.scope = '';
   g.output(reshape(g, logits, [0, -1], 'logits_2d'), 'logits', ['batch', spec.vocabSize]);
   const stacked = concat(g, newKv.map((v, i) => g.op1('Unsqueeze', [v, g.ints([0])], { dtype: 'float32', shape: [1, 'batch', 'seq', kvDim] }, undefined, undefined, `new_kv_${i}`)), 0, 'new_kv_all');

@@ -14,3 +14,31 @@ export function quantizedLinear(opts: QuantOptions): LinearEmitter {
     return bias ? add(g, out, g.constant(`${name}.bias`, 'float32', [N], bias.data), `${name}.biased`) : out;
   };
 }
+
+/** Codecs of the output head (lm_head): bitsandbytes QLoRA keeps it float, llama.cpp at 6 bits. */
+export const LM_HEAD_QUANTS = ['none', 'int8', 'int4'] as const;
+export type LmHeadQuant = (typeof LM_HEAD_QUANTS)[number];
+export const DEFAULT_LM_HEAD_QUANT: LmHeadQuant = 'int8';
+
+/** How a base model is quantized: the linear layers' codec, and the output head's. */
+export interface ModelQuant extends QuantOptions {
+  /** The head's codec [int8]; with kind none everything is float and this is not used. */
+  lmHead?: LmHeadQuant;
+}
+
+/**
+ * The codec of the output head. int8 and int4 are MatMulNBits with the body's block size, zero points and
+ * accuracy level (int4 with an int4 body is the body's own codec); nf4 bodies have none of those: MatMulNBits'
+ * defaults then (block 64, symmetric, float compute).
+ */
+export function lmHeadQuantOptions(q: ModelQuant): QuantOptions {
+  const head = q.lmHead ?? DEFAULT_LM_HEAD_QUANT;
+  if (q.kind === 'none' || head === 'none') return { kind: 'none' };
+  const blockInt = q.kind === 'int4' || q.kind === 'int8';
+  return {
+    kind: head,
+    ...(q.blockSize !== undefined ? { blockSize: q.blockSize } : {}),
+    symmetric: blockInt ? (q.symmetric ?? true) : true,
+    accuracyLevel: blockInt ? (q.accuracyLevel ?? 0) : 0,
+  };
+}

@@ -1,7 +1,8 @@
 import { Graph, type Value } from '../../kernels/ir.js';
 import { add, dimOf, matmul, mul, range, reshape, transpose } from '../../kernels/ops/basic.js';
 import { causalAttention, causalMask } from '../../kernels/ops/nn.js';
-import { quantizeLinear, type QuantOptions } from '../../kernels/quant/index.js';
+import { quantizeLinear } from '../../kernels/quant/index.js';
+import { lmHeadQuantOptions, type ModelQuant } from './linear.js';
 import { gradients, quantizedLinearOp } from '../../kernels/autodiff.js';
 import { crossEntropy } from '../../kernels/ops/loss.js';
 import type { ModelSpec, WeightSource } from './spec.js';
@@ -18,7 +19,7 @@ import { constantOf, familyOf, type LinearWeight } from './families/index.js';
  * Outputs: loss (scalar), grad_a.M / grad_b.M (same shapes as the inputs).
  */
 export interface TrainGraphOptions {
-  quant: QuantOptions;
+  quant: ModelQuant;
   modules: LoraModuleShape[];
   r: number;
   /** lora_alpha / r (or / sqrt(r) with rsLoRA). */
@@ -92,7 +93,7 @@ export function buildTrainingGraph(spec: ModelSpec, weights: WeightSource, opts:
   g.scope = 'lm_head.';
   const head = weights.get(family.lmHeadWeight(spec, weights));
   const [V, H] = head.shape as [number, number];
-  const logits = quantizedLinearOp(g, hidden, quantizeLinear(head.data, V, H, opts.quant, 'lm_head'));
+  const logits = quantizedLinearOp(g, hidden, quantizeLinear(head.data, V, H, lmHeadQuantOptions(opts.quant), 'lm_head'));
   g.scope = '';
   const loss = crossEntropy(g, logits, labels);
   g.output(loss, 'loss', []);

@@ -73,6 +73,7 @@ const TEXT_SPLITS: Record<TextSplit, DomainTextSplit | ''> = {
   [TextSplit.PARAGRAPH]: 'paragraph',
   [TextSplit.DOCUMENT]: 'document',
   [TextSplit.LINE]: 'line',
+  [TextSplit.STREAM]: 'stream',
 };
 
 export function dataSourceInput(req: TrainRequest): DataSourceInput {

@@ -8,7 +8,8 @@ import type { Example, TrainData } from './data.js';
  * shuffled micro-batches [batch, seq] of int64 input_ids / labels / attention_mask.
  *
  * Tokens: each document gets the special tokens the tokenizer adds (llama: BOS), then EOS is appended
- * unless the document already ends with it, so documents in a packed row are separated by EOS (BOS).
+ * unless the document already ends with it, so documents in a packed row are separated by EOS (BOS). A
+ * stream example (a .txt file read whole) gets no EOS: its tokens are exactly the tokenizer's encoding.
  * Chat documents are the rendered template tokenized without added specials (the template writes them).
  *
  * Loss: text -> every token except the added prefix (BOS); prompt/completion -> the completion's tokens;
@@ -152,7 +153,8 @@ export function tokenizeExamples(examples: readonly Example[], tok: CollateToken
     const lastTrained = raw.trained.length > 0 ? raw.trained[raw.trained.length - 1]! : 0;
     const tail = [...suf];
     const last = tail.length > 0 ? tail[tail.length - 1] : raw.ids[raw.ids.length - 1];
-    if (eos !== null && last !== eos) tail.push(eos);
+    // A stream is cut, not ended, by the end of the file: HF's group_texts appends nothing there either.
+    if (eos !== null && last !== eos && !(ex.kind === 'text' && ex.stream)) tail.push(eos);
     docStarts.push(ids.length);
     for (const id of pre) {
       ids.push(id);

@@ -12,8 +12,11 @@ import type { ChatMessage } from '../tokenizer/tokenizer.js';
  */
 
 export type Example =
-  /** Plain text: the loss is on every token. */
-  | { kind: 'text'; text: string }
+  /**
+   * Plain text: the loss is on every token. `stream`: a run of a corpus rather than a document, tokenized
+   * exactly as the tokenizer encodes it (its BOS) with no EOS appended (a .txt file read as one stream).
+   */
+  | { kind: 'text'; text: string; stream?: true }
   /** The loss is on the completion only; the two are concatenated as given (add any separator yourself). */
   | { kind: 'completion'; prompt: string; completion: string }
   /** Rendered with the model's chat template; the loss is on the assistant turns (collate.ts). */
@@ -28,12 +31,15 @@ export interface ExampleInput {
 }
 
 /**
- * How a .txt file becomes documents: 'paragraph' (default: split on blank lines, as datasets'
- * sample_by="paragraph"; suits dialogue and prose with paragraph breaks), 'document' (the whole file is
- * one document), 'line' (one document per non-empty line).
+ * How a .txt file becomes examples: 'stream' (default: the whole text verbatim, separators kept, as one token
+ * stream with the tokenizer's BOS once at its start and no EOS, packed into max_seq_length rows: what HF
+ * `datasets`' text loader plus run_clm's group_texts trains on), 'paragraph' (split on blank lines, as
+ * datasets' sample_by="paragraph", each paragraph a document with BOS...EOS; suits independent passages),
+ * 'document' (the whole file, trimmed, is one BOS...EOS document), 'line' (one document per non-empty line).
  */
-export type TextSplit = 'paragraph' | 'document' | 'line';
-export const TEXT_SPLITS: readonly TextSplit[] = ['paragraph', 'document', 'line'];
+export type TextSplit = 'stream' | 'paragraph' | 'document' | 'line';
+export const TEXT_SPLITS: readonly TextSplit[] = ['stream', 'paragraph', 'document', 'line'];
+export const DEFAULT_TEXT_SPLIT: TextSplit = 'stream';
 
 export interface DataSourceInput {
   /** Inline examples (exactly one of examples / path). */
@@ -165,7 +171,9 @@ function readBounded(dataRoot: string, real: string, show: string, field: string
 
 /** .txt -> text examples per `split`. */
 export function parseTxt(content: string, split: TextSplit): Example[] {
+  // Line ends as Python's text mode reads them (datasets opens files so): \r\n and \r become \n.
   const text = content.replace(/\r\n?/g, '\n');
+  if (split === 'stream') return /\S/.test(text) ? [{ kind: 'text', text, stream: true }] : [];
   let docs: string[];
   if (split === 'document') docs = [text];
   else if (split === 'line') docs = text.split('\n');
@@ -218,7 +226,7 @@ function loadSet(exField: string, pathField: string, examples: DataSourceInput['
 
 /** Validates the request's data fields and reads the files: the training examples and an optional eval set. */
 export function loadTrainData(input: DataSourceInput, limits: DataLimits): TrainData {
-  const split = isSet(input.textSplit) ? input.textSplit : 'paragraph';
+  const split = isSet(input.textSplit) ? input.textSplit : DEFAULT_TEXT_SPLIT;
   if (!TEXT_SPLITS.includes(split)) throw invalidArgument(`text_split ${JSON.stringify(split)}: must be one of ${TEXT_SPLITS.join(', ')}`);
   const train = loadSet('examples', 'path', input.examples, input.path, split, limits);
   if (train === null) throw invalidArgument('examples: no training data; send examples or a path under the data root');

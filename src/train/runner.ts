@@ -1,5 +1,5 @@
 import { Worker } from 'node:worker_threads';
-import type { QuantOptions } from '../../kernels/quant/index.js';
+import type { ModelQuant } from '../models/linear.js';
 import type { PeftAdapter } from '../adapters/peft.js';
 import type { ErrorCode } from '../errors.js';
 import type { TrainConfig } from './config.js';
@@ -51,7 +51,7 @@ export interface TrainRunner {
 
 export interface WorkerInput {
   modelDir: string;
-  quant: QuantOptions;
+  quant: ModelQuant;
   config: TrainConfig;
   jobDir: string;
   threads: number;
@@ -71,7 +71,7 @@ export type WorkerReply =
 export interface WorkerRunnerOptions {
   modelDir: string;
   /** The served quantization; training computes the 4-bit matmuls in float32 (accuracy level 0). */
-  quant: QuantOptions;
+  quant: ModelQuant;
   /** onnxruntime intra-op threads of the training session. */
   threads: number;
   /** adapter_config.json's base_model_name_or_path. */
@@ -79,7 +79,7 @@ export interface WorkerRunnerOptions {
 }
 
 /** Training computes in float32 activations: accuracy level 0 keeps the 4-bit matmuls exact to the dequantized weights. */
-export function trainingQuant(q: QuantOptions): QuantOptions {
+export function trainingQuant(q: ModelQuant): ModelQuant {
   return q.kind === 'int4' || q.kind === 'int8' ? { ...q, accuracyLevel: 0 } : { ...q };
 }
 

@@ -1,7 +1,7 @@
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
 import { writeOnnxModel } from '../../kernels/onnx.js';
-import type { QuantOptions } from '../../kernels/quant/index.js';
+import type { ModelQuant } from '../models/linear.js';
 import { TrainRuntime } from '../engine/train-runtime.js';
 import type { LoraLayerWeights } from '../models/lora.js';
 import { buildTrainingGraph } from '../models/train-graph.js';
@@ -25,7 +25,7 @@ export interface TrainRunOptions {
   spec: ModelSpec;
   weights: WeightSource;
   tokenizer: CollateTokenizer;
-  quant: QuantOptions;
+  quant: ModelQuant;
   config: TrainConfig;
   data: TrainData;
   /** Checkpoints and the compiled training graph go here. */

@@ -8,7 +8,7 @@ import type { ModelSpec } from '../models/spec.js';
 import { loadTrainData as readTrainData, type DataLimits, type DataSourceInput } from '../train/data.js';
 import { loadTokenizer, type Tokenizer } from '../tokenizer/index.js';
 import { promptIds, type FieldNames, type PromptInput, type PromptLimits } from '../validate/generate.js';
-import type { QuantOptions } from '../../kernels/quant/index.js';
+import type { ModelQuant } from '../models/linear.js';
 import { diskFullAs } from '../errors.js';
 import { stageTrainData } from '../train/jobs.js';
 import type { WorkerPool } from './pool.js';
@@ -98,7 +98,7 @@ export const tasks = {
     return shared(mergeAdapters(input.sources, input.options));
   },
 
-  exportMergedModel(input: { modelDir: string; quant: QuantOptions; sources: ExportSource[]; exportRoot: string; outputName: string; dtype: 'F16' | 'F32' }) {
+  exportMergedModel(input: { modelDir: string; quant: ModelQuant; sources: ExportSource[]; exportRoot: string; outputName: string; dtype: 'F16' | 'F32' }) {
     try {
       return exportMergedModel(input.modelDir, input.quant, input.sources, input.exportRoot, input.outputName, input.dtype);
     } catch (err) {

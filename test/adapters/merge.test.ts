@@ -77,10 +77,14 @@ test('svd at full rank equals cat; at rank k it is the best rank-k approximation
   }
 });
 
-test('linear, ties, dare_linear and dare_ties equal the plain reference on fixed seeds', () => {
+/** PEFT's _generalized_task_arithmetic_weighted_adapter: w s split as sign(w s) sqrt(|w s|) on A, sqrt(|w s|) on B. */
+const peftWeightsA = (src: MergeSource[]) => src.map((s) => Math.sign(s.weight * s.adapter.scaling || 1) * Math.sqrt(Math.abs(s.weight * s.adapter.scaling)));
+const peftWeightsB = (src: MergeSource[]) => src.map((s) => Math.sqrt(Math.abs(s.weight * s.adapter.scaling)));
+
+test('linear, ties, dare_linear and dare_ties equal the plain reference on fixed seeds, negative weights included', () => {
   const same: MergeSource[] = [
     { adapterId: 'x', adapter: adapter(4, 3, ['q_proj', 'o_proj']), weight: 0.6 },
-    { adapterId: 'y', adapter: adapter(4, 4, ['q_proj', 'o_proj'], 8), weight: 1.5 },
+    { adapterId: 'y', adapter: adapter(4, 4, ['q_proj', 'o_proj'], 8), weight: -1.5 },
     { adapterId: 'z', adapter: adapter(4, 5, ['q_proj', 'o_proj'], 4), weight: 0.25 },
   ];
   const cases: MergeOptions[] = [
@@ -94,23 +98,51 @@ test('linear, ties, dare_linear and dare_ties equal the plain reference on fixed
   for (const opts of cases) {
     const merged = mergeAdapters(same, opts);
     assert.equal(merged.r, 4);
-    const weights = same.map((s) => Math.sqrt(s.weight * s.adapter.scaling));
     const rng = new Rng(opts.seed ?? 0);
     for (const m of merged.modules) {
       const parts = same.map((s) => s.adapter.modules.find((x) => x.module === m.module)!);
       const method = opts.method as 'linear' | 'ties' | 'dare_linear' | 'dare_ties';
-      const refA = referenceCombine(method, parts.map((p) => p.a), weights, opts.density ?? 1, opts.majoritySignMethod ?? 'total', rng);
-      const refB = referenceCombine(method, parts.map((p) => p.b), weights, opts.density ?? 1, opts.majoritySignMethod ?? 'total', rng);
+      const refA = referenceCombine(method, parts.map((p) => p.a), peftWeightsA(same), opts.density ?? 1, opts.majoritySignMethod ?? 'total', rng);
+      const refB = referenceCombine(method, parts.map((p) => p.b), peftWeightsB(same), opts.density ?? 1, opts.majoritySignMethod ?? 'total', rng);
       assert.deepEqual(m.a, refA, `${opts.method} A ${m.module}`);
       assert.deepEqual(m.b, refB, `${opts.method} B ${m.module}`);
     }
     // A seed makes DARE repeatable.
     assert.deepEqual(mergeAdapters(same, opts).modules[0]!.a, merged.modules[0]!.a);
   }
-  // Linear is task arithmetic: with one source and weight w, A and B are sqrt(w s) times the source's.
-  const one = mergeAdapters([{ adapterId: 'x', adapter: same[0]!.adapter, weight: 4 }], { method: 'linear' });
-  const f = Math.sqrt(4 * same[0]!.adapter.scaling);
-  assert.ok(maxRelDiff(one.modules[0]!.a, same[0]!.adapter.modules[0]!.a.map((v) => v * f)) < 1e-6);
+  // Two linear sources with opposite weights of one adapter cancel: a negative weight subtracts.
+  const x = same[0]!.adapter;
+  const cancel = mergeAdapters([{ adapterId: 'p', adapter: x, weight: 0.5 }, { adapterId: 'n', adapter: x, weight: -0.5 }], { method: 'linear' });
+  for (const m of cancel.modules) assert.ok(m.a.every((v) => Math.abs(v) < 1e-7), m.module);
+});
+
+test('with one source every method is linear, as PEFT: A = sign(w s) sqrt(|w s|) A, B = sqrt(|w s|) B, same rank', () => {
+  const src = adapter(4, 6, ['q_proj', 'v_proj'], 16);
+  for (const weight of [0.8, -2.5]) {
+    const one: MergeSource[] = [{ adapterId: 'x', adapter: src, weight }];
+    const [wa] = peftWeightsA(one);
+    const [wb] = peftWeightsB(one);
+    const methods: MergeOptions[] = [
+      { method: 'linear' },
+      { method: 'cat' },
+      { method: 'svd', svdRank: 2, svdClamp: 0.5 },
+      { method: 'ties', density: 0.3 },
+      { method: 'dare_linear', density: 0.5, seed: 3 },
+      { method: 'dare_ties', density: 0.5, seed: 4 },
+    ];
+    for (const opts of methods) {
+      const merged = mergeAdapters(one, opts);
+      assert.equal(merged.r, 4, `${opts.method} r`);
+      assert.equal(merged.scaling, 1);
+      for (const m of merged.modules) {
+        const s = src.modules.find((x) => x.module === m.module)!;
+        assert.deepEqual(m.a, Float32Array.from(s.a, (v) => v * wa!), `${opts.method} w=${weight} A ${m.module}`);
+        assert.deepEqual(m.b, Float32Array.from(s.b, (v) => v * wb!), `${opts.method} w=${weight} B ${m.module}`);
+        // Hence the delta is exactly w times the source's (ties used to prune it, svd to truncate it).
+        assert.ok(maxRelDiff(denseDelta(m, 1).data, weightedDelta(one, m.module)) < 1e-6, `${opts.method} delta ${m.module}`);
+      }
+    }
+  }
 });
 
 test('incompatible sources and bad options are INVALID_ARGUMENT saying which and why', () => {
@@ -119,9 +151,9 @@ test('incompatible sources and bad options are INVALID_ARGUMENT saying which and
   bad(sources, { method: 'linear' }, /linear needs equal ranks; "a" has r=4, "b" has r=8/);
   bad(sources, { method: 'ties', density: 0.5 }, /ties needs equal ranks/);
   bad([{ adapterId: 'a', adapter: A, weight: 1 }, { adapterId: 'c', adapter: adapter(4, 9, ['q_proj']), weight: 1 }], { method: 'linear' }, /linear needs the same target modules; "a" and "c" differ at/);
-  bad([{ adapterId: 'a', adapter: A, weight: -1 }], { method: 'linear' }, /weights must be >= 0/);
-  bad([{ adapterId: 'a', adapter: A, weight: 1 }], { method: 'ties' }, /density \(unset\): ties needs a density in \(0, 1\]/);
-  bad([{ adapterId: 'a', adapter: A, weight: 1 }], { method: 'dare_linear', density: 1.5 }, /density 1.5/);
+  const A2: MergeSource = { adapterId: 'a2', adapter: adapter(4, 7), weight: 1 };
+  bad([{ adapterId: 'a', adapter: A, weight: 1 }, A2], { method: 'ties' }, /density \(unset\): ties needs a density in \(0, 1\]/);
+  bad([{ adapterId: 'a', adapter: A, weight: 1 }, A2], { method: 'dare_linear', density: 1.5 }, /density 1.5/);
   bad(sources, { method: 'svd', svdRank: 13 }, /svd_rank 13: must be an integer in \[1, 12\]/);
   bad(sources, { method: 'svd', svdClamp: 0 }, /svd_clamp 0: must be in \(0, 1\]/);
   bad([], { method: 'cat' }, /sources: give at least one adapter/);

@@ -2,16 +2,16 @@
  * `npm run bench`: speed and memory on the `1b` (TinyLlama-shaped) random model with int4, as JSON.
  * Figures are reported next to a baseline measured in the same run (this machine's read bandwidth via an ORT
  * reduction over a buffer far larger than cache), never asserted in tests.
- * LORAPLEX_BENCH_ONLY=stalls|prefix|start|adapter-load|peer runs one section alone; LORAPLEX_BENCH_SKIP_<SECTION>
- * leaves one out. The peer section sets loraplex beside llama.cpp on the same weights when node-llama-cpp is
- * installed beside the project (see test/bench/peer.ts).
+ * LORAPLEX_BENCH_ONLY=stalls|prefix|start|lmhead|adapter-load|peer runs one section alone;
+ * LORAPLEX_BENCH_SKIP_<SECTION> leaves one out. The peer section sets loraplex beside llama.cpp on the same weights
+ * when node-llama-cpp is installed beside the project (see test/bench/peer.ts).
  */
 import { existsSync, mkdirSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import ort from 'onnxruntime-node';
 import { Graph } from '../../kernels/ir.js';
 import { serializeModel } from '../../kernels/onnx.js';
-import type { QuantOptions } from '../../kernels/quant/index.js';
+import { lmHeadQuantOptions, type ModelQuant } from '../../src/models/linear.js';
 import { compileModel } from '../../src/engine/compile.js';
 import { Engine } from '../../src/engine/engine.js';
 import { makeModel } from '../../src/models/make.js';
@@ -22,6 +22,8 @@ import { servingBench } from './serving.js';
 import { startBench } from './start.js';
 import { stallBench } from './stalls.js';
 import { trainingBench } from './training.js';
+import { decodeTokensPerSecond } from './decode.js';
+import { lmHeadBench, linearBytes } from './lm-head.js';
 import type { ModelSpec } from '../../src/models/spec.js';
 
 const ROOT = process.env['LORAPLEX_BENCH_DIR'] ?? join(process.cwd(), '.cache', 'bench');
@@ -40,14 +42,13 @@ function cpuInfo(): { model: string; flags: string[] } {
   return { model: field('model name'), flags: ['avx2', 'avx512f', 'avx512_vnni', 'avx512_bf16', 'amx_tile', 'amx_int8', 'amx_bf16'].filter((f) => flags.includes(f)) };
 }
 
-/** Bytes of weights read by one decode step: every quantized linear (packed nibbles + scales), norms. */
-function decodeWeightBytes(spec: ModelSpec, quant: QuantOptions): number {
-  const block = quant.blockSize ?? 32;
-  const linear = (N: number, K: number) => N * Math.ceil(K / block) * (block / 2 + 4);
+/** Bytes of weights read by one decode step: every quantized linear (packed codes + scales), the head in its codec. */
+function decodeWeightBytes(spec: ModelSpec, quant: ModelQuant): number {
+  const linear = (N: number, K: number) => linearBytes(N, K, quant);
   const { hiddenSize: H, intermediateSize: I, numLayers: L, vocabSize: V } = spec;
   const kv = spec.numKvHeads * spec.headDim;
   const perLayer = linear(H, H) + 2 * linear(kv, H) + linear(H, H) + 2 * linear(I, H) + linear(H, I);
-  return L * perLayer + linear(V, H);
+  return L * perLayer + linearBytes(V, H, lmHeadQuantOptions(quant));
 }
 
 /**
@@ -75,18 +76,6 @@ async function bandwidthProbe(threads: number): Promise<number> {
   return best;
 }
 
-async function decodeTokensPerSecond(engine: Engine, batch: number, promptLen: number, steps: number): Promise<{ tokensPerSecond: number; msPerStep: number }> {
-  const prompt = Array.from({ length: promptLen }, (_, i) => 10 + ((i * 7) % 1000));
-  for (let b = 0; b < batch; b++) await engine.step([{ kvRow: b, slot: 0, pastLen: 0, tokens: prompt }]);
-  // One warm-up step, then time.
-  const rows = (past: number) => Array.from({ length: batch }, (_, b) => ({ kvRow: b, slot: 0, pastLen: past, tokens: [100 + b] }));
-  await engine.step(rows(promptLen));
-  const t0 = performance.now();
-  for (let s = 1; s <= steps; s++) await engine.step(rows(promptLen + s));
-  const ms = (performance.now() - t0) / steps;
-  return { tokensPerSecond: (batch * 1000) / ms, msPerStep: ms };
-}
-
 async function main(): Promise<void> {
   mkdirSync(ROOT, { recursive: true });
   const modelDir = join(ROOT, `llama-${SIZE}`);
@@ -96,7 +85,7 @@ async function main(): Promise<void> {
     await makeModel({ arch: 'llama', size: SIZE, outDir: modelDir, seed: 1 });
     log(`  ${((performance.now() - t0) / 1000).toFixed(1)} s`);
   }
-  const quant: QuantOptions = { kind: 'int4', blockSize: Number(process.env['LORAPLEX_BENCH_BLOCK'] ?? 32), accuracyLevel: 4 };
+  const quant: ModelQuant = { kind: 'int4', blockSize: Number(process.env['LORAPLEX_BENCH_BLOCK'] ?? 32), accuracyLevel: 4 };
   const cpu = cpuInfo();
   log(`cpu: ${cpu.model} (${cpu.flags.join(' ')})`);
   const only = process.env['LORAPLEX_BENCH_ONLY'];
@@ -113,8 +102,8 @@ async function main(): Promise<void> {
     process.stdout.write(`${JSON.stringify({ model: 'peer-tinyllama (random weights, TinyLlama shape)', quant, threads: THREADS, machine: { cpu }, peer: figures }, null, 2)}\n`);
     return;
   }
-  if (only === 'stalls' || only === 'prefix' || only === 'start') {
-    const sections = { stalls: stallBench, prefix: prefixBench, start: startBench } as const;
+  if (only === 'stalls' || only === 'prefix' || only === 'start' || only === 'lmhead') {
+    const sections = { stalls: stallBench, prefix: prefixBench, start: startBench, lmhead: lmHeadBench } as const;
     const figures = await sections[only](modelDir, cacheDir, quant, THREADS, log);
     process.stdout.write(`${JSON.stringify({ model: `llama-${SIZE}`, quant, threads: THREADS, machine: { cpu }, [only]: figures }, null, 2)}\n`);
     return;
@@ -159,6 +148,8 @@ async function main(): Promise<void> {
 
   const stalls = process.env['LORAPLEX_BENCH_SKIP_STALLS'] ? null : await stallBench(modelDir, cacheDir, quant, THREADS, log);
 
+  const lmHead = process.env['LORAPLEX_BENCH_SKIP_LMHEAD'] ? null : await lmHeadBench(modelDir, cacheDir, quant, THREADS, log);
+
   const prefix = process.env['LORAPLEX_BENCH_SKIP_PREFIX'] ? null : await prefixBench(modelDir, cacheDir, quant, THREADS, log);
 
   // The graph cache exists by now, so both spawned starts are cached ones.
@@ -190,6 +181,7 @@ async function main(): Promise<void> {
     training,
     stalls,
     prefix,
+    lmHead,
     serveStart,
     peer,
     // Peak includes the cold start's quantization, which holds the whole float model; serving is the RSS after

@@ -59,7 +59,7 @@ test('defaults: the documented values, relative paths resolved against cwd, the 
   assert.equal(cfg.source, BUILTIN_MODEL_DIR);
   assert.equal(cfg.servedModelName, 'stories260K');
   assert.equal(cfg.httpPort, 8080);
-  assert.deepEqual(cfg.quant, { kind: 'int4', blockSize: 32, accuracyLevel: 4, symmetric: true });
+  assert.deepEqual(cfg.quant, { kind: 'int4', blockSize: 32, accuracyLevel: 4, symmetric: true, lmHead: 'int8' });
   assert.equal(cfg.maxModelLen, null);
   assert.equal(cfg.maxNumSeqs, 16);
   assert.equal(cfg.maxLoras, 4);
@@ -84,7 +84,7 @@ test('defaults: the documented values, relative paths resolved against cwd, the 
 });
 
 test('flags: --name value, --name=value, bare booleans, =false, the last repeat wins', () => {
-  const cfg = local('--model', 'models/m', '--port=7000', '--asymmetric', '--log-prompts=false', '--allow-spinning=true', '--max-loras', '2', '--max-loras', '3', '--drain-seconds', '0.5', '--quant', 'int8', '--block-size', '128', '--accuracy-level', '0');
+  const cfg = local('--model', 'models/m', '--port=7000', '--asymmetric', '--log-prompts=false', '--allow-spinning=true', '--max-loras', '2', '--max-loras', '3', '--drain-seconds', '0.5', '--quant', 'int8', '--block-size', '128', '--accuracy-level', '0', '--lm-head-quant', 'none');
   assert.equal(cfg.modelDir, '/srv/loraplex/models/m');
   assert.equal(cfg.source, '/srv/loraplex/models/m');
   assert.equal(cfg.port, 7000);
@@ -92,8 +92,9 @@ test('flags: --name value, --name=value, bare booleans, =false, the last repeat 
   assert.equal(cfg.allowSpinning, true);
   assert.equal(cfg.maxLoras, 3);
   assert.equal(cfg.drainSeconds, 0.5);
-  assert.deepEqual(cfg.quant, { kind: 'int8', blockSize: 128, accuracyLevel: 0, symmetric: false });
-  assert.deepEqual(local('--quant', 'nf4').quant, { kind: 'nf4', blockSize: 64 });
+  assert.deepEqual(cfg.quant, { kind: 'int8', blockSize: 128, accuracyLevel: 0, symmetric: false, lmHead: 'none' });
+  assert.deepEqual(local('--quant', 'nf4').quant, { kind: 'nf4', blockSize: 64, lmHead: 'int8' });
+  assert.deepEqual(local('--quant', 'none').quant, { kind: 'none' });
   assert.deepEqual(local('--quant', 'none').quant, { kind: 'none' });
 });
 
@@ -177,6 +178,8 @@ test('cross-field rules', () => {
   fails(() => local('--http-port', '9090'), '--http-port 9090 (flag): must differ from port and metricsPort, here port 50051 (default) and metricsPort 9090 (default)');
   assert.equal(local('--metrics-port', '0', '--port', '0').metricsPort, 0);
   fails(() => local('--quant', 'none', '--block-size', '64'), '--block-size 64 (flag): only applies to quantized weights, and --quant none (flag)');
+  fails(() => local('--quant', 'none', '--lm-head-quant', 'int8'), '--lm-head-quant int8 (flag): only applies to quantized weights, and --quant none (flag)');
+  fails(() => local('--lm-head-quant', 'int2'), '--lm-head-quant int2 (flag): must be one of none, int8, int4');
   fails(() => local('--quant', 'nf4', '--accuracy-level', '4'), '--accuracy-level 4 (flag): only applies to int4 and int8, and --quant nf4 (flag)');
 });
 

@@ -3,6 +3,7 @@ import assert from 'node:assert/strict';
 import { readFileSync } from 'node:fs';
 import { ReferenceDecoder, argmax } from '../../kernels/reference/transformer.js';
 import type { QuantOptions } from '../../kernels/quant/index.js';
+import type { ModelQuant } from '../../src/models/linear.js';
 import type { Engine } from '../../src/engine/engine.js';
 import { loadModelDir } from '../../src/models/load.js';
 import { makeModel } from '../../src/models/make.js';
@@ -63,7 +64,11 @@ for (const quant of [
   { kind: 'int4', blockSize: 64, symmetric: false, accuracyLevel: 0 },
   { kind: 'nf4', blockSize: 64 },
   { kind: 'int8', blockSize: 32, accuracyLevel: 0 },
-] as QuantOptions[]) {
+  // The output head's own codec (lmHeadQuant; the ones above take the default, int8).
+  { kind: 'int4', blockSize: 32, accuracyLevel: 0, lmHead: 'int4' },
+  { kind: 'int4', blockSize: 32, accuracyLevel: 0, lmHead: 'none' },
+  { kind: 'nf4', blockSize: 64, lmHead: 'int4' },
+] as ModelQuant[]) {
   test(`stories260K ${JSON.stringify(quant)}: ORT forward equals the reference over the dequantized weights`, async () => {
     const { spec, weights } = loadModelDir(STORIES);
     const served = servedWeights(spec, weights, quant);
@@ -73,7 +78,7 @@ for (const quant of [
       assert.ok(maxErr < 1e-4, `max |logit diff| ${maxErr}`);
       const firstDiff = tokens.findIndex((t, i) => t !== reference.greedy_new_ids[i]);
       // Reported for the README: where 4-bit greedy output first leaves the float32 tokens.
-      console.log(`${quant.kind}: max |logit diff| vs reference ${maxErr.toExponential(2)}; first token differing from float32 at ${firstDiff < 0 ? 'none of 32' : firstDiff}`);
+      console.log(`${quant.kind} (lm_head ${quant.lmHead ?? 'int8'}): max |logit diff| vs reference ${maxErr.toExponential(2)}; first token differing from float32 at ${firstDiff < 0 ? 'none of 32' : firstDiff}`);
     } finally {
       await engine.close();
     }

@@ -7,6 +7,7 @@ import { compileModel, type CompiledModel } from '../../src/engine/compile.js';
 import { Engine } from '../../src/engine/engine.js';
 import { KvCache } from '../../src/engine/kv-cache.js';
 import { f16ToF32, f32ToF16Bits } from '../../src/models/safetensors.js';
+import { lmHeadQuantOptions, type ModelQuant } from '../../src/models/linear.js';
 import type { HostTensor, ModelSpec, WeightSource } from '../../src/models/spec.js';
 
 export const STORIES = new URL('../../../../shared/models/stories260K', import.meta.url).pathname;
@@ -15,7 +16,7 @@ export function tempDir(prefix: string): string {
   return mkdtempSync(join(tmpdir(), `loraplex-${prefix}-`));
 }
 
-export async function startTestEngine(modelDir: string, quant: QuantOptions, opts: { cacheDir?: string; maxNumSeqs?: number; maxLoras?: number; maxLoraRank?: number; maxModelLen?: number; kvBlocks?: number } = {}): Promise<{ engine: Engine; compiled: CompiledModel }> {
+export async function startTestEngine(modelDir: string, quant: ModelQuant, opts: { cacheDir?: string; maxNumSeqs?: number; maxLoras?: number; maxLoraRank?: number; maxModelLen?: number; kvBlocks?: number } = {}): Promise<{ engine: Engine; compiled: CompiledModel }> {
   const compiled = compileModel(modelDir, { quant, cacheDir: opts.cacheDir ?? tempDir('cache') });
   const engine = await Engine.start({
     modelPath: compiled.modelPath,
@@ -51,13 +52,13 @@ function transpose2d(t: HostTensor): HostTensor {
 /**
  * The weights the quantized serving graph really computes with: every linear weight quantized and dequantized
  * with the same codec, the embedding table rounded to float16 (as served), the lm_head untied so the reference
- * uses its dequantized copy. The plain-TS reference forward over these is the ground truth for the 4-bit graph.
+ * uses its copy dequantized with the head's codec (lmHeadQuant). The plain-TS reference forward over these is the ground truth for the 4-bit graph.
  */
-export function servedWeights(spec: ModelSpec, source: WeightSource, quant: QuantOptions): { spec: ModelSpec; weights: Map<string, HostTensor> } {
+export function servedWeights(spec: ModelSpec, source: WeightSource, quant: ModelQuant): { spec: ModelSpec; weights: Map<string, HostTensor> } {
   const map = new Map<string, HostTensor>();
-  const dq = (w: HostTensor) => {
+  const dq = (w: HostTensor, q: QuantOptions = quant) => {
     const [N, K] = w.shape as [number, number];
-    return { shape: w.shape, data: dequantizeLinear(quantizeLinear(w.data, N, K, quant, 'w')) };
+    return q.kind === 'none' ? w : { shape: w.shape, data: dequantizeLinear(quantizeLinear(w.data, N, K, q, 'w')) };
   };
   for (const name of source.names()) {
     const t = source.get(name);
@@ -68,6 +69,6 @@ export function servedWeights(spec: ModelSpec, source: WeightSource, quant: Quan
   }
   if (quant.kind === 'none') return { spec, weights: map };
   const headSource = spec.family === 'gpt2' ? 'wte.weight' : !spec.tieWordEmbeddings && source.has('lm_head.weight') ? 'lm_head.weight' : 'model.embed_tokens.weight';
-  map.set('lm_head.weight', dq(source.get(headSource)));
+  map.set('lm_head.weight', dq(source.get(headSource), lmHeadQuantOptions(quant)));
   return { spec: { ...spec, tieWordEmbeddings: false }, weights: map };
 }

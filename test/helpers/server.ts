@@ -7,7 +7,7 @@ import { makeClient } from '../../src/rpc/bridge.js';
 import { AdapterService } from '../../src/gen/loraplex/v1/adapters_pb.js';
 import { InferenceService, type GenerateResponse } from '../../src/gen/loraplex/v1/inference_pb.js';
 import { TrainService } from '../../src/gen/loraplex/v1/train_pb.js';
-import type { QuantOptions } from '../../kernels/quant/index.js';
+import type { ModelQuant } from '../../src/models/linear.js';
 import { STORIES, tempDir } from './engine.js';
 
 export interface TestServer {
@@ -40,7 +40,7 @@ export interface TestServerOptions {
  */
 export async function startTestServer(
   overrides: Partial<ServerConfig> = {},
-  quant: QuantOptions = { kind: 'int4', blockSize: 32, accuracyLevel: 4 },
+  quant: ModelQuant = { kind: 'int4', blockSize: 32, accuracyLevel: 4 },
   options: TestServerOptions = {},
 ): Promise<TestServer> {
   const adapterRoot = overrides.adapterRoot ?? tempDir('adapters');

@@ -68,7 +68,8 @@ test('bad merge requests get their status codes', async () => {
   await assert.rejects(merge({ sources: [{ adapterId: 'style-a' }], method: MergeMethod.CAT, newAdapterId: 'style-b' }), (e) => code(e) === grpc.status.ALREADY_EXISTS);
   await assert.rejects(merge({ sources: [{ adapterId: 'style-a' }, { adapterId: 'style-c' }], method: MergeMethod.LINEAR, newAdapterId: 'x2' }), (e) => code(e) === grpc.status.INVALID_ARGUMENT && /equal ranks/.test(details(e)));
   await assert.rejects(merge({ sources: [{ adapterId: 'style-a' }], method: MergeMethod.UNSPECIFIED, newAdapterId: 'x3' }), (e) => code(e) === grpc.status.INVALID_ARGUMENT && /method/.test(details(e)));
-  await assert.rejects(merge({ sources: [{ adapterId: 'style-a' }], method: MergeMethod.TIES, newAdapterId: 'x4' }), (e) => code(e) === grpc.status.INVALID_ARGUMENT && /density/.test(details(e)));
+  // One source is linear for every method (as PEFT's add_weighted_adapter): density only matters for two or more.
+  await assert.rejects(merge({ sources: [{ adapterId: 'style-a' }, { adapterId: 'style-b' }], method: MergeMethod.TIES, newAdapterId: 'x4' }), (e) => code(e) === grpc.status.INVALID_ARGUMENT && /density/.test(details(e)));
   await assert.rejects(merge({ sources: [{ adapterId: 'style-a' }], method: MergeMethod.CAT, newAdapterId: '../x' }), (e) => code(e) === grpc.status.INVALID_ARGUMENT && /adapter_id/.test(details(e)));
   await assert.rejects(merge({ sources: [], method: MergeMethod.CAT, newAdapterId: 'x5' }), (e) => code(e) === grpc.status.INVALID_ARGUMENT && /sources/.test(details(e)));
   await assert.rejects(merge({ sources: [{ adapterId: 'style-a', weight: Infinity }], method: MergeMethod.CAT, newAdapterId: 'x6' }), (e) => code(e) === grpc.status.INVALID_ARGUMENT && /weight/.test(details(e)));

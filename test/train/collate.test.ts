@@ -1,6 +1,7 @@
 import assert from 'node:assert/strict';
 import { test } from 'node:test';
-import { readFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
 import { basename, dirname, join } from 'node:path';
 import {
   buildDataset,
@@ -247,8 +248,38 @@ test('steps: ceil(micro-batches / accumulation) per epoch, max_steps overrides, 
   assert.deepEqual(microBatchesOfStep(6, plan, 2), { epoch: 2, batchIndices: [0, 1] });
 });
 
+test('a .txt file is by default one stream: the packed rows are exactly the tokenizer\'s encoding of the whole text', () => {
+  const root = mkdtempSync(join(tmpdir(), 'loraplex-stream-'));
+  try {
+    // Blank lines, a CRLF and a trailing newline: all kept (CRLF read as \n, as Python's text mode does).
+    const text = `${shakespeare.slice(0, 3000)}\r\n\nEnd.\n`;
+    writeFileSync(join(root, 'small.txt'), text);
+    const data = loadTrainData({ path: 'small.txt' }, { dataRoot: root });
+    const expected = tok.encode(text.replace(/\r\n/g, '\n')); // BOS once, no EOS: one document as the tokenizer encodes it
+    assert.equal(expected[0], tok.bosTokenId);
+    const L = 64;
+    const ds = buildDataset(data, tok, { maxSeqLength: L, microBatchSize: 4, seed: 3, evalFraction: 0 });
+    assert.equal(ds.stats.documents, 1);
+    assert.equal(ds.stats.tokens, expected.length);
+    assert.equal(ds.train.length, Math.ceil((expected.length - 1) / L));
+    // Rows in order (the shuffle is of the batches, not of ds.train): inputs are the stream, labels the next token.
+    ds.train.forEach((row, k) => {
+      for (let i = 0; i < L; i++) {
+        const at = k * L + i;
+        if (i < row.length) {
+          assert.equal(row.inputIds[i], expected[at], `row ${k} input ${i}`);
+          assert.equal(row.labels[i], expected[at + 1], `row ${k} label ${i}`);
+        } else assert.equal(row.labels[i], IGNORE_INDEX);
+      }
+    });
+    assert.equal(ds.train.reduce((n, r) => n + r.length, 0), expected.length - 1);
+  } finally {
+    rmSync(root, { recursive: true, force: true });
+  }
+});
+
 test('the whole tiny Shakespeare file through the data root packs without losing a token', () => {
-  const data = loadTrainData({ path: basename(SHAKESPEARE) }, { dataRoot: dirname(SHAKESPEARE) });
+  const data = loadTrainData({ path: basename(SHAKESPEARE), textSplit: 'paragraph' }, { dataRoot: dirname(SHAKESPEARE) });
   assert.ok(data.train.length > 5000);
   const ds = buildDataset(data, tok, { maxSeqLength: 256, microBatchSize: 8, seed: 42, evalFraction: 0.05 });
   assert.equal(ds.stats.documents, data.train.length);

@@ -53,10 +53,13 @@ test('the data root cannot be escaped: .., absolute paths, symlinks pointing out
   }
 });
 
-test('.txt splits on blank lines by default (or whole document / lines); .jsonl takes each form', () => {
+test('.txt is one stream by default (or blank-line paragraphs, whole document, lines); .jsonl takes each form', () => {
   const { root, cleanup } = makeRoot();
   try {
     assert.deepEqual(loadTrainData({ path: 'a.txt' }, { dataRoot: root }).train, [
+      { kind: 'text', text: 'First paragraph.\nStill first.\n\n\nSecond paragraph.\n', stream: true },
+    ]);
+    assert.deepEqual(loadTrainData({ path: 'a.txt', textSplit: 'paragraph' }, { dataRoot: root }).train, [
       { kind: 'text', text: 'First paragraph.\nStill first.' },
       { kind: 'text', text: 'Second paragraph.' },
     ]);
@@ -71,7 +74,7 @@ test('.txt splits on blank lines by default (or whole document / lines); .jsonl 
     ]);
     assert.deepEqual(d.eval, [{ kind: 'text', text: 'held out' }]);
     assert.deepEqual(parseTxt('a\r\n\r\nb', 'paragraph'), [{ kind: 'text', text: 'a' }, { kind: 'text', text: 'b' }]);
-    assert.throws(() => loadTrainData({ path: 'a.txt', textSplit: 'word' as 'line' }, { dataRoot: root }), loraplexError('INVALID_ARGUMENT', 'text_split "word": must be one of paragraph, document, line'));
+    assert.throws(() => loadTrainData({ path: 'a.txt', textSplit: 'word' as 'line' }, { dataRoot: root }), loraplexError('INVALID_ARGUMENT', 'text_split "word": must be one of stream, paragraph, document, line'));
   } finally {
     cleanup();
   }

@@ -4,6 +4,7 @@ import ort from 'onnxruntime-node';
 import { serializeModel } from '../../kernels/onnx.js';
 import { dequantizeLinear, quantizeLinear, type QuantOptions } from '../../kernels/quant/index.js';
 import { referenceForward, type ReferenceLora } from '../../kernels/reference/transformer.js';
+import { lmHeadQuantOptions } from '../../src/models/linear.js';
 import { buildTrainingGraph } from '../../src/models/train-graph.js';
 import { loadModelDir } from '../../src/models/load.js';
 import { makeModel } from '../../src/models/make.js';
@@ -15,8 +16,8 @@ import { tempDir } from '../helpers/engine.js';
 /** The weights the training graph computes with: linears dequantized with the same codec, the rest as stored. */
 function trainedBase(spec: ModelSpec, w: WeightSource, quant: QuantOptions): { spec: ModelSpec; get: (n: string) => HostTensor | undefined } {
   const linear = spec.family === 'gpt2' ? /\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$/ : /\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$/;
-  const dq = (t: HostTensor, transposeIt: boolean): HostTensor => {
-    if (quant.kind === 'none') return t;
+  const dq = (t: HostTensor, transposeIt: boolean, q: QuantOptions = quant): HostTensor => {
+    if (q.kind === 'none') return t;
     const [r0, c0] = t.shape as [number, number];
     const tr = (d: Float32Array, r: number, c: number) => {
       const o = new Float32Array(r * c);
@@ -25,11 +26,12 @@ function trainedBase(spec: ModelSpec, w: WeightSource, quant: QuantOptions): { s
     };
     const wNK = transposeIt ? tr(t.data, r0, c0) : t.data;
     const [N, K] = transposeIt ? [c0, r0] : [r0, c0];
-    const deq = dequantizeLinear(quantizeLinear(wNK, N, K, quant, 'w'));
+    const deq = dequantizeLinear(quantizeLinear(wNK, N, K, q, 'w'));
     return { shape: t.shape, data: transposeIt ? tr(deq, N, K) : deq };
   };
   const headName = spec.family === 'gpt2' ? 'wte.weight' : !spec.tieWordEmbeddings && w.has('lm_head.weight') ? 'lm_head.weight' : 'model.embed_tokens.weight';
-  const head = dq(w.get(headName), false);
+  // The head in its own codec (lmHeadQuant, int8 by default), dequantized like the other linears.
+  const head = dq(w.get(headName), false, lmHeadQuantOptions(quant));
   return {
     spec: { ...spec, tieWordEmbeddings: false },
     get: (name) => {

@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
-import { mkdirSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { readPeftAdapter } from '../../src/adapters/peft.js';
 import { loadModelDir } from '../../src/models/load.js';
@@ -27,7 +27,7 @@ const tokenizer = await loadTokenizer(STORIES);
 function options(extra: TrainConfigInput, jobDir: string, events?: TrainEvent[], signal?: AbortSignal): TrainRunOptions {
   const config = validateTrainConfig({ r: 8, loraAlpha: 16, targetModules: 'all-linear', learningRate: 3e-3, microBatchSize: 8, maxSeqLength: 64, evalFraction: 0.05, seed: 7, ...extra }, { spec, maxLoraRank: 16, maxModelLen: 512 });
   // The first 300 kB of Shakespeare: enough for a clear style change, small enough for CI.
-  const data = loadTrainData({ path: 'tinyshakespeare.txt' }, { dataRoot: join(SHAKESPEARE, '..') });
+  const data = loadTrainData({ path: 'tinyshakespeare.txt', textSplit: 'paragraph' }, { dataRoot: join(SHAKESPEARE, '..') });
   data.train = data.train.slice(0, 400);
   return { spec, weights, tokenizer, quant: QUANT, config, data, jobDir, threads: 2, baseModelNameOrPath: 'stories260K', ...(events ? { onEvent: (e) => events.push(e) } : {}), ...(signal ? { signal } : {}) };
 }
@@ -56,9 +56,11 @@ test('QLoRA on stories260K (int4) with tinyshakespeare: eval loss drops clearly 
   const before = await greedy(null, 'Once upon a time');
   const after = await greedy(dir, 'Once upon a time');
   console.log(`base: ${JSON.stringify(before)}\nadapter: ${JSON.stringify(after)}`);
-  // Children's stories -> a play: speaker names in capitals followed by a colon, line breaks.
+  // Children's stories (prose, no line breaks) -> a play: short lines, often a speaker's name and a colon. Which
+  // of the two greedy decoding lands on depends on the last digits of the weights (the head's codec decides it).
   assert.doesNotMatch(before, /^[A-Z]{3,}[A-Za-z ]*:$/m);
-  assert.match(after, /[A-Z][A-Za-z]*:\s*\n/);
+  assert.ok(before.split('\n').length < 4, `base text ${JSON.stringify(before)}`);
+  assert.ok(/[A-Z][A-Za-z]*:\s*\n/.test(after) || after.split('\n').length >= 4, `adapter text ${JSON.stringify(after)}`);
   assert.notEqual(after, before);
 
   // The saved adapter, loaded back and served by the engine, gives the training graph's numbers: the serving
@@ -121,15 +123,20 @@ test('the same seed gives the same loss curve; a resumed run ends with the same 
   }
 });
 
-test('loraplex train --json prints the final metrics', async () => {
+test('loraplex train --json prints the final metrics; the adapter names the model as PEFT does', async () => {
   const dataDir = tempDir('cli-data');
   mkdirSync(dataDir, { recursive: true });
   writeFileSync(join(dataDir, 'tiny.txt'), 'First Citizen:\nBefore we proceed any further, hear me speak.\n\nAll:\nSpeak, speak.\n'.repeat(40));
   const cli = new URL('../../src/cli/main.js', import.meta.url).pathname;
   const out = join(tempDir('cli-out'), 'adapter');
-  const { stdout } = await promisify(execFile)(process.execPath, [cli, 'train', '--model', STORIES, '--data', join(dataDir, 'tiny.txt'), '--out', out, '--max-steps', '5', '--max-seq-length', '32', '--micro-batch-size', '2', '--eval-fraction', '0.2', '--json']);
+  const { stdout } = await promisify(execFile)(process.execPath, [cli, 'train', '--model', STORIES, '--data', join(dataDir, 'tiny.txt'), '--out', out, '--max-steps', '5', '--max-seq-length', '32', '--micro-batch-size', '2', '--eval-fraction', '0.2', '--json',
+    '--lora-dropout', '0.1', '--text-split', 'paragraph', '--asymmetric', '--block-size', '16', '--threads', '1']);
   const m = JSON.parse(stdout);
   for (const k of ['trainLoss', 'evalLoss', 'steps', 'tokensPerSecond']) assert.ok(typeof m[k] === 'number', k);
   assert.equal(m.steps, 5);
   assert.equal(readPeftAdapter(out, spec).r, 8);
+  const config = JSON.parse(readFileSync(join(out, 'adapter_config.json'), 'utf8'));
+  // The model's name (its directory's, as it has no _name_or_path), not the path it was given.
+  assert.equal(config.base_model_name_or_path, 'stories260K');
+  assert.equal(config.lora_dropout, 0.1);
 });

@@ -73,6 +73,7 @@ export const gpt2: FamilyDefinition = {
   checkpointPrefix: 'transformer.',
   expectedWeights,
   isUnaccountedWeight: () => false,
-  lmHeadWeight: () => 'wte.weight',
+  // GPT2LMHeadModel ties lm_head to wte unless the config says otherwise (as an export of a quantized base does).
+  lmHeadWeight: (spec, weights) => (!spec.tieWordEmbeddings && weights.has('lm_head.weight') ? 'lm_head.weight' : 'wte.weight'),
   body,
 };
