@@ -16,7 +16,7 @@ export const TRAIN_USAGE = `loraplex train --model DIR --data FILE(.txt|.jsonl) 
     [--r R] [--lora-alpha A] [--target-modules q_proj,v_proj|all-linear] [--use-rslora]
     [--learning-rate LR] [--lr-scheduler constant|linear|cosine] [--warmup-steps N] [--weight-decay W]
     [--max-grad-norm G] [--micro-batch-size B] [--gradient-accumulation-steps N] [--epochs E] [--max-steps N]
-    [--max-seq-length L] [--eval-fraction F] [--eval-every N] [--checkpoint-every N] [--seed S] [--threads N] [--json]`;
+    [--max-seq-length L] [--eval-fraction F] [--eval-every N] [--checkpoint-every N] [--seed S] [--threads N] [--no-gradient-checkpointing] [--json]`;
 
 const optionalNumber = (v: Record<string, unknown>, flag: string) => (v[flag] === undefined ? undefined : num(v, flag, 0));
 
@@ -29,6 +29,7 @@ export async function trainCommand(argv: string[]): Promise<void> {
     'max-grad-norm': { type: 'string' }, 'micro-batch-size': { type: 'string' }, 'gradient-accumulation-steps': { type: 'string' },
     epochs: { type: 'string' }, 'max-steps': { type: 'string' }, 'max-seq-length': { type: 'string' }, 'eval-fraction': { type: 'string' },
     'eval-every': { type: 'string' }, 'checkpoint-every': { type: 'string' }, seed: { type: 'string' }, threads: { type: 'string' }, json: { type: 'boolean' },
+    'no-gradient-checkpointing': { type: 'boolean' },
   });
   for (const f of ['model', 'data', 'out']) if (typeof v[f] !== 'string') throw new UsageError(`--${f} is required\n${TRAIN_USAGE}`);
   const modelDir = v['model'] as string;
@@ -47,7 +48,7 @@ export async function trainCommand(argv: string[]): Promise<void> {
     microBatchSize: optionalNumber(v, 'micro-batch-size'), gradientAccumulationSteps: optionalNumber(v, 'gradient-accumulation-steps'),
     numEpochs: optionalNumber(v, 'epochs'), maxSteps: optionalNumber(v, 'max-steps'), maxSeqLength: optionalNumber(v, 'max-seq-length'),
     evalFraction: optionalNumber(v, 'eval-fraction'), evalEvery: optionalNumber(v, 'eval-every'), checkpointEvery: optionalNumber(v, 'checkpoint-every'),
-    seed: optionalNumber(v, 'seed'),
+    seed: optionalNumber(v, 'seed'), gradientCheckpointing: !v['no-gradient-checkpointing'],
   };
   let config;
   let data;

@@ -68,6 +68,25 @@ async function evalLoss(rt: TrainRuntime, ds: PackedDataset, adapter: PeftAdapte
   return targets ? sum / targets : null;
 }
 
+/**
+ * Builds and writes the training graph, returning its path. Its own function so that the graph's quantized
+ * weights (held by the JS graph) can be collected before onnxruntime loads its copy.
+ */
+function writeTrainingGraph(o: TrainRunOptions, adapter: PeftAdapter): string {
+  const { graph } = buildTrainingGraph(o.spec, o.weights, {
+    quant: o.quant,
+    modules: adapter.modules.map((m) => ({ module: m.module, inFeatures: m.inFeatures, outFeatures: m.outFeatures })),
+    r: adapter.r,
+    scaling: adapter.scaling,
+    dropout: o.config.lora.loraDropout,
+    seed: o.config.seed,
+    // Job records written before the setting existed lack it: on.
+    checkpointing: o.config.gradientCheckpointing !== false,
+    maxSeqLength: o.config.maxSeqLength,
+  });
+  return writeOnnxModel(graph.toOnnx(), join(o.jobDir, 'graph'), 'train').modelPath;
+}
+
 export async function runTraining(o: TrainRunOptions): Promise<TrainResult> {
   const { config, spec } = o;
   const ds = buildDataset(o.data, o.tokenizer, config);
@@ -88,16 +107,7 @@ export async function runTraining(o: TrainRunOptions): Promise<TrainResult> {
   const optimizer = new AdamW(loraParams(adapter), { lr: config.learningRate, betas: config.betas, eps: config.eps, weightDecay: config.weightDecay });
   if (resumed) optimizer.loadState(resumed.optimizer);
 
-  const { graph } = buildTrainingGraph(spec, o.weights, {
-    quant: o.quant,
-    modules: adapter.modules.map((m) => ({ module: m.module, inFeatures: m.inFeatures, outFeatures: m.outFeatures })),
-    r: adapter.r,
-    scaling: adapter.scaling,
-    dropout: config.lora.loraDropout,
-    seed: config.seed,
-  });
-  const { modelPath } = writeOnnxModel(graph.toOnnx(), join(o.jobDir, 'graph'), 'train');
-  const rt = await TrainRuntime.create(modelPath, o.threads);
+  const rt = await TrainRuntime.create(writeTrainingGraph(o, adapter), o.threads);
   try {
     const initialEvalLoss = startStep === 0 ? await evalLoss(rt, ds, adapter) : (metrics.find((m) => m['initialEvalLoss'] !== undefined)?.['initialEvalLoss'] as number | null) ?? null;
     if (startStep === 0 && initialEvalLoss !== null) metrics.push({ step: 0, evalLoss: initialEvalLoss, initialEvalLoss });

@@ -22,9 +22,13 @@ const { spec, weights } = loadModelDir(modelDir!);
 const adapter = initLora(spec, { r, loraAlpha: 2 * r, targetModules: targets!.split(','), useRslora: false }, 1);
 // B = 0 at init makes dA zero; give B values so the step does the full work.
 for (const m of adapter.modules) m.b.fill(0.001);
-const { graph } = buildTrainingGraph(spec, weights, { quant: { kind: 'int4', blockSize: 32, accuracyLevel: 0 }, modules: adapter.modules.map((m) => ({ module: m.module, inFeatures: m.inFeatures, outFeatures: m.outFeatures })), r, scaling: adapter.scaling });
 const dir = mkdtempSync(join(tmpdir(), 'loraplex-train-bench-'));
-const { modelPath } = writeOnnxModel(graph.toOnnx(), dir, 'train');
+// In a function, as the trainer does: the JS graph's weights are collected before onnxruntime loads its copy.
+const writeGraph = () => {
+  const { graph } = buildTrainingGraph(spec, weights, { quant: { kind: 'int4', blockSize: 32, accuracyLevel: 0 }, modules: adapter.modules.map((m) => ({ module: m.module, inFeatures: m.inFeatures, outFeatures: m.outFeatures })), r, scaling: adapter.scaling, maxSeqLength: seq });
+  return writeOnnxModel(graph.toOnnx(), dir, 'train').modelPath;
+};
+const modelPath = writeGraph();
 const rt = await TrainRuntime.create(modelPath, Number(threadsArg ?? 2));
 const setupSeconds = (performance.now() - t0) / 1000;
 const optimizer = new AdamW(loraParams(adapter), { lr: 1e-4, betas: [0.9, 0.999], eps: 1e-8, weightDecay: 0 });
