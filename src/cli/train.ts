@@ -38,7 +38,7 @@ export async function trainCommand(argv: string[]): Promise<void> {
   const kind = str(v, 'quant', 'int4', QUANT_KINDS);
   // Training computes in float32 activations: accuracy level 0 keeps the 4-bit matmuls exact to the dequantized weights.
   const quant: QuantOptions = kind === 'none' ? { kind } : { kind, ...(kind === 'nf4' ? {} : { accuracyLevel: 0 }) };
-  const { spec, weights } = loadModelDir(modelDir);
+  const { spec } = loadModelDir(modelDir);
   const tokenizer = await loadTokenizer(modelDir);
   const input: TrainConfigInput = {
     r: optionalNumber(v, 'r'), loraAlpha: optionalNumber(v, 'lora-alpha'), useRslora: Boolean(v['use-rslora']),
@@ -70,7 +70,7 @@ export async function trainCommand(argv: string[]): Promise<void> {
     } else if (e.type === 'eval' && !json) process.stderr.write(`${tty ? '\n' : ''}eval step ${e.step}: loss ${e.evalLoss.toFixed(4)} perplexity ${e.perplexity.toFixed(2)}\n`);
   };
   const result = await runTraining({
-    spec, weights, tokenizer, quant, config, data,
+    spec, modelDir, tokenizer, quant, config, data,
     jobDir: typeof v['job-dir'] === 'string' ? v['job-dir'] : `${out}.job`,
     threads: num(v, 'threads', 2, { integer: true, min: 1, max: 256 }),
     baseModelNameOrPath: modelDir,

@@ -1,11 +1,9 @@
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { writeOnnxModel } from '../../kernels/onnx.js';
 import type { QuantOptions } from '../../kernels/quant/index.js';
 import { TrainRuntime } from '../engine/train-runtime.js';
 import type { LoraLayerWeights } from '../models/lora.js';
-import { buildTrainingGraph } from '../models/train-graph.js';
-import type { ModelSpec, WeightSource } from '../models/spec.js';
+import type { ModelSpec } from '../models/spec.js';
 import type { PeftAdapter } from '../adapters/peft.js';
 import { LoraplexError } from '../errors.js';
 import { buildDataset, microBatchesOfStep, planSteps, type CollateTokenizer, type MicroBatch, type PackedDataset } from './collate.js';
@@ -14,6 +12,7 @@ import type { TrainData } from './data.js';
 import { initLora, loraParams } from './init.js';
 import { AdamW, clipGradNorm } from './optimizer.js';
 import { lrAt, warmupStepsFor } from './schedule.js';
+import { writeTrainingGraphFile } from './graph-file.js';
 import { latestCheckpoint, readCheckpoint, writeCheckpoint, type MetricsRecord } from './checkpoint.js';
 
 /**
@@ -23,7 +22,8 @@ import { latestCheckpoint, readCheckpoint, writeCheckpoint, type MetricsRecord }
  */
 export interface TrainRunOptions {
   spec: ModelSpec;
-  weights: WeightSource;
+  /** The base model's directory (the training graph is built from it in a thread of its own). */
+  modelDir: string;
   tokenizer: CollateTokenizer;
   quant: QuantOptions;
   config: TrainConfig;
@@ -68,25 +68,6 @@ async function evalLoss(rt: TrainRuntime, ds: PackedDataset, adapter: PeftAdapte
   return targets ? sum / targets : null;
 }
 
-/**
- * Builds and writes the training graph, returning its path. Its own function so that the graph's quantized
- * weights (held by the JS graph) can be collected before onnxruntime loads its copy.
- */
-function writeTrainingGraph(o: TrainRunOptions, adapter: PeftAdapter): string {
-  const { graph } = buildTrainingGraph(o.spec, o.weights, {
-    quant: o.quant,
-    modules: adapter.modules.map((m) => ({ module: m.module, inFeatures: m.inFeatures, outFeatures: m.outFeatures })),
-    r: adapter.r,
-    scaling: adapter.scaling,
-    dropout: o.config.lora.loraDropout,
-    seed: o.config.seed,
-    // Job records written before the setting existed lack it: on.
-    checkpointing: o.config.gradientCheckpointing !== false,
-    maxSeqLength: o.config.maxSeqLength,
-  });
-  return writeOnnxModel(graph.toOnnx(), join(o.jobDir, 'graph'), 'train').modelPath;
-}
-
 export async function runTraining(o: TrainRunOptions): Promise<TrainResult> {
   const { config, spec } = o;
   const ds = buildDataset(o.data, o.tokenizer, config);
@@ -107,7 +88,22 @@ export async function runTraining(o: TrainRunOptions): Promise<TrainResult> {
   const optimizer = new AdamW(loraParams(adapter), { lr: config.learningRate, betas: config.betas, eps: config.eps, weightDecay: config.weightDecay });
   if (resumed) optimizer.loadState(resumed.optimizer);
 
-  const rt = await TrainRuntime.create(writeTrainingGraph(o, adapter), o.threads);
+  const modelPath = await writeTrainingGraphFile({
+    modelDir: o.modelDir,
+    dir: join(o.jobDir, 'graph'),
+    options: {
+      quant: o.quant,
+      modules: adapter.modules.map((m) => ({ module: m.module, inFeatures: m.inFeatures, outFeatures: m.outFeatures })),
+      r: adapter.r,
+      scaling: adapter.scaling,
+      dropout: config.lora.loraDropout,
+      seed: config.seed,
+      // Job records written before the setting existed lack it: on.
+      checkpointing: config.gradientCheckpointing !== false,
+      maxSeqLength: config.maxSeqLength,
+    },
+  });
+  const rt = await TrainRuntime.create(modelPath, o.threads);
   try {
     const initialEvalLoss = startStep === 0 ? await evalLoss(rt, ds, adapter) : (metrics.find((m) => m['initialEvalLoss'] !== undefined)?.['initialEvalLoss'] as number | null) ?? null;
     if (startStep === 0 && initialEvalLoss !== null) metrics.push({ step: 0, evalLoss: initialEvalLoss, initialEvalLoss });

@@ -4,9 +4,8 @@
  * Prints JSON: tokens/s of forward + backward + AdamW on one [1, SEQ] micro-batch, setup seconds, peak RSS.
  */
 import { join } from 'node:path';
-import { writeOnnxModel } from '../../kernels/onnx.js';
 import { TrainRuntime } from '../../src/engine/train-runtime.js';
-import { buildTrainingGraph } from '../../src/models/train-graph.js';
+import { writeTrainingGraphFile } from '../../src/train/graph-file.js';
 import { loadModelDir } from '../../src/models/load.js';
 import { initLora, loraParams } from '../../src/train/init.js';
 import { AdamW } from '../../src/train/optimizer.js';
@@ -18,17 +17,13 @@ const r = Number(rArg);
 const seq = Number(seqArg);
 const steps = Number(stepsArg);
 const t0 = performance.now();
-const { spec, weights } = loadModelDir(modelDir!);
+const { spec } = loadModelDir(modelDir!);
 const adapter = initLora(spec, { r, loraAlpha: 2 * r, targetModules: targets!.split(','), useRslora: false }, 1);
 // B = 0 at init makes dA zero; give B values so the step does the full work.
 for (const m of adapter.modules) m.b.fill(0.001);
 const dir = mkdtempSync(join(tmpdir(), 'loraplex-train-bench-'));
-// In a function, as the trainer does: the JS graph's weights are collected before onnxruntime loads its copy.
-const writeGraph = () => {
-  const { graph } = buildTrainingGraph(spec, weights, { quant: { kind: 'int4', blockSize: 32, accuracyLevel: 0 }, modules: adapter.modules.map((m) => ({ module: m.module, inFeatures: m.inFeatures, outFeatures: m.outFeatures })), r, scaling: adapter.scaling, maxSeqLength: seq });
-  return writeOnnxModel(graph.toOnnx(), dir, 'train').modelPath;
-};
-const modelPath = writeGraph();
+// Built in a thread of its own, as the trainer does: its JS copy of the weights is gone before onnxruntime loads.
+const modelPath = await writeTrainingGraphFile({ modelDir: modelDir!, dir, options: { quant: { kind: 'int4', blockSize: 32, accuracyLevel: 0 }, modules: adapter.modules.map((m) => ({ module: m.module, inFeatures: m.inFeatures, outFeatures: m.outFeatures })), r, scaling: adapter.scaling, maxSeqLength: seq } });
 const rt = await TrainRuntime.create(modelPath, Number(threadsArg ?? 2));
 const setupSeconds = (performance.now() - t0) / 1000;
 const optimizer = new AdamW(loraParams(adapter), { lr: 1e-4, betas: [0.9, 0.999], eps: 1e-8, weightDecay: 0 });
