@@ -1,19 +1,22 @@
-import { parentPort, workerData } from 'node:worker_threads';
 import { writeOnnxModel } from '../../kernels/onnx.js';
 import { loadModelDir } from '../models/load.js';
 import { buildTrainingGraph } from '../models/train-graph.js';
 import type { GraphFileJob, GraphFileReply } from './graph-file.js';
 
-/** The thread behind writeTrainingGraphFile: build, write, reply, exit (which frees the graph's memory). */
-if (!parentPort) throw new Error('the training graph worker must run in a worker thread');
-const job = workerData as GraphFileJob;
-let reply: GraphFileReply;
-try {
-  const { spec, weights } = loadModelDir(job.modelDir);
-  const { graph } = buildTrainingGraph(spec, weights, job.options);
-  reply = { modelPath: writeOnnxModel(graph.toOnnx(), job.dir, 'train').modelPath };
-} catch (e) {
-  const err = e instanceof Error ? e : new Error(String(e));
-  reply = { error: { message: err.message, ...((err as NodeJS.ErrnoException).code ? { code: (err as NodeJS.ErrnoException).code } : {}), ...(err.stack ? { stack: err.stack } : {}) } };
-}
-parentPort.postMessage(reply);
+/** The process behind writeTrainingGraphFile: one job in, build, write, reply, exit (freeing the graph's memory). */
+if (!process.send) throw new Error('the training graph process must be started with an IPC channel (graph-file.ts)');
+process.once('message', (m) => {
+  const job = m as GraphFileJob;
+  let reply: GraphFileReply;
+  try {
+    const { spec, weights } = loadModelDir(job.modelDir);
+    const { graph } = buildTrainingGraph(spec, weights, job.options);
+    const { modelPath } = writeOnnxModel(graph.toOnnx(), job.dir, 'train');
+    reply = { modelPath, peakRssBytes: process.resourceUsage().maxRSS * 1024 };
+  } catch (e) {
+    const err = e instanceof Error ? e : new Error(String(e));
+    const code = (err as NodeJS.ErrnoException).code;
+    reply = { error: { message: err.message, ...(code ? { code } : {}), ...(err.stack ? { stack: err.stack } : {}) } };
+  }
+  process.send!(reply, () => process.disconnect());
+});

@@ -1,11 +1,12 @@
-import { Worker } from 'node:worker_threads';
+import { fork } from 'node:child_process';
+import { fileURLToPath } from 'node:url';
 import type { TrainGraphOptions } from '../models/train-graph.js';
 
 /**
- * Builds the training graph and writes it to `dir` (train.onnx + external data) in a worker thread of its own,
- * returning the model's path. The graph holds every quantized weight in JS memory (about 0.9 GB on a 1.1B model);
- * the thread's exit frees it at once, before onnxruntime loads its own copy, where a collection in this thread
- * might come only after the training's peak.
+ * Builds the training graph and writes it to `dir` (train.onnx + external data) in a child process, returning
+ * the model's path. The graph holds every quantized weight in JS memory (about 0.9 GB on a 1.1B model): a
+ * process of its own gives all of it back to the system when it exits, before onnxruntime loads its own copy
+ * (a worker thread's freed memory partly stays in this process's malloc arenas).
  */
 export interface GraphFileJob {
   modelDir: string;
@@ -13,19 +14,28 @@ export interface GraphFileJob {
   dir: string;
 }
 
-/** What graph-file-worker.ts posts: the path, or the error with its errno code (disk full stays recognizable). */
-export type GraphFileReply = { modelPath: string } | { error: { message: string; code?: string; stack?: string } };
+export interface GraphFile {
+  modelPath: string;
+  /** The child's peak resident memory, in bytes. */
+  peakRssBytes: number;
+}
 
-export function writeTrainingGraphFile(job: GraphFileJob): Promise<string> {
+/** What graph-file-worker.ts sends: the file, or the error with its errno code (disk full stays recognizable). */
+export type GraphFileReply = GraphFile | { error: { message: string; code?: string; stack?: string } };
+
+export function writeTrainingGraphFile(job: GraphFileJob): Promise<GraphFile> {
   return new Promise((resolve, reject) => {
-    const worker = new Worker(new URL('./graph-file-worker.js', import.meta.url), { workerData: job });
+    // No inherited execArgv: a parent run under `node --test` (or with inspector flags) must not pass them on.
+    const child = fork(fileURLToPath(new URL('./graph-file-worker.js', import.meta.url)), [], { execArgv: [], serialization: 'advanced', stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
     let reply: GraphFileReply | null = null;
-    worker.on('message', (m: GraphFileReply) => (reply = m));
-    worker.on('error', reject);
-    worker.on('exit', (code) => {
-      if (reply && 'modelPath' in reply) return resolve(reply.modelPath);
-      if (reply) return reject(Object.assign(new Error(reply.error.message), { code: reply.error.code, stack: reply.error.stack }));
-      reject(new Error(`the training graph's worker exited with code ${code} without a reply`));
+    child.on('message', (m) => (reply = m as GraphFileReply));
+    child.on('error', reject);
+    child.on('exit', (code, signal) => {
+      const r = reply as GraphFileReply | null;
+      if (r && 'modelPath' in r) return resolve(r);
+      if (r) return reject(Object.assign(new Error(r.error.message), { code: r.error.code, stack: r.error.stack }));
+      reject(new Error(`the training graph's process exited with ${signal ?? `code ${code}`} without a reply`));
     });
+    child.send(job);
   });
 }

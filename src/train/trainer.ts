@@ -88,7 +88,7 @@ export async function runTraining(o: TrainRunOptions): Promise<TrainResult> {
   const optimizer = new AdamW(loraParams(adapter), { lr: config.learningRate, betas: config.betas, eps: config.eps, weightDecay: config.weightDecay });
   if (resumed) optimizer.loadState(resumed.optimizer);
 
-  const modelPath = await writeTrainingGraphFile({
+  const { modelPath } = await writeTrainingGraphFile({
     modelDir: o.modelDir,
     dir: join(o.jobDir, 'graph'),
     options: {

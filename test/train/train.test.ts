@@ -135,7 +135,7 @@ test('loraplex train --json prints the final metrics', async () => {
   assert.equal(readPeftAdapter(out, spec).r, 8);
 });
 
-test('the training graph is built in a thread of its own; its errors come back with their message', async () => {
+test('the training graph is built in a process of its own; its errors come back with their message', async () => {
   const missing = join(tempDir('no-model'), 'absent');
   await assert.rejects(writeTrainingGraphFile({ modelDir: missing, dir: tempDir('graph'), options: { quant: QUANT, modules: [], r: 2, scaling: 1 } }), (e: Error) => e.message.includes(missing));
 });
