@@ -22,7 +22,7 @@ import { latestCheckpoint, readCheckpoint, writeCheckpoint, type MetricsRecord }
  */
 export interface TrainRunOptions {
   spec: ModelSpec;
-  /** The base model's directory (the training graph is built from it in a thread of its own). */
+  /** The base model's directory (the training graph is built from it in a process of its own). */
   modelDir: string;
   tokenizer: CollateTokenizer;
   quant: QuantOptions;
