@@ -269,7 +269,8 @@ export function dequantizedWeight(g: Graph, q: QuantizedLinear, after?: Value): 
     for (const t of dq.tensors) g.addInitializer(t);
     const deq = dq.nodes.find((n) => n.opType === 'DequantizeLinear');
     if (after && deq) {
-      const zero = g.op1('Mul', [g.op1('ReduceMax', [after], { dtype: 'float32', shape: [] }, { keepdims: 0 }, undefined, `${q.namePrefix}.after_max`), g.scalar(0)], { dtype: 'float32', shape: [] }, undefined, undefined, `${q.namePrefix}.after_zero`);
+      // A sum, not a max: `after` may be empty (a chunk past the end of the sequence), whose max is -inf.
+      const zero = g.op1('Mul', [g.op1('ReduceSum', [after], { dtype: 'float32', shape: [] }, { keepdims: 0 }, undefined, `${q.namePrefix}.after_sum`), g.scalar(0)], { dtype: 'float32', shape: [] }, undefined, undefined, `${q.namePrefix}.after_zero`);
       const scale = g.fresh(`${q.namePrefix}.scale_after`);
       g.emit([{ opType: 'Add', name: g.fresh(`${q.namePrefix}.scale_after_node`), inputs: [deq.inputs[1]!, zero.name], outputs: [scale] }]);
       deq.inputs[1] = scale;

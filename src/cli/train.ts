@@ -70,7 +70,7 @@ export async function trainCommand(argv: string[]): Promise<void> {
   const file = resolve(v['data'] as string);
   const req = trainRequestFromFlags(v);
   req.path = basename(file);
-  const { spec, weights } = loadModelDir(modelDir);
+  const { spec } = loadModelDir(modelDir);
   const tokenizer = await loadTokenizer(modelDir);
   const config = asUsage(() => validateTrainConfig(trainConfigInput(req), { spec, maxLoraRank: 256, maxModelLen: spec.maxPositions }));
   const data: TrainData = asUsage(() => {
@@ -93,7 +93,7 @@ export async function trainCommand(argv: string[]): Promise<void> {
     } else if (e.type === 'eval' && !json) process.stderr.write(`${tty ? '\n' : ''}eval step ${e.step}: loss ${e.evalLoss.toFixed(4)} perplexity ${e.perplexity.toFixed(2)}\n`);
   };
   const result = await runTraining({
-    spec, weights, tokenizer, quant, config, data,
+    spec, modelDir, tokenizer, quant, config, data,
     jobDir: typeof v['job-dir'] === 'string' ? v['job-dir'] : `${out}.job`,
     threads,
     baseModelNameOrPath: peftBaseModelName(modelDir),

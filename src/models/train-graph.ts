@@ -1,10 +1,10 @@
 import { Graph, type Value } from '../../kernels/ir.js';
 import { add, dimOf, matmul, mul, range, reshape, transpose } from '../../kernels/ops/basic.js';
 import { causalAttention, causalMask } from '../../kernels/ops/nn.js';
-import { quantizeLinear } from '../../kernels/quant/index.js';
+import { quantizeLinear, type QuantizedLinear } from '../../kernels/quant/index.js';
 import { lmHeadQuantOptions, type ModelQuant } from './linear.js';
-import { gradients, quantizedLinearOp } from '../../kernels/autodiff.js';
-import { crossEntropy } from '../../kernels/ops/loss.js';
+import { gradients, quantizedLinearOp, type CheckpointSegment } from '../../kernels/autodiff.js';
+import { crossEntropyLoss } from '../../kernels/ops/loss.js';
 import type { ModelSpec, WeightSource } from './spec.js';
 import type { LoraModuleShape } from './lora.js';
 import { constantOf, familyOf, type LinearWeight } from './families/index.js';
@@ -28,7 +28,18 @@ export interface TrainGraphOptions {
   dropout?: number;
   /** Seeds the dropout masks (one stream per module). */
   seed?: number;
+  /**
+   * Gradient checkpointing (default on): the backward pass recomputes each decoder layer from its saved input
+   * instead of keeping the forward's activations (attention's [heads, seq, seq] included). The output head's
+   * chunks are recomputed either way: their logits are the largest activations and the cheapest to recompute.
+   */
+  checkpointing?: boolean;
+  /** The longest sequence the graph will see (default: the model's context); sizes the head's chunking. */
+  maxSeqLength?: number;
 }
+
+/** Tokens per row in one chunk of the output head: [batch, 128, vocab] float32 logits at a time. */
+const HEAD_CHUNK_TOKENS = 128;
 
 interface Ctx {
   g: Graph;
@@ -62,6 +73,32 @@ function linear(c: Ctx, x: Value, { module, weight: w, bias }: LinearWeight): Va
   return add(c.g, y, delta, `${module}.out`);
 }
 
+/**
+ * Mean cross-entropy through the output head, HEAD_CHUNK_TOKENS positions at a time: each chunk's logits
+ * [batch, chunk, vocab] live only while its own loss (and, checkpointed, its own backward) runs. Chunks past the
+ * end of a shorter sequence are empty. Returns the loss and each chunk as a checkpoint segment.
+ */
+function headChunks(g: Graph, hidden: Value, labels: Value, lmHead: QuantizedLinear, count: number): { loss: Value; segments: CheckpointSegment[] } {
+  const sums: Value[] = [];
+  const counts: Value[] = [];
+  const segments: CheckpointSegment[] = [];
+  for (let i = 0; i < count; i++) {
+    g.scope = `lm_head.${i}.`;
+    const bounds = [g.ints([i * HEAD_CHUNK_TOKENS]), g.ints([(i + 1) * HEAD_CHUNK_TOKENS]), g.ints([1])];
+    const h = g.op1('Slice', [hidden, ...bounds], { dtype: 'float32', shape: ['batch', '?', hidden.shape[2]!] }, undefined, undefined, 'hidden');
+    const y = g.op1('Slice', [labels, ...bounds], { dtype: 'int64', shape: ['batch', '?'] }, undefined, undefined, 'labels');
+    const ce = crossEntropyLoss(g, quantizedLinearOp(g, h, lmHead, 'logits'), y, { reduction: 'sum' });
+    sums.push(ce.loss);
+    counts.push(ce.tokenCount);
+    segments.push({ start: h, end: ce.loss });
+  }
+  g.scope = '';
+  const sum = (xs: Value[], hint: string) => (xs.length === 1 ? xs[0]! : g.op1('Sum', xs, { dtype: 'float32', shape: [] }, undefined, undefined, hint));
+  // max(count, 1): a batch with every label ignored gives loss 0, not NaN.
+  const denom = g.op1('Max', [sum(counts, 'token_count'), g.scalar(1)], { dtype: 'float32', shape: [] }, undefined, undefined, 'token_count_1');
+  return { loss: g.op1('Div', [sum(sums, 'loss_sum'), denom], { dtype: 'float32', shape: [] }, undefined, undefined, 'loss_mean'), segments };
+}
+
 export interface TrainGraph {
   graph: Graph;
   params: { module: string; a: string; b: string; gradA: string; gradB: string }[];
@@ -73,6 +110,7 @@ export function buildTrainingGraph(spec: ModelSpec, weights: WeightSource, opts:
   const labels = g.input('labels', 'int64', ['batch', 'seq']);
   const trainMode = (opts.dropout ?? 0) > 0 ? g.input('train_mode', 'bool', []) : null;
   const c: Ctx = { g, opts, trained: new Map(opts.modules.map((m) => [m.module, m])), params: [], trainMode };
+  const layerInputs: Value[] = [];
   const causal = causalMask(g, ids);
   const family = familyOf(spec);
   const hidden = family.body(
@@ -87,17 +125,19 @@ export function buildTrainingGraph(spec: ModelSpec, weights: WeightSource, opts:
       // Training has no packed kernels: each part is its own quantized linear (the same rows, the same bytes).
       packedLinear: (x, _packedName, parts) => parts.map((l) => linear(c, x, l)),
       attention: (_layer, q, k, v, heads) => causalAttention(g, heads, q, k, v, causal),
+      layerInput: (_layer, h) => void layerInputs.push(h),
     },
     ids,
   );
-  g.scope = 'lm_head.';
   const head = weights.get(family.lmHeadWeight(spec, weights));
   const [V, H] = head.shape as [number, number];
-  const logits = quantizedLinearOp(g, hidden, quantizeLinear(head.data, V, H, lmHeadQuantOptions(opts.quant), 'lm_head'));
-  g.scope = '';
-  const loss = crossEntropy(g, logits, labels);
+  const lmHead = quantizeLinear(head.data, V, H, lmHeadQuantOptions(opts.quant), 'lm_head');
+  const chunks = headChunks(g, hidden, labels, lmHead, Math.ceil((opts.maxSeqLength ?? spec.maxPositions) / HEAD_CHUNK_TOKENS));
+  const loss = chunks.loss;
   g.output(loss, 'loss', []);
-  const grads = gradients(g, loss, c.params.flatMap((p) => [p.a, p.b]));
+  const layers = opts.checkpointing === false ? [] : layerInputs.map((start, l) => ({ start, end: layerInputs[l + 1] ?? hidden }));
+  const checkpoints = [...layers, ...chunks.segments];
+  const grads = gradients(g, loss, c.params.flatMap((p) => [p.a, p.b]), { checkpoints });
   const params = c.params.map((p, i) => {
     g.output(grads[2 * i]!, `grad_a.${p.module}`, p.a.shape as (number | string)[]);
     g.output(grads[2 * i + 1]!, `grad_b.${p.module}`, p.b.shape as (number | string)[]);

@@ -52,6 +52,7 @@ export function trainConfigInput(req: TrainRequest): TrainConfigInput {
     evalEvery: req.evalEvery,
     checkpointEvery: req.checkpointEvery,
     keepCheckpoints: req.keepCheckpoints,
+    gradientCheckpointing: req.gradientCheckpointing,
   };
 }
 

@@ -47,6 +47,8 @@ export interface TrainConfigInput {
   checkpointEvery?: number | null;
   /** Checkpoints kept on disk (the oldest go first). */
   keepCheckpoints?: number | null;
+  /** Recompute each decoder layer in the backward pass instead of keeping its activations (default on). */
+  gradientCheckpointing?: boolean | null;
 }
 
 export interface LoraSettings {
@@ -78,6 +80,8 @@ export interface TrainConfig {
   evalEvery: number;
   checkpointEvery: number;
   keepCheckpoints: number;
+  /** Absent in job records written before the setting existed: read as on. */
+  gradientCheckpointing: boolean;
 }
 
 export interface TrainLimits {
@@ -119,6 +123,7 @@ export const TRAIN_DEFAULTS = {
   evalEvery: 0,
   checkpointEvery: 0,
   keepCheckpoints: 2,
+  gradientCheckpointing: true, // as QLoRA recipes (transformers' own default is off)
 };
 
 type Interval = { lo: number; hi: number; loOpen?: boolean; hiOpen?: boolean };
@@ -249,5 +254,6 @@ export function validateTrainConfig(input: TrainConfigInput, limits: TrainLimits
     evalEvery,
     checkpointEvery,
     keepCheckpoints: num('keep_checkpoints', input.keepCheckpoints, d.keepCheckpoints, { lo: 1, hi: 100 }, true),
+    gradientCheckpointing: bool('gradient_checkpointing', input.gradientCheckpointing, d.gradientCheckpointing),
   };
 }

@@ -1,11 +1,9 @@
 import { mkdirSync } from 'node:fs';
 import { join } from 'node:path';
-import { writeOnnxModel } from '../../kernels/onnx.js';
 import type { ModelQuant } from '../models/linear.js';
 import { TrainRuntime } from '../engine/train-runtime.js';
 import type { LoraLayerWeights } from '../models/lora.js';
-import { buildTrainingGraph } from '../models/train-graph.js';
-import type { ModelSpec, WeightSource } from '../models/spec.js';
+import type { ModelSpec } from '../models/spec.js';
 import type { PeftAdapter } from '../adapters/peft.js';
 import { LoraplexError } from '../errors.js';
 import { buildDataset, microBatchesOfStep, planSteps, type CollateTokenizer, type MicroBatch, type PackedDataset } from './collate.js';
@@ -14,6 +12,7 @@ import type { TrainData } from './data.js';
 import { initLora, loraParams } from './init.js';
 import { AdamW, clipGradNorm } from './optimizer.js';
 import { lrAt, warmupStepsFor } from './schedule.js';
+import { writeTrainingGraphFile } from './graph-file.js';
 import { latestCheckpoint, readCheckpoint, writeCheckpoint, type MetricsRecord } from './checkpoint.js';
 
 /**
@@ -23,7 +22,8 @@ import { latestCheckpoint, readCheckpoint, writeCheckpoint, type MetricsRecord }
  */
 export interface TrainRunOptions {
   spec: ModelSpec;
-  weights: WeightSource;
+  /** The base model's directory (the training graph is built from it in a process of its own). */
+  modelDir: string;
   tokenizer: CollateTokenizer;
   quant: ModelQuant;
   config: TrainConfig;
@@ -88,15 +88,21 @@ export async function runTraining(o: TrainRunOptions): Promise<TrainResult> {
   const optimizer = new AdamW(loraParams(adapter), { lr: config.learningRate, betas: config.betas, eps: config.eps, weightDecay: config.weightDecay });
   if (resumed) optimizer.loadState(resumed.optimizer);
 
-  const { graph } = buildTrainingGraph(spec, o.weights, {
-    quant: o.quant,
-    modules: adapter.modules.map((m) => ({ module: m.module, inFeatures: m.inFeatures, outFeatures: m.outFeatures })),
-    r: adapter.r,
-    scaling: adapter.scaling,
-    dropout: config.lora.loraDropout,
-    seed: config.seed,
+  const { modelPath } = await writeTrainingGraphFile({
+    modelDir: o.modelDir,
+    dir: join(o.jobDir, 'graph'),
+    options: {
+      quant: o.quant,
+      modules: adapter.modules.map((m) => ({ module: m.module, inFeatures: m.inFeatures, outFeatures: m.outFeatures })),
+      r: adapter.r,
+      scaling: adapter.scaling,
+      dropout: config.lora.loraDropout,
+      seed: config.seed,
+      // Job records written before the setting existed lack it: on.
+      checkpointing: config.gradientCheckpointing !== false,
+      maxSeqLength: config.maxSeqLength,
+    },
   });
-  const { modelPath } = writeOnnxModel(graph.toOnnx(), join(o.jobDir, 'graph'), 'train');
   const rt = await TrainRuntime.create(modelPath, o.threads);
   try {
     const initialEvalLoss = startStep === 0 ? await evalLoss(rt, ds, adapter) : (metrics.find((m) => m['initialEvalLoss'] !== undefined)?.['initialEvalLoss'] as number | null) ?? null;

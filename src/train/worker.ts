@@ -26,14 +26,14 @@ port.on('message', (m: WorkerRequest) => {
 });
 
 async function main(): Promise<void> {
-  const { spec, weights } = loadModelDir(input.modelDir);
+  const { spec } = loadModelDir(input.modelDir);
   const tokenizer = await loadTokenizer(input.modelDir);
   const data = JSON.parse(readFileSync(join(input.jobDir, 'data.json'), 'utf8'));
   const checkpoints = listCheckpoints(input.jobDir);
   if (checkpoints.length > 0) post({ type: 'resuming', step: checkpoints[checkpoints.length - 1]!.step });
   const result = await runTraining({
     spec,
-    weights,
+    modelDir: input.modelDir,
     tokenizer,
     quant: input.quant,
     config: input.config,

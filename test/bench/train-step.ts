@@ -1,12 +1,12 @@
 /**
  * One training-step measurement in its own process (so peak RSS is this configuration's alone):
  * node dist/test/bench/train-step.js MODEL_DIR TARGETS(comma) R SEQ STEPS THREADS
- * Prints JSON: tokens/s of forward + backward + AdamW on one [1, SEQ] micro-batch, setup seconds, peak RSS.
+ * Prints JSON: tokens/s of forward + backward + AdamW on one [1, SEQ] micro-batch, setup seconds, peak RSS (and that of
+ * the short-lived process that builds the graph, which exits before the session loads).
  */
 import { join } from 'node:path';
-import { writeOnnxModel } from '../../kernels/onnx.js';
 import { TrainRuntime } from '../../src/engine/train-runtime.js';
-import { buildTrainingGraph } from '../../src/models/train-graph.js';
+import { writeTrainingGraphFile } from '../../src/train/graph-file.js';
 import { loadModelDir } from '../../src/models/load.js';
 import { initLora, loraParams } from '../../src/train/init.js';
 import { AdamW } from '../../src/train/optimizer.js';
@@ -18,13 +18,13 @@ const r = Number(rArg);
 const seq = Number(seqArg);
 const steps = Number(stepsArg);
 const t0 = performance.now();
-const { spec, weights } = loadModelDir(modelDir!);
+const { spec } = loadModelDir(modelDir!);
 const adapter = initLora(spec, { r, loraAlpha: 2 * r, targetModules: targets!.split(','), useRslora: false }, 1);
 // B = 0 at init makes dA zero; give B values so the step does the full work.
 for (const m of adapter.modules) m.b.fill(0.001);
-const { graph } = buildTrainingGraph(spec, weights, { quant: { kind: 'int4', blockSize: 32, accuracyLevel: 0 }, modules: adapter.modules.map((m) => ({ module: m.module, inFeatures: m.inFeatures, outFeatures: m.outFeatures })), r, scaling: adapter.scaling });
 const dir = mkdtempSync(join(tmpdir(), 'loraplex-train-bench-'));
-const { modelPath } = writeOnnxModel(graph.toOnnx(), dir, 'train');
+// Built in a process of its own, as the trainer does: its JS copy of the weights is gone before onnxruntime loads.
+const { modelPath, peakRssBytes: graphPeakRss } = await writeTrainingGraphFile({ modelDir: modelDir!, dir, options: { quant: { kind: 'int4', blockSize: 32, accuracyLevel: 0 }, modules: adapter.modules.map((m) => ({ module: m.module, inFeatures: m.inFeatures, outFeatures: m.outFeatures })), r, scaling: adapter.scaling, maxSeqLength: seq } });
 const rt = await TrainRuntime.create(modelPath, Number(threadsArg ?? 2));
 const setupSeconds = (performance.now() - t0) / 1000;
 const optimizer = new AdamW(loraParams(adapter), { lr: 1e-4, betas: [0.9, 0.999], eps: 1e-8, weightDecay: 0 });
@@ -41,4 +41,4 @@ for (let i = 0; i < steps; i++) await step();
 const stepSeconds = (performance.now() - t1) / 1000 / steps;
 await rt.release();
 rmSync(dir, { recursive: true, force: true });
-process.stdout.write(`${JSON.stringify({ targets, r, seq, stepSeconds: +stepSeconds.toFixed(3), tokensPerSecond: +(seq / stepSeconds).toFixed(1), setupSeconds: +setupSeconds.toFixed(1), peakRssMiB: Math.round(process.resourceUsage().maxRSS / 1024), loraParams: adapter.modules.reduce((n, m) => n + m.a.length + m.b.length, 0) })}\n`);
+process.stdout.write(`${JSON.stringify({ targets, r, seq, stepSeconds: +stepSeconds.toFixed(3), tokensPerSecond: +(seq / stepSeconds).toFixed(1), setupSeconds: +setupSeconds.toFixed(1), peakRssMiB: Math.round(process.resourceUsage().maxRSS / 1024), graphBuildPeakRssMiB: Math.round(graphPeakRss / 2 ** 20), loraParams: adapter.modules.reduce((n, m) => n + m.a.length + m.b.length, 0) })}\n`);

@@ -1,5 +1,5 @@
 /**
- * kernels/autodiff.ts: tape walking (fan-out accumulation, unreachable and frozen values, errors), the
+ * kernels/autodiff.ts: tape walking (fan-out accumulation, unreachable and frozen values, errors), checkpoints, the
  * cross-entropy loss, and a composite training step (RMSNorm -> 4-bit linears with a LoRA pair -> SwiGLU ->
  * 4-bit head -> cross-entropy with ignored labels) whose gradients w.r.t. the input and the LoRA A/B match
  * central finite differences of a float64 plain-TS forward of the same composite (1e-3 of max |grad|).
@@ -122,6 +122,47 @@ test('errors: a node without a rule on the path, a raw emitted node on the path,
     const g = new Graph('nonscalar');
     const xv = g.input('x', 'float32', [3]);
     assert.throws(() => gradients(g, unary(g, 'Exp', xv), [xv]), /must be a scalar/);
+  }
+});
+
+test('checkpoints: recomputed segments give the same gradients, the backward reads no forward intermediate, bad segments are refused', async () => {
+  const n = 5;
+  const x = randomFloats(n, 11);
+  const r = randomFloats(n, 12);
+  // Two segments: h1 = tanh(x) * exp(tanh(x)), h2 = sigmoid(h1) * h1 + h1; loss = sum(r * h2).
+  const build = (checkpointed: boolean) => {
+    const g = new Graph('checkpoints');
+    const xv = g.input('x', 'float32', [n]);
+    const h0 = mul(g, xv, g.scalar(1.5));
+    const a = unary(g, 'Tanh', h0);
+    const e = unary(g, 'Exp', a);
+    const h1 = mul(g, a, e);
+    const sig = unary(g, 'Sigmoid', h1);
+    const gated = mul(g, sig, h1);
+    const h2 = add(g, gated, h1);
+    const loss = weightedSum(g, h2, r);
+    const before = g.tape.length;
+    const [dx] = gradients(g, loss, [xv], { checkpoints: checkpointed ? [{ start: h0, end: h1 }, { start: h1, end: h2 }] : [] });
+    g.output(dx!, 'dx', [n]);
+    // Inside the segments only their starts (h0, h1) may be read by the backward: the rest is recomputed.
+    const inside = new Set([a, e, sig, gated].map((v) => v.name));
+    const read = backward(g, before).flatMap((t) => t.inputs.flatMap((v) => (v && inside.has(v.name) ? [v.name] : [])));
+    return { g, read };
+  };
+  const plain = build(false);
+  assert.ok(plain.read.length > 0, 'without checkpoints the backward reads the forward\'s values');
+  const checkpointed = build(true);
+  assert.deepEqual(checkpointed.read, [], 'the backward reads forward intermediates');
+  const [ref, out] = [await runGraph(plain.g, { x: f32(x, [n]) }), await runGraph(checkpointed.g, { x: f32(x, [n]) })];
+  assert.ok(maxAbsDiff(out['dx']!, ref['dx']!) <= 1e-6, `checkpointed dx differs by ${maxAbsDiff(out['dx']!, ref['dx']!)}`);
+  {
+    const bad = new Graph('overlap');
+    const xv2 = bad.input('x', 'float32', [n]);
+    const p = unary(bad, 'Exp', xv2);
+    const q = unary(bad, 'Tanh', p);
+    const loss = weightedSum(bad, q, r);
+    assert.throws(() => gradients(bad, loss, [xv2], { checkpoints: [{ start: xv2, end: q }, { start: p, end: q }] }), /overlap/);
+    assert.throws(() => gradients(bad, loss, [xv2], { checkpoints: [{ start: q, end: p }] }), /not a forward range/);
   }
 });
 

@@ -58,15 +58,17 @@ function crossEntropy(logits: Float32Array, labels: number[], vocab: number): nu
   return sum / count;
 }
 
-for (const [arch, quant] of [['llama', { kind: 'none' }], ['llama', { kind: 'int4', blockSize: 32, accuracyLevel: 0 }], ['gpt2', { kind: 'int4', blockSize: 32, accuracyLevel: 0 }]] as [string, QuantOptions][]) {
-  test(`whole tiny ${arch} (${quant.kind}): LoRA gradients of the training graph match finite differences of the plain-TS forward`, async () => {
+const int4: QuantOptions = { kind: 'int4', blockSize: 32, accuracyLevel: 0 };
+// Checkpointing on (the default) and off; a maxSeqLength past the 7 tokens leaves empty chunks of the output head.
+for (const [arch, quant, checkpointing] of [['llama', { kind: 'none' }, true], ['llama', int4, true], ['llama', int4, false], ['gpt2', int4, true], ['gpt2', int4, false]] as [string, QuantOptions, boolean][]) {
+  test(`whole tiny ${arch} (${quant.kind}, checkpointing ${checkpointing ? 'on' : 'off'}): LoRA gradients of the training graph match finite differences of the plain-TS forward`, async () => {
     const dir = tempDir(`train-${arch}`);
     await makeModel({ arch: arch as 'llama' | 'gpt2', size: 'tiny', outDir: dir, seed: 5 });
     const { spec, weights } = loadModelDir(dir);
     const r = 2;
     const scaling = 1.5;
     const modules = linearModules(spec).filter((m, i) => i % 3 === 0).map((m) => ({ module: m.module, inFeatures: m.inFeatures, outFeatures: m.outFeatures }));
-    const { graph } = buildTrainingGraph(spec, weights, { quant, modules, r, scaling });
+    const { graph } = buildTrainingGraph(spec, weights, { quant, modules, r, scaling, checkpointing, maxSeqLength: 300 });
     const session = await ort.InferenceSession.create(serializeModel(graph.toOnnx()), { intraOpNumThreads: 1, extra: { session: { intra_op: { allow_spinning: '0' } } } });
     const seq = 7;
     const ids = [1, 17, 40, 99, 5, 250, 3];
@@ -142,6 +144,23 @@ test('LoRA dropout: eval runs without it (deterministic), every training step dr
   const t2 = await session.run(feeds(true));
   assert.notEqual(t1['loss']!.data[0], t2['loss']!.data[0], 'fresh masks every training step');
   await session.release();
+  // Checkpointed layers recompute the LoRA input with the forward's own mask: the same seed gives the same masks,
+  // so the first step's loss and gradients equal those without checkpointing. (onnxruntime's optimizations are off
+  // in both: they rewrite the unrecomputed graph's Dropout into kernels that draw other masks.)
+  const firstStep = async (checkpointing: boolean) => {
+    const built = buildTrainingGraph(spec, weights, { quant: { kind: 'none' }, modules, r: 2, scaling: 2, dropout: 0.5, seed: 3, checkpointing }).graph;
+    const s = await ort.InferenceSession.create(serializeModel(built.toOnnx()), { intraOpNumThreads: 1, graphOptimizationLevel: 'disabled' });
+    const out = await s.run(feeds(true));
+    await s.release();
+    return out;
+  };
+  const [kept, recomputed] = [await firstStep(false), await firstStep(true)];
+  assert.equal(recomputed['loss']!.data[0], kept['loss']!.data[0], 'loss');
+  for (const name of Object.keys(kept)) {
+    const [x, y] = [recomputed[name]!.data as Float32Array, kept[name]!.data as Float32Array];
+    const scale = Math.max(...y.map(Math.abs));
+    assert.ok(scale > 0 && x.every((v, i) => Math.abs(v - y[i]!) <= 1e-5 * scale), `${name}: checkpointed gradient differs`);
+  }
   // Off (eval mode), the dropout graph's loss and gradients are the no-dropout graph's, bit for bit.
   const plain = buildTrainingGraph(spec, weights, { quant: { kind: 'none' }, modules, r: 2, scaling: 2 }).graph;
   const plainSession = await ort.InferenceSession.create(serializeModel(plain.toOnnx()), { intraOpNumThreads: 1 });

@@ -13,6 +13,7 @@ import { runTraining, type TrainEvent, type TrainRunOptions } from '../../src/tr
 import { writePeftAdapter } from '../../src/adapters/peft.js';
 import { buildDataset } from '../../src/train/collate.js';
 import { TrainRuntime } from '../../src/engine/train-runtime.js';
+import { writeTrainingGraphFile } from '../../src/train/graph-file.js';
 import { buildTrainingGraph } from '../../src/models/train-graph.js';
 import { writeOnnxModel } from '../../kernels/onnx.js';
 import { Sequence } from '../../src/scheduler/sequence.js';
@@ -29,7 +30,7 @@ function options(extra: TrainConfigInput, jobDir: string, events?: TrainEvent[],
   // The first 300 kB of Shakespeare: enough for a clear style change, small enough for CI.
   const data = loadTrainData({ path: 'tinyshakespeare.txt', textSplit: 'paragraph' }, { dataRoot: join(SHAKESPEARE, '..') });
   data.train = data.train.slice(0, 400);
-  return { spec, weights, tokenizer, quant: QUANT, config, data, jobDir, threads: 2, baseModelNameOrPath: 'stories260K', ...(events ? { onEvent: (e) => events.push(e) } : {}), ...(signal ? { signal } : {}) };
+  return { spec, modelDir: STORIES, tokenizer, quant: QUANT, config, data, jobDir, threads: 2, baseModelNameOrPath: 'stories260K', ...(events ? { onEvent: (e) => events.push(e) } : {}), ...(signal ? { signal } : {}) };
 }
 
 async function greedy(adapterDir: string | null, prompt: string): Promise<string> {
@@ -139,4 +140,9 @@ test('loraplex train --json prints the final metrics; the adapter names the mode
   // The model's name (its directory's, as it has no _name_or_path), not the path it was given.
   assert.equal(config.base_model_name_or_path, 'stories260K');
   assert.equal(config.lora_dropout, 0.1);
+});
+
+test('the training graph is built in a process of its own; its errors come back with their message', async () => {
+  const missing = join(tempDir('no-model'), 'absent');
+  await assert.rejects(writeTrainingGraphFile({ modelDir: missing, dir: tempDir('graph'), options: { quant: QUANT, modules: [], r: 2, scaling: 1 } }), (e: Error) => e.message.includes(missing));
 });

@@ -80,6 +80,8 @@ export interface BodyContext {
   packedLinear(x: Value, packedName: string, parts: LinearWeight[]): Value[];
   /** Causal attention of one layer over this step's q/k/v [batch, seq, heads * headDim] (rotary already applied). */
   attention(layer: number, q: Value, k: Value, v: Value, heads: AttentionHeads): Value;
+  /** Called with each layer's input before the layer is built (training checkpoints there). */
+  layerInput?(layer: number, h: Value): void;
 }
 
 /** The LoRA-able linears of a model of this family, layer by layer, in forward order. */

@@ -46,6 +46,7 @@ function body(c: BodyContext, ids: Value): Value {
   const conv = (module: string, x: Value) => c.linear(x, { module, weight: transposed(w.get(`${module}.weight`)), bias: w.get(`${module}.bias`) });
   for (let l = 0; l < spec.numLayers; l++) {
     const p = `h.${l}`;
+    c.layerInput?.(l, h);
     g.scope = `l${l}.`;
     const qkv = conv(`${p}.attn.c_attn`, ln(`${p}.ln_1`, h)); // [batch, seq, 3*hidden]
     const [q, k, v] = g.op('Split', [qkv, g.ints([hiddenSize, hiddenSize, hiddenSize])], { attrs: { axis: -1 }, outputs: [0, 1, 2].map(() => ({ dtype: 'float32' as const, shape: ['batch', 'seq', hiddenSize] })) }, 'qkv_split') as [Value, Value, Value];

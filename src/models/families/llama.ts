@@ -60,6 +60,7 @@ function body(c: BodyContext, ids: Value): Value {
   const sin = reshape(g, gather(g, sinTable, c.positions, 0, 'sin_rows'), [0, 0, 1, headDim / 2], 'sin');
   for (let l = 0; l < spec.numLayers; l++) {
     const p = `model.layers.${l}`;
+    c.layerInput?.(l, h);
     g.scope = `l${l}.`;
     const part = (block: string, proj: string): LinearWeight => {
       const module = `${p}.${block}.${proj}`;
