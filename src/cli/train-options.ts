@@ -45,6 +45,7 @@ export const TRAIN_FIELD_HELP: Readonly<Record<string, string>> = {
   eval_every: 'evaluate every N optimizer steps (0: only at the end)',
   checkpoint_every: 'checkpoint every N optimizer steps into --job-dir (0: never); a rerun with the same --job-dir resumes',
   keep_checkpoints: 'checkpoints kept on disk, in [1, 100]',
+  gradient_checkpointing: 'turn off recomputing each decoder layer in backward (faster steps, much more memory)',
   text_split:
     "how a .txt file is read [stream]: stream = the whole text as one token stream, newlines kept, BOS once, packed into --max-seq-length rows (as datasets' text loader + group_texts); paragraph = one BOS...EOS document per blank-line-separated paragraph; document = the whole file as one BOS...EOS document; line = one document per line",
 };
@@ -53,7 +54,12 @@ const kebab = (snake: string) => snake.replace(/_/g, '-');
 
 export const TRAIN_FLAG_FIELDS: readonly DescField[] = TrainRequestSchema.fields.filter((f) => !NOT_FLAGS.has(f.name));
 
-export const flagOfField = (f: DescField) => kebab(f.name);
+const isBool = (f: DescField) => f.fieldKind === 'scalar' && f.scalar === ScalarType.BOOL;
+
+/** A boolean that defaults to true can only be turned off: its flag is `--no-...`. */
+const negated = (f: DescField) => isBool(f) && (TRAIN_DEFAULTS as Record<string, unknown>)[f.localName] === true;
+
+export const flagOfField = (f: DescField) => `${negated(f) ? 'no-' : ''}${kebab(f.name)}`;
 
 /** The enum's value names as flags take them: TEXT_SPLIT_STREAM -> stream (the unspecified value is the default). */
 function enumChoices(f: DescField & { fieldKind: 'enum' }): { name: string; number: number }[] {
@@ -77,12 +83,12 @@ function placeholderOf(f: DescField): string {
 
 function defaultNote(f: DescField): string {
   const d = (TRAIN_DEFAULTS as Record<string, unknown>)[f.localName];
-  return d === undefined ? '' : ` [${String(d)}]`;
+  return d === undefined || negated(f) ? '' : ` [${String(d)}]`;
 }
 
 /** parseArgs options for the field flags. */
 export function trainFieldFlags(): Record<string, { type: 'string' | 'boolean' }> {
-  return Object.fromEntries(TRAIN_FLAG_FIELDS.map((f) => [flagOfField(f), { type: f.fieldKind === 'scalar' && f.scalar === ScalarType.BOOL ? 'boolean' : 'string' }]));
+  return Object.fromEntries(TRAIN_FLAG_FIELDS.map((f) => [flagOfField(f), { type: isBool(f) ? 'boolean' : 'string' }]));
 }
 
 /** Help rows `[--flag PLACEHOLDER, description [default]]` for the field flags, in the proto's order. */
@@ -104,7 +110,7 @@ function fieldValue(f: DescField, raw: string | boolean): unknown {
   if (f.fieldKind !== 'scalar') throw new Error(`TrainRequest.${f.name}: no flag form for a ${f.fieldKind} field`);
   switch (f.scalar) {
     case ScalarType.BOOL:
-      return raw === true;
+      return negated(f) ? raw !== true : raw === true;
     case ScalarType.STRING:
       return String(raw);
     case ScalarType.UINT64:

@@ -7,6 +7,7 @@ import { promisify } from 'node:util';
 import { STORIES, tempDir } from '../helpers/engine.js';
 import { SETTINGS } from '../../src/config/schema.js';
 import { TrainRequestSchema } from '../../src/gen/loraplex/v1/train_pb.js';
+import { trainRequestFromFlags } from '../../src/cli/train-options.js';
 
 const run = promisify(execFile);
 const CLI = new URL('../../src/cli/main.js', import.meta.url).pathname;
@@ -26,7 +27,7 @@ const EXPECTED: Record<string, string[]> = {
   serve: SETTINGS.map((s) => s.flag),
   train: [
     '--model', '--data', '--eval-data', '--out', '--job-dir', '--json', '--quant', '--block-size', '--asymmetric', '--threads',
-    ...TrainRequestSchema.fields.filter((f) => !['adapter_id', 'examples', 'eval_examples', 'path', 'eval_path'].includes(f.name)).map((f) => `--${f.name.replace(/_/g, '-')}`),
+    ...TrainRequestSchema.fields.filter((f) => !['adapter_id', 'examples', 'eval_examples', 'path', 'eval_path'].includes(f.name)).map((f) => `--${f.name === 'gradient_checkpointing' ? 'no-' : ''}${f.name.replace(/_/g, '-')}`),
   ],
   generate: ['--model', '--adapter', '--prompt', '--max-new-tokens', '--temperature', '--top-k', '--top-p', '--repetition-penalty', '--seed', '--stop', '--json', '--quant', '--block-size', '--accuracy-level', '--asymmetric', '--threads', '--cache-dir', '--max-model-len'],
   'make-model': ['--arch', '--size', '--out', '--seed'],
@@ -76,4 +77,10 @@ test('train checks its options as the Train RPC does, named as flags', async () 
     assert.equal(r.code, 2, `${flags.join(' ')}: ${r.stderr}`);
     assert.match(r.stderr, message);
   }
+});
+
+test('a boolean train option that defaults to on is turned off by --no-...', () => {
+  assert.equal(trainRequestFromFlags({ 'no-gradient-checkpointing': true }).gradientCheckpointing, false);
+  assert.equal(trainRequestFromFlags({}).gradientCheckpointing, undefined, 'unset: the RPC default (on) applies');
+  assert.equal(trainRequestFromFlags({ 'use-rslora': true }).useRslora, true);
 });
