@@ -256,21 +256,6 @@ test('stop token ids', () => {
   assert.ok(s.isStopToken(2) && s.isStopToken(7) && !s.isStopToken(1));
 });
 
-test('fast enough for a 32000 vocab', () => {
-  const rows = Array.from({ length: 8 }, (_, i) => randomLogits(new Rng(i), 32000, 3));
-  for (const cfg of [{ temperature: 0 }, { topK: 50 }, { topP: 0.9 }, { topK: 40, topP: 0.95, repetitionPenalty: 1.1 }, {}]) {
-    const s = new Sampler(params(cfg), Array.from({ length: 512 }, (_, i) => i * 7));
-    for (let i = 0; i < 50; i++) s.next(rows[i % 8]!); // warm up
-    const t0 = performance.now();
-    const N = 500;
-    for (let i = 0; i < N; i++) s.next(rows[i % 8]!);
-    const ms = (performance.now() - t0) / N;
-    // Generous bound for slow CI; typically well under 1 ms.
-    assert.ok(ms < 5, `${JSON.stringify(cfg)}: ${ms.toFixed(3)} ms/token`);
-    console.log(`# sampler ${JSON.stringify(cfg)}: ${ms.toFixed(3)} ms/token`);
-  }
-});
-
 test('validation: messages name the field and the limit', () => {
   const lim = { maxNewTokensLimit: 4096, vocabSize: 512 };
   const bad = (p: Partial<SamplingParams>, field: string, msg: RegExp) =>
