@@ -335,6 +335,7 @@ function toServerConfig(settings: ReadonlyMap<string, Resolved>, configFile: str
     maxLoraRank: v('maxLoraRank'),
     prefillChunk: v('prefillChunk'),
     allowSpinning: v('allowSpinning'),
+    exactBatches: v<boolean>('exactBatches'),
     host: v('host'),
     port: v('port'),
     httpPort: v('httpPort'),

@@ -14,6 +14,8 @@ export interface EngineSettings {
   maxLoraRank: number;
   prefillChunk: number;
   allowSpinning: boolean;
+  /** Default true: alone == batched even where a lone row needs a pair (see Runtime.pairsSingleRows). */
+  exactBatches?: boolean;
   /** Bytes of the K/V cache of running sequences (a pool of 64-token blocks); absent: enough for maxNumSeqs rows at maxModelLen. */
   kvCacheBytes?: number | undefined;
   /** Default cpu. */

@@ -29,6 +29,8 @@ export interface RuntimeOptions {
    * are slow there) at the price of a busy core while the server idles. Off by default.
    */
   allowSpinning?: boolean;
+  /** Default true. false: no probe, a lone row takes the CPU's own M = 1 kernel (see pairsSingleRows). */
+  exactBatches?: boolean;
   executionProviders?: string[];
 }
 
@@ -125,7 +127,7 @@ export class Runtime {
     const missing = session.inputNames.filter((n) => !fed.test(n));
     if (missing.length) throw new EngineError(`serving graph has inputs the runtime does not feed: ${missing.join(', ')}`, 'INTERNAL');
     const runtime = new Runtime(session, opts, cache, pool);
-    runtime.pairsSingleRows = await runtime.loneRowDiffers();
+    runtime.pairsSingleRows = opts.exactBatches !== false && (await runtime.loneRowDiffers());
     return runtime;
   }
 

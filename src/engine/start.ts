@@ -28,6 +28,7 @@ export async function startEngine(s: EngineSettings): Promise<LoadedEngine> {
       intraOpThreads: s.threads,
       executionProviders: [s.executionProvider ?? 'cpu'],
       allowSpinning: s.allowSpinning,
+      ...(s.exactBatches === false ? { exactBatches: false } : {}),
       ...(s.kvCacheBytes !== undefined ? { kvCacheBytes: s.kvCacheBytes } : {}),
     }),
     loadTokenizer(s.modelDir),

@@ -16,7 +16,7 @@ export function tempDir(prefix: string): string {
   return mkdtempSync(join(tmpdir(), `loraplex-${prefix}-`));
 }
 
-export async function startTestEngine(modelDir: string, quant: ModelQuant, opts: { cacheDir?: string; maxNumSeqs?: number; maxLoras?: number; maxLoraRank?: number; maxModelLen?: number; kvBlocks?: number } = {}): Promise<{ engine: Engine; compiled: CompiledModel }> {
+export async function startTestEngine(modelDir: string, quant: ModelQuant, opts: { cacheDir?: string; maxNumSeqs?: number; maxLoras?: number; maxLoraRank?: number; maxModelLen?: number; kvBlocks?: number; exactBatches?: boolean } = {}): Promise<{ engine: Engine; compiled: CompiledModel }> {
   const compiled = compileModel(modelDir, { quant, cacheDir: opts.cacheDir ?? tempDir('cache') });
   const engine = await Engine.start({
     modelPath: compiled.modelPath,
@@ -26,6 +26,7 @@ export async function startTestEngine(modelDir: string, quant: ModelQuant, opts:
     slots: (opts.maxLoras ?? 2) + 1,
     maxLoraRank: opts.maxLoraRank ?? 8,
     intraOpThreads: 1,
+    ...(opts.exactBatches !== undefined ? { exactBatches: opts.exactBatches } : {}),
     ...(opts.kvBlocks !== undefined ? { kvCacheBytes: opts.kvBlocks * KvCache.blockBytes(compiled.layout.numLayers, compiled.layout.kvDim) } : {}),
   });
   return { engine, compiled };
