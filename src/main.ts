@@ -2,7 +2,7 @@ import { mkdirSync } from 'node:fs';
 import { AdapterManager } from './adapters/manager.js';
 import { AdapterStore } from './adapters/store.js';
 import { sweepExportTemps } from './adapters/export.js';
-import { peftBaseModelName } from './adapters/peft.js';
+import { modelName } from './models/model-name.js';
 import { withDefaults, type ServerConfigInput } from './config/server-config.js';
 import { startEngine, type LoadedEngine } from './engine/start.js';
 import type { Logger } from './obs/logger.js';
@@ -129,7 +129,7 @@ export async function startServer(input: ServerConfigInput, log: Logger, hooks: 
   // the engine worker and the event loop. The job root is created on the first job, not here.
   const jobs = new JobManager({
     jobRoot: cfg.jobRoot,
-    runner: new WorkerRunner({ modelDir: cfg.modelDir, quant: cfg.quant, threads: cfg.trainThreads, baseModelNameOrPath: peftBaseModelName(cfg.modelDir) }),
+    runner: new WorkerRunner({ modelDir: cfg.modelDir, quant: cfg.quant, threads: cfg.trainThreads, baseModelNameOrPath: modelName(cfg.modelDir) }),
     writeAdapter: (key, adapter) => adapters.create(key, adapter),
     maxQueued: cfg.maxQueuedTrainJobs,
     log,

@@ -1,5 +1,5 @@
-import { closeSync, existsSync, readFileSync, realpathSync } from 'node:fs';
-import { basename, join, resolve } from 'node:path';
+import { closeSync, existsSync } from 'node:fs';
+import { basename, join } from 'node:path';
 import { fillNormal } from '../models/make.js';
 import { SafetensorsError, SafetensorsSource, type SafetensorsDtype, writeFileAtomic, writeSafetensors } from '../models/safetensors.js';
 import type { ModelSpec, ModelFamily } from '../models/spec.js';
@@ -29,35 +29,6 @@ export class PeftFormatError extends Error {
 
 export type { LinearModule } from '../models/families/index.js';
 
-/** A hub id as transformers takes it: `name` or `org/name`, never a filesystem path. */
-const HUB_ID_RE = /^[A-Za-z0-9][\w.-]*(\/[A-Za-z0-9][\w.-]*)?$/;
-/** The Hugging Face hub cache's layout: .../models--org--name/snapshots/<revision>. */
-const HUB_CACHE_RE = /(?:^|\/)models--([^/]+?)--([^/]+)\/snapshots\/[^/]+$/;
-
-/**
- * What PEFT writes as base_model_name_or_path for a model directory: the model's name (its hub id), never
- * the path the server or CLI happened to be given. Taken from config.json's `_name_or_path` when that is a
- * hub id (transformers writes it on save_pretrained), else from the hub cache's directory layout, else the
- * directory's own name.
- */
-export function peftBaseModelName(modelDir: string): string {
-  let real = resolve(modelDir);
-  try {
-    real = realpathSync(real);
-  } catch {
-    /* keep the resolved path: the name is a label, not a lookup */
-  }
-  try {
-    const cfg = JSON.parse(readFileSync(join(real, 'config.json'), 'utf8')) as Record<string, unknown>;
-    const name = cfg['_name_or_path'];
-    if (typeof name === 'string' && HUB_ID_RE.test(name) && !name.includes('..')) return name;
-  } catch {
-    /* no readable config.json: fall back to the path */
-  }
-  const cached = HUB_CACHE_RE.exec(real.split('\\').join('/'));
-  if (cached) return `${cached[1]}/${cached[2]}`;
-  return basename(real);
-}
 export { linearModules };
 
 /** `base_model.model.transformer.h.0.attn.c_attn` -> `h.0.attn.c_attn`; llama paths keep `model.`. */

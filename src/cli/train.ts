@@ -1,6 +1,7 @@
 import { basename, dirname, resolve } from 'node:path';
 import { existsSync } from 'node:fs';
-import { peftBaseModelName, writePeftAdapter } from '../adapters/peft.js';
+import { writePeftAdapter } from '../adapters/peft.js';
+import { modelName } from '../models/model-name.js';
 import { loadModelDir } from '../models/load.js';
 import { loadTokenizer } from '../tokenizer/index.js';
 import { validateTrainConfig } from '../train/config.js';
@@ -96,7 +97,7 @@ export async function trainCommand(argv: string[]): Promise<void> {
     spec, modelDir, tokenizer, quant, config, data,
     jobDir: typeof v['job-dir'] === 'string' ? v['job-dir'] : `${out}.job`,
     threads,
-    baseModelNameOrPath: peftBaseModelName(modelDir),
+    baseModelNameOrPath: modelName(modelDir),
     onEvent,
   });
   if (tty) process.stderr.write('\n');

@@ -1,8 +1,9 @@
 import { readFileSync, statSync } from 'node:fs';
-import { basename, dirname, join, resolve } from 'node:path';
+import { dirname, join, resolve } from 'node:path';
 import { parse as parseYaml } from 'yaml';
 import type { QuantOptions } from '../../kernels/quant/index.js';
 import type { LmHeadQuant, ModelQuant } from '../models/linear.js';
+import { modelName } from '../models/model-name.js';
 import type { ServerConfig } from './server-config.js';
 import { UsageError } from './usage-error.js';
 import {
@@ -324,7 +325,7 @@ function toServerConfig(settings: ReadonlyMap<string, Resolved>, configFile: str
   return {
     modelDir: model,
     source: model,
-    servedModelName: v<string | null>('servedModelName') ?? basename(model),
+    servedModelName: v<string | null>('servedModelName') ?? modelName(model),
     quant,
     threads: v('threads'),
     executionProvider: v<ExecutionProvider>('executionProvider'),

@@ -70,7 +70,7 @@ export function cacheDirDefault(env: DefaultEnv): string {
 export const SETTINGS: readonly Setting[] = [
   // --- model and engine
   setting({ name: 'model', type: 'path', default: BUILTIN_MODEL_DIR, defaultText: 'built-in stories260K', description: 'Hugging Face model directory; unset: the built-in stories260K (a 260K-parameter TinyStories llama, src/models/builtin)' }),
-  setting({ name: 'servedModelName', type: 'string', default: null, defaultText: "the model directory's name", description: 'the base model\'s name in the HTTP API\'s `model` field and /v1/models (as vLLM\'s --served-model-name)' }),
+  setting({ name: 'servedModelName', type: 'string', default: null, defaultText: "the model's hub id, else its directory's name", description: 'the base model\'s name in the HTTP API\'s `model` field and /v1/models (as vLLM\'s --served-model-name)' }),
   setting({ name: 'quant', type: 'enum', values: QUANT_KINDS, default: 'int4', description: 'weight quantization' }),
   setting({ name: 'blockSize', type: 'int', values: [16, 32, 64, 128, 256], default: null, defaultText: '32 (64 for nf4)', description: 'quantization block size' }),
   setting({ name: 'accuracyLevel', type: 'int', min: 0, max: 4, default: 4, description: 'MatMulNBits accuracy level for int4/int8 (4 = int8 activations, fast; 0 = float32)' }),

@@ -29,7 +29,7 @@ export interface ServerConfig extends EngineSettings {
   port: number;
   /** The OpenAI-compatible HTTP API's port; 0 = off. */
   httpPort: number;
-  /** The base model's name in the HTTP API (`model`, /v1/models); default the model directory's name. */
+  /** The base model's name in the HTTP API (`model`, /v1/models); default the model's hub id, else its directory's name (models/model-name.ts). */
   servedModelName: string;
   adapterRoot: string;
   maxCpuLoras: number;

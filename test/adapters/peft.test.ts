@@ -1,11 +1,11 @@
 import assert from 'node:assert/strict';
+import { modelName } from '../../src/models/model-name.js';
 import { test } from 'node:test';
 import { existsSync, mkdirSync, readdirSync, readFileSync, symlinkSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import {
   linearModules,
   makeRandomAdapter,
-  peftBaseModelName,
   PeftFormatError,
   readPeftAdapter,
   writePeftAdapter,
@@ -283,23 +283,23 @@ test('makeRandomAdapter rejects modules the family does not have', () => {
 
 test('base_model_name_or_path is the model\'s name, as PEFT writes it, never the path given', () => {
   // No _name_or_path (llama2.c's export): the directory's name, through ., .. and symlinks.
-  assert.equal(peftBaseModelName(STORIES260K), 'stories260K');
-  assert.equal(peftBaseModelName(`${STORIES260K}/./`), 'stories260K');
+  assert.equal(modelName(STORIES260K), 'stories260K');
+  assert.equal(modelName(`${STORIES260K}/./`), 'stories260K');
   const root = tempDir('peft-name');
   const link = join(root, 'current');
   symlinkSync(STORIES260K, link);
-  assert.equal(peftBaseModelName(link), 'stories260K');
+  assert.equal(modelName(link), 'stories260K');
   // transformers' save_pretrained writes the hub id it was loaded from.
   const saved = join(root, 'my-finetune');
   mkdirSync(saved);
   writeJson(saved, 'config.json', { model_type: 'llama', _name_or_path: 'TinyLlama/TinyLlama-1.1B-Chat-v1.0' });
-  assert.equal(peftBaseModelName(saved), 'TinyLlama/TinyLlama-1.1B-Chat-v1.0');
+  assert.equal(modelName(saved), 'TinyLlama/TinyLlama-1.1B-Chat-v1.0');
   // A local path in _name_or_path names nothing another machine can load: the directory's name instead.
   writeJson(saved, 'config.json', { model_type: 'llama', _name_or_path: '/home/me/models/base' });
-  assert.equal(peftBaseModelName(saved), 'my-finetune');
+  assert.equal(modelName(saved), 'my-finetune');
   // A snapshot in the hub cache: the repo id its path spells.
   const snapshot = join(root, 'hub', 'models--Qwen--Qwen2.5-0.5B', 'snapshots', '0123abcd');
   mkdirSync(snapshot, { recursive: true });
   writeJson(snapshot, 'config.json', { model_type: 'qwen2' });
-  assert.equal(peftBaseModelName(snapshot), 'Qwen/Qwen2.5-0.5B');
+  assert.equal(modelName(snapshot), 'Qwen/Qwen2.5-0.5B');
 });
