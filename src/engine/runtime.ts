@@ -177,9 +177,9 @@ export class Runtime {
     if (rows.length === 0) throw new EngineError('step with no rows', 'INVALID_ARGUMENT');
     const seq = rows[0]!.tokens.length;
     const seen = new Set<number>();
-    for (const r of rows) {
+    for (const r of asked) {
       if (r.tokens.length !== seq || seq === 0) throw new EngineError('every row of a step must carry the same, non-zero number of tokens', 'INVALID_ARGUMENT');
-      if (r.kvRow < 0 || r.kvRow >= opts.maxNumSeqs || (seen.has(r.kvRow) && rows === asked)) throw new EngineError(`kvRow ${r.kvRow}: must be a distinct row in 0..${opts.maxNumSeqs - 1}`, 'INVALID_ARGUMENT');
+      if (r.kvRow < 0 || r.kvRow >= opts.maxNumSeqs || seen.has(r.kvRow)) throw new EngineError(`kvRow ${r.kvRow}: must be a distinct row in 0..${opts.maxNumSeqs - 1}`, 'INVALID_ARGUMENT');
       seen.add(r.kvRow);
       if (r.slot < 0 || r.slot >= opts.slots) throw new EngineError(`slot ${r.slot}: must be in 0..${opts.slots - 1}`, 'INVALID_ARGUMENT');
       const vocab = opts.layout.vocabSize;
