@@ -97,7 +97,15 @@ export class WorkerPool<Tasks extends TaskRegistry> {
     for (const job of this.queue.splice(0)) job.reject(gone);
     const slots = this.slots.splice(0);
     for (const s of slots) s.job?.reject(gone);
-    await Promise.all(slots.map((s) => s.worker.terminate()));
+    // Node 20 does not always count a worker being stopped as a live handle (measured: stopping a ref'd worker whose
+    // short task was ending let the loop empty before its exit event), so an awaited close() could be left pending
+    // by an empty event loop. A timer keeps the loop until every exit has settled terminate().
+    const keepAlive = setInterval(() => {}, 1 << 30);
+    try {
+      await Promise.all(slots.map((s) => s.worker.terminate()));
+    } finally {
+      clearInterval(keepAlive);
+    }
   }
 
   private dispatch(): void {
