@@ -5,9 +5,9 @@
  * masks and index arithmetic cost nothing.
  */
 import type { Graph, TapeNode, Value } from './ir.js';
-import { DIFFERENTIABLE, gradientOps, gradientRule, zerosLike } from './ops/grad.js';
+import { DIFFERENTIABLE, gradientOps, gradientRule, STOP_GRADIENT, zerosLike } from './ops/grad.js';
 
-export { quantizedLinearOp, registerGradient, gradientOps, type GradRule, type GradArgs } from './ops/grad.js';
+export { dequantizedOnTape, dequantizedWeight, quantizedLinearOp, stopGradient, zeroAfter, registerGradient, gradientOps, type GradRule, type GradArgs } from './ops/grad.js';
 
 function isScalar(v: Value): boolean {
   return v.shape.length === 0 || (v.shape.length === 1 && v.shape[0] === 1);
@@ -143,7 +143,8 @@ export function gradients(g: Graph, loss: Value, wrt: Value[], opts: GradientOpt
         + `rules exist for ${gradientOps().join(', ')}`);
     }
     path.push(n);
-    for (const s of inNames(n)) if (active.has(s)) needed.add(s);
+    // What a stop-gradient reads is not differentiated (nor checked for rules).
+    if (n.meta?.['gradRule'] !== STOP_GRADIENT) for (const s of inNames(n)) if (active.has(s)) needed.add(s);
   }
 
   const saved = g.scope;

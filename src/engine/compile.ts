@@ -6,7 +6,7 @@ import { writeDirAtomic } from '../files/atomic-dir.js';
 import { buildServingGraph, type ServingLayout } from '../models/graph.js';
 import { lmHeadQuantOptions, quantizedLinear, type ModelQuant } from '../models/linear.js';
 import { loadModelDir } from '../models/load.js';
-import { f32ToF16Bits } from '../models/safetensors.js';
+import { f32ArrayToF16Bits } from '../models/safetensors.js';
 import type { ModelSpec } from '../models/spec.js';
 import { modelIdentity, resolveContentKey, type ContentKeyOptions } from './model-identity.js';
 
@@ -44,12 +44,6 @@ interface CacheMeta {
   contentKey?: string;
 }
 
-function toFp16(data: Float32Array): Uint16Array {
-  const out = new Uint16Array(data.length);
-  for (let i = 0; i < data.length; i++) out[i] = f32ToF16Bits(data[i]!);
-  return out;
-}
-
 /** Canonical quant settings so equivalent option objects share one cache entry. */
 function quantKeyPart(q: ModelQuant): string {
   const head = lmHeadQuantOptions(q);
@@ -78,7 +72,7 @@ export function compileModel(modelDir: string, opts: CompileOptions): CompiledMo
     linear: quantizedLinear(opts.quant),
     lmHeadLinear: quantizedLinear(lmHeadQuantOptions(opts.quant)),
     embeddingFp16: opts.quant.kind !== 'none',
-    toFp16,
+    toFp16: f32ArrayToF16Bits,
   });
   // The weights were read once more while quantizing: an entry must hold exactly the content its key names.
   if (JSON.stringify(modelIdentity(modelDir)) !== JSON.stringify(content.identity)) {

@@ -180,6 +180,13 @@ export function f32ToF16Bits(value: number): number {
   return f32BitsToF16Bits(SCRATCH_U32[0]!);
 }
 
+/** A float32 array as float16 bits (round to nearest even). */
+export function f32ArrayToF16Bits(data: Float32Array): Uint16Array {
+  const out = new Uint16Array(data.length);
+  for (let i = 0; i < data.length; i++) out[i] = f32ToF16Bits(data[i]!);
+  return out;
+}
+
 /** Round-to-nearest-even float32 -> bfloat16 bits. */
 export function f32ToBf16Bits(value: number): number {
   SCRATCH_F32[0] = value;

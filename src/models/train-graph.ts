@@ -1,17 +1,17 @@
-import { Graph, type Value } from '../../kernels/ir.js';
+import { Graph, type Dim, type Value } from '../../kernels/ir.js';
 import { add, dimOf, matmul, mul, range, reshape, transpose } from '../../kernels/ops/basic.js';
 import { causalAttention, causalMask } from '../../kernels/ops/nn.js';
 import { quantizeLinear, type QuantizedLinear } from '../../kernels/quant/index.js';
 import { lmHeadQuantOptions, type ModelQuant } from './linear.js';
-import { gradients, quantizedLinearOp, type CheckpointSegment } from '../../kernels/autodiff.js';
-import { crossEntropyLoss } from '../../kernels/ops/loss.js';
+import { dequantizedOnTape, dequantizedWeight, gradients, quantizedLinearOp, stopGradient } from '../../kernels/autodiff.js';
 import type { ModelSpec, WeightSource } from './spec.js';
+import { f32ArrayToF16Bits } from './safetensors.js';
 import type { LoraModuleShape } from './lora.js';
 import { constantOf, familyOf, type LinearWeight } from './families/index.js';
 
 /**
- * The training graph: the forward pass of the frozen 4-bit base (the same codec and bytes as serving; dX through
- * DequantizeLinear + MatMul), LoRA on the targeted modules as graph INPUTS in PEFT layout, cross-entropy over the
+ * The training graph: the forward pass of the frozen 4-bit base (the same codec and bytes as serving, dequantized
+ * layer by layer; dX through DequantizeLinear + MatMul), LoRA on the targeted modules as graph INPUTS in PEFT layout, cross-entropy over the
  * non-ignored labels, and the backward pass for the LoRA parameters only.
  *
  * Inputs:  input_ids [batch, seq] int64, labels [batch, seq] int64 (-100 = ignored),
@@ -30,16 +30,24 @@ export interface TrainGraphOptions {
   seed?: number;
   /**
    * Gradient checkpointing (default on): the backward pass recomputes each decoder layer from its saved input
-   * instead of keeping the forward's activations (attention's [heads, seq, seq] included). The output head's
-   * chunks are recomputed either way: their logits are the largest activations and the cheapest to recompute.
+   * instead of keeping the forward's activations (attention's [heads, seq, seq] included). The output head never
+   * keeps its logits either way: it takes its gradient in the forward pass, chunk by chunk (headLoss).
    */
   checkpointing?: boolean;
+  /**
+   * The frozen linears' forward as DequantizeLinear + sgemm (default) rather than MatMulNBits: the session then
+   * holds no prepacked copy of the 4-bit weights, only the mapped bytes dX reads anyway.
+   */
+  dequantizedForward?: boolean;
   /** The longest sequence the graph will see (default: the model's context); sizes the head's chunking. */
   maxSeqLength?: number;
 }
 
 /** Tokens per row in one chunk of the output head: [batch, 128, vocab] float32 logits at a time. */
 const HEAD_CHUNK_TOKENS = 128;
+
+/** Labels that are not counted (PEFT / Hugging Face's -100). */
+const IGNORE_INDEX = -100;
 
 interface Ctx {
   g: Graph;
@@ -53,7 +61,7 @@ interface Ctx {
 /** base(x) through the frozen quantized weight, plus scaling * (x A^T) B^T when the module is trained. */
 function linear(c: Ctx, x: Value, { module, weight: w, bias }: LinearWeight): Value {
   const [N, K] = w.shape as [number, number];
-  let y = quantizedLinearOp(c.g, x, quantizeLinear(w.data, N, K, c.opts.quant, module));
+  let y = quantizedLinearOp(c.g, x, quantizeLinear(w.data, N, K, c.opts.quant, module), undefined, { dequantized: c.opts.dequantizedForward !== false });
   if (bias) y = add(c.g, y, c.g.constant(`${module}.bias`, 'float32', [N], bias.data), `${module}.biased`);
   const m = c.trained.get(module);
   if (!m) return y;
@@ -74,29 +82,64 @@ function linear(c: Ctx, x: Value, { module, weight: w, bias }: LinearWeight): Va
 }
 
 /**
- * Mean cross-entropy through the output head, HEAD_CHUNK_TOKENS positions at a time: each chunk's logits
- * [batch, chunk, vocab] live only while its own loss (and, checkpointed, its own backward) runs. Chunks past the
- * end of a shorter sequence are empty. Returns the loss and each chunk as a checkpoint segment.
+ * Mean cross-entropy through the output head, with its gradient w.r.t. the final hidden states computed in the same
+ * pass (the loss is the graph's end, so d loss / d logits is known as soon as the logits are): per chunk of
+ * HEAD_CHUNK_TOKENS positions, logits = h W^T, loss, dlogits = (softmax - onehot(label)) / tokens, dh = dlogits W.
+ * The head thus runs two matmuls per chunk, not three (forward, recompute, dX), each chunk's [batch, chunk, vocab]
+ * lives only inside it, and the float head is dequantized once, after the body. Chunks past the end of a shorter
+ * sequence are empty.
  */
-function headChunks(g: Graph, hidden: Value, labels: Value, lmHead: QuantizedLinear, count: number): { loss: Value; segments: CheckpointSegment[] } {
+function headLoss(g: Graph, hidden: Value, labels: Value, lmHead: QuantizedLinear, count: number): { loss: Value; dHidden: Value } {
+  g.scope = 'lm_head.';
+  const H = hidden.shape[2]!;
+  const ignored = (y: Value, shape: Dim[]) => g.op1('Equal', [y, g.ints([IGNORE_INDEX])], { dtype: 'bool', shape }, undefined, undefined, 'ignored');
+  const all = ignored(labels, labels.shape as Dim[]);
+  const counted = g.op1('Cast', [g.op1('Not', [all], { dtype: 'bool', shape: labels.shape }, undefined, undefined, 'counted')], { dtype: 'float32', shape: labels.shape }, { to: 1 }, undefined, 'counted_f');
+  // max(count, 1): a batch with every label ignored gives loss 0, not NaN.
+  const denom = g.op1('Max', [g.op1('ReduceSum', [counted], { dtype: 'float32', shape: [] }, { keepdims: 0 }, undefined, 'token_count'), g.scalar(1)], { dtype: 'float32', shape: [] }, undefined, undefined, 'token_count_1');
+  // [V, H] float, dequantized once the body is done (a float32 head is used in place: [H, V] weightT).
+  const w = lmHead.kind === 'none' ? null : lmHead.kind === 'nf4' ? dequantizedWeight(g, lmHead, hidden) : dequantizedOnTape(g, hidden, lmHead);
+  const weightT = lmHead.kind === 'none' ? g.addInitializer(lmHead.weightT) : null;
+  const V = lmHead.N;
   const sums: Value[] = [];
-  const counts: Value[] = [];
-  const segments: CheckpointSegment[] = [];
+  const dChunks: Value[] = [];
   for (let i = 0; i < count; i++) {
     g.scope = `lm_head.${i}.`;
     const bounds = [g.ints([i * HEAD_CHUNK_TOKENS]), g.ints([(i + 1) * HEAD_CHUNK_TOKENS]), g.ints([1])];
-    const h = g.op1('Slice', [hidden, ...bounds], { dtype: 'float32', shape: ['batch', '?', hidden.shape[2]!] }, undefined, undefined, 'hidden');
+    const h = g.op1('Slice', [hidden, ...bounds], { dtype: 'float32', shape: ['batch', '?', H] }, undefined, undefined, 'hidden');
     const y = g.op1('Slice', [labels, ...bounds], { dtype: 'int64', shape: ['batch', '?'] }, undefined, undefined, 'labels');
-    const ce = crossEntropyLoss(g, quantizedLinearOp(g, h, lmHead, 'logits'), y, { reduction: 'sum' });
-    sums.push(ce.loss);
-    counts.push(ce.tokenCount);
-    segments.push({ start: h, end: ce.loss });
+    const h2 = reshape(g, h, [-1, H as number], 'rows');
+    const y2 = reshape(g, y, [-1, 1], 'label_rows');
+    const logits = w
+      ? g.op1('Gemm', [h2, w], { dtype: 'float32', shape: ['?', V] }, { transB: 1 }, undefined, 'logits')
+      : g.op1('MatMul', [h2, weightT!], { dtype: 'float32', shape: ['?', V] }, undefined, undefined, 'logits');
+    const logp = g.op1('LogSoftmax', [logits], { dtype: 'float32', shape: ['?', V] }, { axis: -1 }, undefined, 'logp');
+    const skip = ignored(y2, ['?', 1]);
+    const safe = g.op1('Where', [skip, g.ints([0]), y2], { dtype: 'int64', shape: ['?', 1] }, undefined, undefined, 'label_safe');
+    const weight = g.op1('Where', [skip, g.scalar(0), g.scalar(1)], { dtype: 'float32', shape: ['?', 1] }, undefined, undefined, 'label_weight');
+    const picked = g.op1('GatherElements', [logp, safe], { dtype: 'float32', shape: ['?', 1] }, { axis: 1 }, undefined, 'label_logp');
+    sums.push(g.op1('ReduceSum', [g.op1('Mul', [picked, weight], { dtype: 'float32', shape: ['?', 1] }, undefined, undefined, 'label_logp_w')], { dtype: 'float32', shape: [] }, { keepdims: 0 }, undefined, 'logp_sum'));
+    // d(loss)/d(logits) = (softmax - onehot(label)) * weight / tokens: the label's column gets -1 added in place.
+    const p = g.op1('Exp', [logp], { dtype: 'float32', shape: ['?', V] }, undefined, undefined, 'p');
+    const minusOne = g.op1('Sub', [g.op1('Mul', [weight, g.scalar(0)], { dtype: 'float32', shape: ['?', 1] }, undefined, undefined, 'zeros'), g.scalar(1)], { dtype: 'float32', shape: ['?', 1] }, undefined, undefined, 'minus_one');
+    const pMinusOnehot = g.op1('ScatterElements', [p, safe, minusOne], { dtype: 'float32', shape: ['?', V] }, { axis: 1, reduction: 'add' }, undefined, 'p_minus_onehot');
+    const dLogits = g.op1('Mul', [pMinusOnehot, g.op1('Div', [weight, denom], { dtype: 'float32', shape: ['?', 1] }, undefined, undefined, 'row_scale')], { dtype: 'float32', shape: ['?', V] }, undefined, undefined, 'dlogits');
+    const dRows = w
+      ? g.op1('MatMul', [dLogits, w], { dtype: 'float32', shape: ['?', H] }, undefined, undefined, 'd_rows')
+      : g.op1('Gemm', [dLogits, weightT!], { dtype: 'float32', shape: ['?', H] }, { transB: 1 }, undefined, 'd_rows');
+    // allowzero: an empty chunk's shape has a 0 that means 0, not "copy that dim".
+    dChunks.push(g.op1('Reshape', [dRows, g.op1('Shape', [h], { dtype: 'int64', shape: [3] }, undefined, undefined, 'chunk_shape')], { dtype: 'float32', shape: h.shape }, { allowzero: 1 }, undefined, 'd_hidden'));
   }
-  g.scope = '';
+  g.scope = 'lm_head.';
   const sum = (xs: Value[], hint: string) => (xs.length === 1 ? xs[0]! : g.op1('Sum', xs, { dtype: 'float32', shape: [] }, undefined, undefined, hint));
-  // max(count, 1): a batch with every label ignored gives loss 0, not NaN.
-  const denom = g.op1('Max', [sum(counts, 'token_count'), g.scalar(1)], { dtype: 'float32', shape: [] }, undefined, undefined, 'token_count_1');
-  return { loss: g.op1('Div', [sum(sums, 'loss_sum'), denom], { dtype: 'float32', shape: [] }, undefined, undefined, 'loss_mean'), segments };
+  const loss = g.op1('Neg', [g.op1('Div', [sum(sums, 'logp_total'), denom], { dtype: 'float32', shape: [] }, undefined, undefined, 'logp_mean')], { dtype: 'float32', shape: [] }, undefined, undefined, 'loss');
+  const dHidden = dChunks.length === 1 ? dChunks[0]! : g.op1('Concat', dChunks, { dtype: 'float32', shape: hidden.shape }, { axis: 1 }, undefined, 'd_hidden');
+  g.scope = '';
+  return { loss, dHidden };
+}
+
+function float16Table(g: Graph, t: { shape: readonly number[]; data: Float32Array }): Value {
+  return g.constant('embed_table', 'float16', t.shape as number[], f32ArrayToF16Bits(t.data));
 }
 
 export interface TrainGraph {
@@ -120,7 +163,8 @@ export function buildTrainingGraph(spec: ModelSpec, weights: WeightSource, opts:
       w: weights,
       // Packed training sequences always start at position 0.  [1, seq]
       positions: reshape(g, range(g, dimOf(g, ids, 1, 'seq_len'), 'positions'), [1, -1], 'positions_row'),
-      embeddingTable: (name) => constantOf(g, 'embed_table', weights.get(name)),
+      // As served: a quantized base keeps its embedding in float16 (half the memory; the same numbers).
+      embeddingTable: (name) => (opts.quant.kind === 'none' ? constantOf(g, 'embed_table', weights.get(name)) : float16Table(g, weights.get(name))),
       linear: (x, l) => linear(c, x, l),
       // Training has no packed kernels: each part is its own quantized linear (the same rows, the same bytes).
       packedLinear: (x, _packedName, parts) => parts.map((l) => linear(c, x, l)),
@@ -129,15 +173,15 @@ export function buildTrainingGraph(spec: ModelSpec, weights: WeightSource, opts:
     },
     ids,
   );
-  const head = weights.get(family.lmHeadWeight(spec, weights));
-  const [V, H] = head.shape as [number, number];
-  const lmHead = quantizeLinear(head.data, V, H, lmHeadQuantOptions(opts.quant), 'lm_head');
-  const chunks = headChunks(g, hidden, labels, lmHead, Math.ceil((opts.maxSeqLength ?? spec.maxPositions) / HEAD_CHUNK_TOKENS));
-  const loss = chunks.loss;
-  g.output(loss, 'loss', []);
-  const layers = opts.checkpointing === false ? [] : layerInputs.map((start, l) => ({ start, end: layerInputs[l + 1] ?? hidden }));
-  const checkpoints = [...layers, ...chunks.segments];
-  const grads = gradients(g, loss, c.params.flatMap((p) => [p.a, p.b]), { checkpoints });
+  const headWeight = weights.get(family.lmHeadWeight(spec, weights));
+  const [V, H] = headWeight.shape as [number, number];
+  const lmHead = quantizeLinear(headWeight.data, V, H, lmHeadQuantOptions(opts.quant), 'lm_head');
+  const head = headLoss(g, hidden, labels, lmHead, Math.ceil((opts.maxSeqLength ?? spec.maxPositions) / HEAD_CHUNK_TOKENS));
+  g.output(head.loss, 'loss', []);
+  // The backward starts from the head's gradient: sum(hidden * dHidden) has d/d hidden = dHidden.
+  const surrogate = g.op1('ReduceSum', [mul(g, hidden, stopGradient(g, head.dHidden), 'head_surrogate_terms')], { dtype: 'float32', shape: [] }, { keepdims: 0 }, undefined, 'head_surrogate');
+  const checkpoints = opts.checkpointing === false ? [] : layerInputs.map((start, l) => ({ start, end: layerInputs[l + 1] ?? hidden }));
+  const grads = gradients(g, surrogate, c.params.flatMap((p) => [p.a, p.b]), { checkpoints });
   const params = c.params.map((p, i) => {
     g.output(grads[2 * i]!, `grad_a.${p.module}`, p.a.shape as (number | string)[]);
     g.output(grads[2 * i + 1]!, `grad_b.${p.module}`, p.b.shape as (number | string)[]);

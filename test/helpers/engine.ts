@@ -37,7 +37,7 @@ function isLinearWeight(spec: ModelSpec, name: string): boolean {
   return /\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$/.test(name) || name === 'lm_head.weight';
 }
 
-function fp16Round(t: HostTensor): HostTensor {
+export function fp16Round(t: HostTensor): HostTensor {
   const out = new Float32Array(t.data.length);
   f16ToF32(Uint16Array.from(t.data, (v) => f32ToF16Bits(v)), out);
   return { shape: t.shape, data: out };

@@ -11,9 +11,12 @@ import { makeModel } from '../../src/models/make.js';
 import { linearModules } from '../../src/adapters/peft.js';
 import type { HostTensor, ModelSpec, WeightSource } from '../../src/models/spec.js';
 import { randomFloats } from '../helpers/ort.js';
-import { tempDir } from '../helpers/engine.js';
+import { fp16Round, tempDir } from '../helpers/engine.js';
 
-/** The weights the training graph computes with: linears dequantized with the same codec, the rest as stored. */
+/**
+ * The weights the training graph computes with: linears dequantized with the same codec, a quantized base's
+ * embedding rounded to float16 (as served), the rest as stored.
+ */
 function trainedBase(spec: ModelSpec, w: WeightSource, quant: QuantOptions): { spec: ModelSpec; get: (n: string) => HostTensor | undefined } {
   const linear = spec.family === 'gpt2' ? /\.(attn\.c_attn|attn\.c_proj|mlp\.c_fc|mlp\.c_proj)\.weight$/ : /\.(self_attn\.[qkvo]_proj|mlp\.(gate|up|down)_proj)\.weight$/;
   const dq = (t: HostTensor, transposeIt: boolean, q: QuantOptions = quant): HostTensor => {
@@ -38,6 +41,7 @@ function trainedBase(spec: ModelSpec, w: WeightSource, quant: QuantOptions): { s
       if (name === 'lm_head.weight') return head;
       if (!w.has(name)) return undefined;
       const t = w.get(name);
+      if (quant.kind !== 'none' && (name === 'model.embed_tokens.weight' || name === 'wte.weight')) return fp16Round(t);
       return linear.test(name) ? dq(t, spec.family === 'gpt2') : t;
     },
   };
@@ -59,16 +63,21 @@ function crossEntropy(logits: Float32Array, labels: number[], vocab: number): nu
 }
 
 const int4: QuantOptions = { kind: 'int4', blockSize: 32, accuracyLevel: 0 };
-// Checkpointing on (the default) and off; a maxSeqLength past the 7 tokens leaves empty chunks of the output head.
-for (const [arch, quant, checkpointing] of [['llama', { kind: 'none' }, true], ['llama', int4, true], ['llama', int4, false], ['gpt2', int4, true], ['gpt2', int4, false]] as [string, QuantOptions, boolean][]) {
-  test(`whole tiny ${arch} (${quant.kind}, checkpointing ${checkpointing ? 'on' : 'off'}): LoRA gradients of the training graph match finite differences of the plain-TS forward`, async () => {
+// Checkpointing on (the default) and off; the frozen forward through DequantizeLinear + sgemm (the default) and
+// through MatMulNBits; a maxSeqLength past the 7 tokens leaves empty chunks of the output head.
+const cases: [string, QuantOptions, boolean, boolean][] = [
+  ['llama', { kind: 'none' }, true, true], ['llama', int4, true, true], ['llama', int4, false, true], ['llama', int4, true, false],
+  ['gpt2', int4, true, true], ['gpt2', int4, false, true],
+];
+for (const [arch, quant, checkpointing, dequantizedForward] of cases) {
+  test(`whole tiny ${arch} (${quant.kind}, checkpointing ${checkpointing ? 'on' : 'off'}${dequantizedForward ? '' : ', MatMulNBits forward'}): LoRA gradients of the training graph match finite differences of the plain-TS forward`, async () => {
     const dir = tempDir(`train-${arch}`);
     await makeModel({ arch: arch as 'llama' | 'gpt2', size: 'tiny', outDir: dir, seed: 5 });
     const { spec, weights } = loadModelDir(dir);
     const r = 2;
     const scaling = 1.5;
     const modules = linearModules(spec).filter((m, i) => i % 3 === 0).map((m) => ({ module: m.module, inFeatures: m.inFeatures, outFeatures: m.outFeatures }));
-    const { graph } = buildTrainingGraph(spec, weights, { quant, modules, r, scaling, checkpointing, maxSeqLength: 300 });
+    const { graph } = buildTrainingGraph(spec, weights, { quant, modules, r, scaling, checkpointing, dequantizedForward, maxSeqLength: 300 });
     const session = await ort.InferenceSession.create(serializeModel(graph.toOnnx()), { intraOpNumThreads: 1, extra: { session: { intra_op: { allow_spinning: '0' } } } });
     const seq = 7;
     const ids = [1, 17, 40, 99, 5, 250, 3];
