@@ -2,7 +2,7 @@
  * `npm run bench`: speed and memory on the `1b` (TinyLlama-shaped) random model with int4, as JSON.
  * Figures are reported next to a baseline measured in the same run (this machine's read bandwidth via an ORT
  * reduction over a buffer far larger than cache), never asserted in tests.
- * LORAPLEX_BENCH_ONLY=stalls|prefix|start|lmhead|adapter-load|peer runs one section alone;
+ * LORAPLEX_BENCH_ONLY=stalls|prefix|start|lmhead|train-in-serve|adapter-load|peer runs one section alone;
  * LORAPLEX_BENCH_SKIP_<SECTION> leaves one out. The peer section sets loraplex beside llama.cpp on the same weights
  * when node-llama-cpp is installed beside the project (see test/bench/peer.ts).
  */
@@ -22,6 +22,7 @@ import { servingBench } from './serving.js';
 import { startBench } from './start.js';
 import { stallBench } from './stalls.js';
 import { trainingBench } from './training.js';
+import { trainInServeBench } from './train-in-serve.js';
 import { decodeTokensPerSecond } from './decode.js';
 import { lmHeadBench, linearBytes } from './lm-head.js';
 import type { ModelSpec } from '../../src/models/spec.js';
@@ -102,8 +103,8 @@ async function main(): Promise<void> {
     process.stdout.write(`${JSON.stringify({ model: 'peer-tinyllama (random weights, TinyLlama shape)', quant, threads: THREADS, machine: { cpu }, peer: figures }, null, 2)}\n`);
     return;
   }
-  if (only === 'stalls' || only === 'prefix' || only === 'start' || only === 'lmhead') {
-    const sections = { stalls: stallBench, prefix: prefixBench, start: startBench, lmhead: lmHeadBench } as const;
+  if (only === 'stalls' || only === 'prefix' || only === 'start' || only === 'lmhead' || only === 'train-in-serve') {
+    const sections = { stalls: stallBench, prefix: prefixBench, start: startBench, lmhead: lmHeadBench, 'train-in-serve': trainInServeBench } as const;
     const figures = await sections[only](modelDir, cacheDir, quant, THREADS, log);
     process.stdout.write(`${JSON.stringify({ model: `llama-${SIZE}`, quant, threads: THREADS, machine: { cpu }, [only]: figures }, null, 2)}\n`);
     return;
@@ -145,6 +146,7 @@ async function main(): Promise<void> {
   const serving = process.env['LORAPLEX_BENCH_SKIP_SERVING'] ? null : await servingBench(modelDir, ROOT, cacheDir, quant, THREADS, log);
 
   const training = process.env['LORAPLEX_BENCH_SKIP_TRAINING'] ? null : await trainingBench(modelDir, THREADS, log);
+  const trainInServe = process.env['LORAPLEX_BENCH_SKIP_TRAIN_IN_SERVE'] ? null : await trainInServeBench(modelDir, cacheDir, quant, THREADS, log);
 
   const stalls = process.env['LORAPLEX_BENCH_SKIP_STALLS'] ? null : await stallBench(modelDir, cacheDir, quant, THREADS, log);
 
@@ -179,6 +181,7 @@ async function main(): Promise<void> {
     prefill: { chunkTokens: prefillTokens, tokensPerSecond: +prefillTokensPerSecond.toFixed(1) },
     serving,
     training,
+    trainInServe,
     stalls,
     prefix,
     lmHead,
