@@ -47,9 +47,10 @@ function checkpointRanges(tape: readonly TapeNode[], checkpoints: CheckpointSegm
  * recomputation only once `after` (the backward up to here) exists, and keeps its CSE from merging it with the
  * forward (a sum, not a max: `after` may be empty, whose max is -inf).
  */
-function recompute(g: Graph, s: SegmentRange, after: Value, twins: Map<TapeNode, TapeNode>): void {
+function recompute(g: Graph, s: SegmentRange, after: Value[], twins: Map<TapeNode, TapeNode>): void {
   const hint = s.start.name;
-  const sum = g.op1('ReduceSum', [after], { dtype: after.dtype, shape: [] }, { keepdims: 0 }, undefined, `${hint}.after_sum`);
+  const sums = after.map((a, i) => g.op1('ReduceSum', [a], { dtype: a.dtype, shape: [] }, { keepdims: 0 }, undefined, `${hint}.after_sum${i}`));
+  const sum = sums.length === 1 ? sums[0]! : g.op1('Sum', sums, { dtype: 'float32', shape: [] }, undefined, undefined, `${hint}.after_sum`);
   const zero = g.op1('Mul', [sum, g.scalar(0)], { dtype: 'float32', shape: [] }, undefined, undefined, `${hint}.after_zero`);
   const start = g.op1('Add', [s.start, zero], { dtype: s.start.dtype, shape: s.start.shape }, undefined, undefined, `${hint}.recomputed`);
   const values = new Map<string, Value>([[s.start.name, start]]);
@@ -153,6 +154,13 @@ export function gradients(g: Graph, loss: Value, wrt: Value[], opts: GradientOpt
   /** Original node -> its recomputed twin, for the nodes of the segments recomputed so far. */
   const twins = new Map<TapeNode, TapeNode>();
   let lastStart: Value | null = null;
+  const wrtNames = new Set(wrt.map((w) => w.name));
+  /**
+   * Gradient contributions to wrt values since the last recomputation. The next recomputation waits for them too:
+   * nothing else needs them before the end, so onnxruntime would otherwise run them last and keep every segment's
+   * recomputed inputs alive until then (measured: +2 GB on a 1.1B all-linear step).
+   */
+  let finished: Value[] = [];
   const total = (v: Value): Value | null => {
     const parts = contributions.get(v.name);
     if (!parts || parts.length === 0) return null;
@@ -176,8 +184,8 @@ export function gradients(g: Graph, loss: Value, wrt: Value[], opts: GradientOpt
       if (segment && !twins.has(n)) {
         // Entering a segment (backward runs it last node first): recompute it, after the backward so far.
         const previous: Value | null = lastStart ? total(lastStart) : null;
-        const after: Value = previous ?? dOut.find((d) => d !== null)!;
-        recompute(g, segment, after, twins);
+        recompute(g, segment, [previous ?? dOut.find((d) => d !== null)!, ...finished], twins);
+        finished = [];
         lastStart = segment.start;
       }
       // The rule reads the recomputed activations; its gradients still go to the original values' names.
@@ -187,6 +195,7 @@ export function gradients(g: Graph, loss: Value, wrt: Value[], opts: GradientOpt
       n.inputs.forEach((v, i) => {
         const d = grads[i];
         if (!needs[i] || !d || !v) return;
+        if (wrtNames.has(v.name)) finished.push(d);
         const list = contributions.get(v.name);
         if (list) list.push(d);
         else contributions.set(v.name, [d]);
