@@ -35,7 +35,7 @@ export async function launchServe(modelDir: string, cacheDir: string, quant: Qua
   const scratch = mkdtempSync(join(tmpdir(), 'loraplex-bench-serve-'));
   const args = [
     CLI, 'serve', '--model', modelDir, '--cache-dir', cacheDir, '--threads', String(threads), '--host', '127.0.0.1', '--port', '0',
-    '--auth', 'disabled', '--metrics-port', '0', '--quant', quant.kind, '--block-size', String(quant.blockSize ?? 32),
+    '--auth', 'disabled', '--metrics-port', '0', '--http-port', '0', '--quant', quant.kind, '--block-size', String(quant.blockSize ?? 32),
     '--accuracy-level', String(quant.accuracyLevel ?? 4), '--adapter-root', join(scratch, 'adapters'), '--data-root', join(scratch, 'data'),
     '--job-root', join(scratch, 'jobs'), '--export-root', join(scratch, 'exports'), ...extraArgs,
   ];

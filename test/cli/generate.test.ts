@@ -77,7 +77,7 @@ test('make-model writes a servable gpt2 model; --adapter applies a PEFT adapter 
 });
 
 test('serve with a missing execution provider stops with one clear startup error', async () => {
-  const r = await loraplex('serve', '--model', STORIES, '--execution-provider', 'cuda', '--auth', 'disabled', '--port', '0', '--metrics-port', '0', '--adapter-root', tempDir('ep-adapters'));
+  const r = await loraplex('serve', '--model', STORIES, '--execution-provider', 'cuda', '--auth', 'disabled', '--port', '0', '--metrics-port', '0', '--http-port', '0', '--adapter-root', tempDir('ep-adapters'));
   assert.equal(r.code, 1);
   assert.match(r.stderr, /loraplex: execution provider cuda could not be loaded .* install onnxruntime-node with ONNXRUNTIME_NODE_INSTALL=cuda12/);
 });

@@ -7,7 +7,7 @@
 import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { Graph, type Value } from '../../kernels/ir.js';
-import { gradients, quantizedLinearOp } from '../../kernels/autodiff.js';
+import { gradients, quantizedLinearOp, stopGradient } from '../../kernels/autodiff.js';
 import { add, matmul, mul, transpose, unary } from '../../kernels/ops/basic.js';
 import { attentionContext, cachedAttention, rmsNorm, swiglu } from '../../kernels/ops/nn.js';
 import { crossEntropy, crossEntropyLoss } from '../../kernels/ops/loss.js';
@@ -45,6 +45,19 @@ test('fan-out: contributions to one value are summed (x*x + exp(x) + 3x)', async
   const out = await runGraph(g, { x: f32(x, [n]) });
   const expected = Array.from(x, (v, i) => r[i]! * (2 * v + Math.exp(v) + 3));
   assert.ok(R.relError(out['dx']!, expected) < 1e-6, `${R.relError(out['dx']!, expected)}`);
+});
+
+test('stopGradient: the backward takes the value as given and does not look through it (no rule needed behind it)', async () => {
+  const n = 5;
+  const x = randomFloats(n, 3);
+  const g = new Graph('stop');
+  const xv = g.input('x', 'float32', [n]);
+  // loss = sum(x * stop(cos x)): d/dx = cos x, not cos x - x sin x; Cos has no rule, so looking through would throw.
+  const loss = g.op1('ReduceSum', [mul(g, xv, stopGradient(g, unary(g, 'Cos', xv)))], { dtype: 'float32', shape: [] }, { keepdims: 0 }, undefined, 'loss');
+  const [dx] = gradients(g, loss, [xv]);
+  g.output(dx!, 'dx', [n]);
+  const out = await runGraph(g, { x: f32(x, [n]) });
+  assert.ok(R.relError(out['dx']!, Array.from(x, (v) => Math.cos(v))) < 1e-6);
 });
 
 test('two uses are joined with one Add; a gradient w.r.t. an intermediate value; loss of shape [1]', async () => {
@@ -199,7 +212,7 @@ test('crossEntropy: value, token count, gradient w.r.t. logits (finite differenc
   assert.equal(maxAbsDiff(none['dlogits']!, new Float32Array(batch * seq * V)), 0);
 });
 
-test('composite: RMSNorm -> int4 gate + LoRA, nf4 up -> SwiGLU -> int4 head (padded K) -> cross-entropy; d/dx, dA, dB vs finite differences', async () => {
+for (const dequantized of [false, true]) test(`composite${dequantized ? ', int4 forward dequantized on the tape' : ''}: RMSNorm -> int4 gate + LoRA, nf4 up -> SwiGLU -> int4 head (padded K, zero points) -> cross-entropy; d/dx, dA, dB vs finite differences`, async () => {
   const batch = 2, seq = 3, H = 32, I = 48, V = 20, r = 4, scale = 0.5, eps = 1e-5;
   const x = randomFloats(batch * seq * H, 21, 1.5);
   const normW = randomFloats(H, 22, 0.5).map((v) => 1 + v);
@@ -217,9 +230,9 @@ test('composite: RMSNorm -> int4 gate + LoRA, nf4 up -> SwiGLU -> int4 head (pad
   const bv = g.input('lora_b', 'float32', [I, r]);
   const h = rmsNorm(g, xv, g.constant('norm_w', 'float32', [H], normW), eps);
   const xa = matmul(g, h, transpose(g, av, [1, 0]), 'lora_xa');
-  const gate = add(g, quantizedLinearOp(g, h, qg), matmul(g, mul(g, xa, g.scalar(scale)), transpose(g, bv, [1, 0]), 'lora_delta'));
+  const gate = add(g, quantizedLinearOp(g, h, qg, undefined, { dequantized }), matmul(g, mul(g, xa, g.scalar(scale)), transpose(g, bv, [1, 0]), 'lora_delta'));
   const act = swiglu(g, gate, quantizedLinearOp(g, h, qu));
-  const logits = quantizedLinearOp(g, act, qd);
+  const logits = quantizedLinearOp(g, act, qd, undefined, { dequantized });
   const loss = crossEntropy(g, logits, yv);
   const before = g.tape.length;
   const [dx, dA, dB] = gradients(g, loss, [xv, av, bv]);

@@ -14,8 +14,9 @@ const CLI = new URL('../../src/cli/main.js', import.meta.url).pathname;
 
 test('loraplex serve: NOT_SERVING while loading, SERVING when ready, reflection; SIGTERM drains and exits 0', { timeout: 120_000 }, async () => {
   const modelDir = tempDir('serve-model');
+  // Every port chosen by the system: another server on this machine may hold a default (8080 did, once).
   await makeModel({ arch: 'llama', size: 'small', outDir: modelDir, seed: 2 });
-  const child = spawn(process.execPath, [CLI, 'serve', '--model', modelDir, '--host', '127.0.0.1', '--port', '0', '--adapter-root', tempDir('serve-adapters'), '--max-model-len', '512', '--drain-seconds', '20', '--threads', '1', '--auth', 'disabled', '--metrics-port', '0'], {
+  const child = spawn(process.execPath, [CLI, 'serve', '--model', modelDir, '--host', '127.0.0.1', '--port', '0', '--adapter-root', tempDir('serve-adapters'), '--max-model-len', '512', '--drain-seconds', '20', '--threads', '1', '--auth', 'disabled', '--metrics-port', '0', '--http-port', '0'], {
     env: { ...process.env, LORAPLEX_CACHE_DIR: tempDir('serve-cache') },
     stdio: ['ignore', 'pipe', 'inherit'],
   });
