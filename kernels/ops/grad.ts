@@ -266,9 +266,8 @@ function quantizedLinearRule(a: GradArgs): (Value | null)[] {
  */
 export function dequantizedWeight(g: Graph, q: QuantizedLinear, after?: Value): Value {
   return g.once(`grad:dq:${q.namePrefix}`, () => {
-    const out = g.fresh(`${q.namePrefix}.w_deq`);
-    const dq = emitDequantizedWeight(q, out);
-    for (const t of dq.tensors) if (!g.initializer(t.name)) g.addInitializer(t);
+    const { nodes, out } = dequantization(g, q);
+    const dq = { nodes: nodes.map((n) => ({ ...n, inputs: [...n.inputs] })) };
     const deq = dq.nodes.find((n) => n.opType === 'DequantizeLinear');
     if (after && deq) {
       // A sum, not a max: `after` may be empty (a chunk past the end of the sequence), whose max is -inf.
@@ -292,12 +291,15 @@ export function zeroAfter(g: Graph, x: Value, hint: string): Value {
   return g.op1('Cast', [zero], { dtype: 'float32', shape: [1] }, { to: 1 }, undefined, `${hint}.zero`);
 }
 
-/** The initializers DequantizeLinear reads for q (one set per graph, shared by the forward and dX uses). */
-function dequantizeInputs(g: Graph, q: QuantizedLinear): { nodes: OnnxNode[]; byName: Map<string, Value> } {
-  return g.once(`dq-inputs:${q.namePrefix}`, () => {
-    const dq = emitDequantizedWeight(q, g.fresh(`${q.namePrefix}.w_fwd`));
-    const byName = new Map(dq.tensors.map((t) => [t.name, g.initializer(t.name) ? { name: t.name, dtype: t.dataType, shape: t.dims } : g.addInitializer(t)] as const));
-    return { nodes: dq.nodes, byName };
+/**
+ * q's dequantization (nodes not yet emitted, ending in `out` = W [N, K]) and the initializers they read, added to
+ * the graph once: the forward's and dX's dequantizations share them.
+ */
+function dequantization(g: Graph, q: QuantizedLinear): { nodes: OnnxNode[]; out: string; byName: Map<string, Value> } {
+  return g.once(`dq:${q.namePrefix}`, () => {
+    const out = g.fresh(`${q.namePrefix}.w_deq`);
+    const dq = emitDequantizedWeight(q, out);
+    return { nodes: dq.nodes, out, byName: new Map(dq.tensors.map((t) => [t.name, g.addInitializer(t)] as const)) };
   });
 }
 
@@ -306,7 +308,7 @@ function dequantizeInputs(g: Graph, q: QuantizedLinear): { nodes: OnnxNode[]; by
  * Graph.op, so a checkpointed segment recomputes it too and no layer's float weight outlives its matmul.
  */
 export function dequantizedOnTape(g: Graph, x: Value, q: BlockIntLinear): Value {
-  const { nodes, byName } = dequantizeInputs(g, q);
+  const { nodes, byName } = dequantization(g, q);
   const deq = nodes.find((n) => n.opType === 'DequantizeLinear')!;
   const [qt, scale, zp] = deq.inputs.map((n) => byName.get(n)!);
   const scaleAfter = g.op1('Add', [scale!, zeroAfter(g, x, q.namePrefix)], { dtype: 'float32', shape: scale!.shape }, undefined, undefined, `${q.namePrefix}.scale_fwd`);

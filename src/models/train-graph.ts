@@ -119,10 +119,11 @@ function headLoss(g: Graph, hidden: Value, labels: Value, lmHead: QuantizedLinea
     const weight = g.op1('Where', [skip, g.scalar(0), g.scalar(1)], { dtype: 'float32', shape: ['?', 1] }, undefined, undefined, 'label_weight');
     const picked = g.op1('GatherElements', [logp, safe], { dtype: 'float32', shape: ['?', 1] }, { axis: 1 }, undefined, 'label_logp');
     sums.push(g.op1('ReduceSum', [g.op1('Mul', [picked, weight], { dtype: 'float32', shape: ['?', 1] }, undefined, undefined, 'label_logp_w')], { dtype: 'float32', shape: [] }, { keepdims: 0 }, undefined, 'logp_sum'));
-    // d(loss)/d(logits) = (softmax - onehot(label)) * weight / tokens: the label's column gets -1 added in place.
+    // d(loss)/d(logits) = (softmax - onehot(label)) * weight / tokens: the label's column gets -weight added in
+    // place (-1, or 0 on an ignored row, which the weight zeroes anyway).
     const p = g.op1('Exp', [logp], { dtype: 'float32', shape: ['?', V] }, undefined, undefined, 'p');
-    const minusOne = g.op1('Sub', [g.op1('Mul', [weight, g.scalar(0)], { dtype: 'float32', shape: ['?', 1] }, undefined, undefined, 'zeros'), g.scalar(1)], { dtype: 'float32', shape: ['?', 1] }, undefined, undefined, 'minus_one');
-    const pMinusOnehot = g.op1('ScatterElements', [p, safe, minusOne], { dtype: 'float32', shape: ['?', V] }, { axis: 1, reduction: 'add' }, undefined, 'p_minus_onehot');
+    const minusWeight = g.op1('Neg', [weight], { dtype: 'float32', shape: ['?', 1] }, undefined, undefined, 'minus_weight');
+    const pMinusOnehot = g.op1('ScatterElements', [p, safe, minusWeight], { dtype: 'float32', shape: ['?', V] }, { axis: 1, reduction: 'add' }, undefined, 'p_minus_onehot');
     const dLogits = g.op1('Mul', [pMinusOnehot, g.op1('Div', [weight, denom], { dtype: 'float32', shape: ['?', 1] }, undefined, undefined, 'row_scale')], { dtype: 'float32', shape: ['?', V] }, undefined, undefined, 'dlogits');
     const dRows = w
       ? g.op1('MatMul', [dLogits, w], { dtype: 'float32', shape: ['?', H] }, undefined, undefined, 'd_rows')
