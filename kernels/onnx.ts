@@ -2,7 +2,7 @@
  * The ONNX model description that the graph IR lowers to, and its serialization.
  * Implementation: see serializeModel / writeOnnxModel below.
  */
-import { create, toBinary } from '@bufbuild/protobuf';
+import { create, fromBinary, toBinary } from '@bufbuild/protobuf';
 import {
   AttributeProtoSchema,
   AttributeProto_AttributeType,
@@ -34,8 +34,17 @@ export interface OnnxTensor {
   name: string;
   dataType: OnnxDataType;
   dims: number[];
-  /** Raw element data; for uint4/int4 the packed bytes (two elements per byte, low nibble first). */
+  /** Raw element data; for uint4/int4 the packed bytes (two elements per byte, low nibble first). Empty with `external`. */
   data: OnnxTensorData;
+  /** The bytes already lie in a data file beside the model: writeOnnxModel references them and copies nothing. */
+  external?: ExternalRef;
+}
+
+/** A tensor's bytes in an ONNX external data file: `location` is a file name in the model's own directory. */
+export interface ExternalRef {
+  location: string;
+  offset: number;
+  length: number;
 }
 
 export type OnnxAttributeValue = number | number[] | string | OnnxTensor | { float: number } | { floats: number[] };
@@ -217,11 +226,31 @@ function modelBytes(graph: OnnxGraphDef, initializers: TensorProto[]): Uint8Arra
 /** The whole model as one .onnx byte array, all initializer data inline (raw_data). */
 export function serializeModel(graph: OnnxGraphDef): Uint8Array {
   let total = 0;
-  for (const t of graph.initializers) total += t.data.byteLength;
+  for (const t of graph.initializers) {
+    if (t.external) throw new Error(`tensor ${t.name}: refers to ${t.external.location}; a model with external references must be written with writeOnnxModel`);
+    total += t.data.byteLength;
+  }
   if (total > PROTOBUF_LIMIT - (64 << 20)) {
     throw new Error(`graph ${graph.name}: ${total} bytes of initializers exceed protobuf's 2 GiB limit; use writeOnnxModel (external data)`);
   }
   return modelBytes(graph, graph.initializers.map((t) => tensorProto(t, tensorBytes(t))));
+}
+
+function externalProto(t: OnnxTensor, ref: ExternalRef): TensorProto {
+  const want = tensorByteLength(t.dataType, t.dims);
+  if (ref.length !== want) throw new Error(`tensor ${t.name}: ${t.dataType} [${t.dims}] needs ${want} bytes, its reference to ${ref.location} has ${ref.length}`);
+  // onnxruntime refuses data outside the model's directory; a bare file name also cannot be made to point elsewhere.
+  if (path.basename(ref.location) !== ref.location || ref.location === '..' || ref.location === '.') {
+    throw new Error(`tensor ${t.name}: external data location ${JSON.stringify(ref.location)} must be a file name in the model's directory`);
+  }
+  const p = tensorProto(t, null);
+  p.dataLocation = TensorProto_DataLocation.EXTERNAL;
+  p.externalData = [
+    create(StringStringEntryProtoSchema, { key: 'location', value: ref.location }),
+    create(StringStringEntryProtoSchema, { key: 'offset', value: String(ref.offset) }),
+    create(StringStringEntryProtoSchema, { key: 'length', value: String(ref.length) }),
+  ];
+  return p;
 }
 
 /** Writes all of `bytes` at `position` (writeSync may write less than asked; one call is also capped near 2 GiB). */
@@ -269,6 +298,10 @@ export function writeOnnxModel(
     try {
       let end = 0;
       for (const t of graph.initializers) {
+        if (t.external) {
+          protos.push(externalProto(t, t.external));
+          continue;
+        }
         const bytes = tensorBytes(t);
         if (bytes.byteLength <= threshold) {
           protos.push(tensorProto(t, bytes));
@@ -286,14 +319,7 @@ export function writeOnnxModel(
           list.push({ byteOffset: bytes.byteOffset, byteLength: bytes.byteLength, at });
           written.set(t.data.buffer, list);
         }
-        const p = tensorProto(t, null);
-        p.dataLocation = TensorProto_DataLocation.EXTERNAL;
-        p.externalData = [
-          create(StringStringEntryProtoSchema, { key: 'location', value: dataName }),
-          create(StringStringEntryProtoSchema, { key: 'offset', value: String(at) }),
-          create(StringStringEntryProtoSchema, { key: 'length', value: String(bytes.byteLength) }),
-        ];
-        protos.push(p);
+        protos.push(externalProto(t, { location: dataName, offset: at, length: bytes.byteLength }));
       }
       // Holes between aligned tensors read as zeros; make the file end exactly after the last tensor.
       fs.ftruncateSync(fd, end);
@@ -324,4 +350,90 @@ export function writeOnnxModel(
     }
   }
   return { modelPath, dataPath };
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading a written model's initializers back (to refer to their bytes from another graph)
+// ---------------------------------------------------------------------------------------------
+
+/** An initializer of a model on disk: its bytes inline (raw) or where they lie in its data file (external). */
+export interface StoredTensor {
+  name: string;
+  dataType: OnnxDataType;
+  dims: number[];
+  raw: Uint8Array | null;
+  external: ExternalRef | null;
+}
+
+const DATA_TYPE_OF = new Map<number, OnnxDataType>(Object.entries(ONNX_TYPE).map(([k, v]) => [v, k as OnnxDataType]));
+
+/**
+ * The initializers of a model written by writeOnnxModel, without reading its data file. Only the description is
+ * parsed (small: weights are external). Tensors of types this module does not write are left out.
+ */
+export function readInitializers(modelPath: string): Map<string, StoredTensor> {
+  const model = fromBinary(ModelProtoSchema, fs.readFileSync(modelPath));
+  const out = new Map<string, StoredTensor>();
+  for (const t of model.graph?.initializer ?? []) {
+    const dataType = DATA_TYPE_OF.get(t.dataType);
+    if (!dataType) continue;
+    const dims = t.dims.map(Number);
+    let external: ExternalRef | null = null;
+    if (t.dataLocation === TensorProto_DataLocation.EXTERNAL) {
+      const kv = new Map(t.externalData.map((e) => [e.key, e.value]));
+      external = { location: kv.get('location') ?? '', offset: Number(kv.get('offset') ?? 0), length: Number(kv.get('length') ?? tensorByteLength(dataType, dims)) };
+    }
+    out.set(t.name, { name: t.name, dataType, dims, raw: external ? null : t.rawData, external });
+  }
+  return out;
+}
+
+/** Typed array constructors for data rebuilt from bytes (copied: raw bytes need not be aligned). */
+function dataFromBytes(dataType: OnnxDataType, bytes: Uint8Array): OnnxTensorData {
+  // Uint8Array.from copies (a Buffer's slice() would be a view of the whole file's memory).
+  const copy = Uint8Array.from(bytes).buffer;
+  switch (dataType) {
+    case 'float32': return new Float32Array(copy);
+    case 'float16': return new Uint16Array(copy);
+    case 'int32': return new Int32Array(copy);
+    case 'int64': return new BigInt64Array(copy);
+    case 'int8': return new Int8Array(copy);
+    default: return new Uint8Array(copy);
+  }
+}
+
+const EMPTY: Record<OnnxDataType, () => OnnxTensorData> = {
+  float32: () => new Float32Array(0), float16: () => new Uint16Array(0), uint8: () => new Uint8Array(0), int8: () => new Int8Array(0),
+  int32: () => new Int32Array(0), int64: () => new BigInt64Array(0), bool: () => new Uint8Array(0), uint4: () => new Uint8Array(0), int4: () => new Uint8Array(0),
+};
+
+/**
+ * A tensor `name` of the given type and dims whose bytes are those of `t` from byte `byteStart` on: a reference
+ * into t's data file (relocated to `location`, the name that file has beside the new model), or a copy of t's
+ * inline bytes.
+ */
+export function storedSlice(t: StoredTensor, byteStart: number, view: { name: string; dataType: OnnxDataType; dims: number[] }, location: string): OnnxTensor {
+  const length = tensorByteLength(view.dataType, view.dims);
+  const have = t.external ? t.external.length : t.raw!.byteLength;
+  if (byteStart < 0 || byteStart + length > have) throw new Error(`stored tensor ${t.name}: bytes [${byteStart}, ${byteStart + length}) are outside its ${have} bytes`);
+  if (t.external) return { ...view, data: EMPTY[view.dataType](), external: { location, offset: t.external.offset + byteStart, length } };
+  return { ...view, data: dataFromBytes(view.dataType, t.raw!.subarray(byteStart, byteStart + length)) };
+}
+
+/** Bytes [byteStart, byteStart + length) of a stored tensor, read from `dataPath` (its data file) when external. */
+export function storedBytes(t: StoredTensor, byteStart: number, length: number, dataPath: string): Uint8Array {
+  if (!t.external) return Uint8Array.from(t.raw!.subarray(byteStart, byteStart + length));
+  const out = new Uint8Array(length);
+  const fd = fs.openSync(dataPath, 'r');
+  try {
+    let done = 0;
+    while (done < length) {
+      const n = fs.readSync(fd, out, done, length - done, t.external.offset + byteStart + done);
+      if (n === 0) throw new Error(`${dataPath}: ends before the bytes of ${t.name}`);
+      done += n;
+    }
+  } finally {
+    fs.closeSync(fd);
+  }
+  return out;
 }

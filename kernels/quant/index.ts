@@ -7,8 +7,8 @@
  * Each codec has a plain-TS dequantizer (the reference the ORT kernels are tested against) and can emit a
  * subgraph that rebuilds the float weight from the SAME packed bytes (for exact gradients through frozen weights).
  */
-import type { OnnxNode, OnnxTensor } from '../onnx.js';
-import { quantizeBlockInt, dequantizeBlockInt, blockZeroPoint, type BlockIntWeights } from './blockint.js';
+import { storedSlice, type OnnxNode, type OnnxTensor, type StoredTensor } from '../onnx.js';
+import { quantizeBlockInt, dequantizeBlockInt, blockZeroPoint, zeroPointBytesPerRow, type BlockIntWeights } from './blockint.js';
 import { quantizeNf4, dequantizeNf4, NF4_CODE } from './nf4.js';
 
 export { NF4_CODE, nf4Code } from './nf4.js';
@@ -147,6 +147,58 @@ export function quantizeLinear(w: Float32Array, N: number, K: number, opts: Quan
   };
 }
 
+/** The linears of a model written to disk (quantizeLinear, then writeOnnxModel), for another graph to refer to. */
+export interface StoredLinears {
+  tensor(name: string): StoredTensor | undefined;
+  /** A stored tensor's bytes (zero points are repacked for DequantizeLinear, so they are read, not referenced). */
+  bytes(t: StoredTensor, byteStart: number, length: number): Uint8Array;
+  /** The name the stored data file has in the directory of the graph that refers to it. */
+  location: string;
+}
+
+/**
+ * Rows [rowStart, rowStart + rows) of the linear that quantizeLinear(W [totalN, K], opts, storedPrefix) made and a
+ * model stored, as a linear of its own named namePrefix. Block-int rows quantize independently, so these are the
+ * bytes quantizeLinear gives for those rows alone; they are referenced where they lie, not recomputed. A float
+ * (none) linear is taken whole only (its W^T holds a row range in columns). null for nf4 (its blocks run across
+ * rows) and for row ranges of a float linear.
+ */
+export function storedLinearRows(
+  stored: StoredLinears, opts: QuantOptions, storedPrefix: string, totalN: number, K: number, rowStart: number, rows: number, namePrefix: string,
+): QuantizedLinear | null {
+  const o = checkOptions(opts);
+  const need = (suffix: string, dims: number[]): StoredTensor => {
+    const t = stored.tensor(`${storedPrefix}.${suffix}`);
+    if (!t) throw new Error(`stored linear ${storedPrefix}: no tensor ${storedPrefix}.${suffix}`);
+    if (t.dims.join(',') !== dims.join(',')) throw new Error(`stored linear ${storedPrefix}: ${t.name} is [${t.dims}], expected [${dims}]`);
+    return t;
+  };
+  if (rowStart < 0 || rows <= 0 || rowStart + rows > totalN) throw new Error(`stored linear ${storedPrefix}: rows [${rowStart}, ${rowStart + rows}) outside its ${totalN}`);
+  if (o.kind === 'none') {
+    if (rowStart !== 0 || rows !== totalN) return null;
+    const weightT = storedSlice(need('weight_t', [K, totalN]), 0, { name: `${namePrefix}.weight_t`, dataType: 'float32', dims: [K, totalN] }, stored.location);
+    return { kind: 'none', N: rows, K, namePrefix, tensors: [weightT], weightT };
+  }
+  if (o.kind === 'nf4') return null;
+  const bits = o.kind === 'int4' ? 4 : 8;
+  const nBlocks = Math.ceil(K / o.blockSize);
+  const rowBytes = (o.blockSize * bits) / 8;
+  const b = storedSlice(need('qweight', [totalN, nBlocks, rowBytes]), rowStart * nBlocks * rowBytes, { name: `${namePrefix}.qweight`, dataType: 'uint8', dims: [rows, nBlocks, rowBytes] }, stored.location);
+  const scales = storedSlice(need('scales', [totalN * nBlocks]), rowStart * nBlocks * 4, { name: `${namePrefix}.scales`, dataType: 'float32', dims: [rows * nBlocks] }, stored.location);
+  const tensors = [b, scales];
+  let zeroPoints: OnnxTensor | undefined;
+  if (!o.symmetric) {
+    const zpRow = zeroPointBytesPerRow(bits, nBlocks);
+    const zp = need('zero_points', [totalN * zpRow]);
+    zeroPoints = { name: `${namePrefix}.zero_points`, dataType: 'uint8', dims: [rows * zpRow], data: stored.bytes(zp, rowStart * zpRow, rows * zpRow) };
+    tensors.push(zeroPoints);
+  }
+  return {
+    kind: o.kind, N: rows, K, namePrefix, tensors, bits, blockSize: o.blockSize, nBlocks, symmetric: o.symmetric,
+    accuracyLevel: o.accuracyLevel, b, scales, ...(zeroPoints ? { zeroPoints } : {}),
+  };
+}
+
 function blockIntWeights(q: BlockIntLinear): BlockIntWeights {
   return {
     bits: q.bits, blockSize: q.blockSize, nBlocks: q.nBlocks, symmetric: q.symmetric,
@@ -235,8 +287,9 @@ export function emitDequantizedWeight(q: QuantizedLinear, out: string, opts: { t
 
   if (q.kind === 'int4' || q.kind === 'int8') {
     const padded = q.nBlocks * q.blockSize;
-    const qt: OnnxTensor = { name: `${p}.q`, dataType: q.bits === 4 ? 'uint4' : 'uint8', dims: [q.N, padded], data: q.b.data };
-    const sc: OnnxTensor = { name: `${p}.scale`, dataType: 'float32', dims: [q.N, q.nBlocks], data: q.scales.data };
+    // Views of the same bytes (and of the same file range when the weight refers to stored data).
+    const qt: OnnxTensor = { name: `${p}.q`, dataType: q.bits === 4 ? 'uint4' : 'uint8', dims: [q.N, padded], data: q.b.data, ...(q.b.external ? { external: q.b.external } : {}) };
+    const sc: OnnxTensor = { name: `${p}.scale`, dataType: 'float32', dims: [q.N, q.nBlocks], data: q.scales.data, ...(q.scales.external ? { external: q.scales.external } : {}) };
     // DequantizeLinear's zero point has the type of x and its own flat packing.
     const nZp = q.N * q.nBlocks;
     const zpData = new Uint8Array(q.bits === 4 ? Math.ceil(nZp / 2) : nZp);

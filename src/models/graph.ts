@@ -77,7 +77,9 @@ export function frobeniusNorm(t: Float32Array): number {
 }
 
 /** A linear layer with its LoRA path: base(x) + x A_slot B_slot. */
-function linearWithLora(c: Ctx, x: Value, { module, weight, bias }: LinearWeight): Value {
+function linearWithLora(c: Ctx, x: Value, l: LinearWeight): Value {
+  const { module, bias } = l;
+  const weight = l.weight();
   const y = c.opts.linear(c.g, x, module, weight, bias);
   return add(c.g, y, loraPath(c, x, module, weight), `${module}.out`);
 }
@@ -88,21 +90,22 @@ function linearWithLora(c: Ctx, x: Value, { module, weight, bias }: LinearWeight
  * both threads busy where a small one (k_proj: 256 rows) would not.
  */
 function packedLinearWithLora(c: Ctx, x: Value, packedName: string, parts: LinearWeight[]): Value[] {
-  const inF = parts[0]!.weight.shape[1]!;
-  const outs = parts.map((p) => p.weight.shape[0]!);
+  const inF = parts[0]!.shape[1];
+  const outs = parts.map((p) => p.shape[0]);
+  const weights = parts.map((p) => p.weight());
   const total = outs.reduce((a, b) => a + b, 0);
   const stacked = new Float32Array(total * inF);
   const withBias = parts.some((p) => p.bias);
   const bias = withBias ? new Float32Array(total) : null;
   let row = 0;
-  for (const p of parts) {
-    stacked.set(p.weight.data, row * inF);
+  parts.forEach((p, i) => {
+    stacked.set(weights[i]!.data, row * inF);
     if (bias && p.bias) bias.set(p.bias.data, row);
-    row += p.weight.shape[0]!;
-  }
+    row += p.shape[0];
+  });
   const y = c.opts.linear(c.g, x, packedName, { shape: [total, inF], data: stacked }, bias ? { shape: [total], data: bias } : null);
   const pieces = c.g.op('Split', [y, c.g.ints(outs)], { attrs: { axis: -1 }, outputs: outs.map((n) => ({ dtype: 'float32', shape: [...x.shape.slice(0, -1), n] })) }, `${packedName}.split`);
-  return parts.map((p, i) => add(c.g, pieces[i]!, loraPath(c, x, p.module, p.weight), `${p.module}.out`));
+  return parts.map((p, i) => add(c.g, pieces[i]!, loraPath(c, x, p.module, weights[i]!), `${p.module}.out`));
 }
 
 export function buildServingGraph(spec: ModelSpec, weights: WeightSource, opts: ServingGraphOptions): { graph: Graph; layout: ServingLayout } {

@@ -42,3 +42,21 @@ export function lmHeadQuantOptions(q: ModelQuant): QuantOptions {
     accuracyLevel: blockInt ? (q.accuracyLevel ?? 0) : 0,
   };
 }
+
+/**
+ * Whether two quantizations store the same bytes (body and head): the accuracy level only changes how
+ * MatMulNBits computes, so a training graph at level 0 can refer to a served graph's weights at level 4.
+ */
+export function sameStoredWeights(a: ModelQuant, b: ModelQuant): boolean {
+  const bytes = (q: ModelQuant) => {
+    const blockInt = q.kind === 'int4' || q.kind === 'int8';
+    return JSON.stringify({
+      kind: q.kind,
+      blockSize: q.kind === 'none' ? null : (q.blockSize ?? (q.kind === 'nf4' ? 64 : 32)),
+      symmetric: blockInt ? (q.symmetric ?? true) : true,
+      head: lmHeadQuantOptions(q).kind,
+      headBlock: lmHeadQuantOptions(q).blockSize ?? null,
+    });
+  };
+  return bytes(a) === bytes(b);
+}

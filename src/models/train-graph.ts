@@ -1,7 +1,8 @@
 import { Graph, type Dim, type Value } from '../../kernels/ir.js';
 import { add, dimOf, matmul, mul, range, reshape, transpose } from '../../kernels/ops/basic.js';
 import { causalAttention, causalMask } from '../../kernels/ops/nn.js';
-import { quantizeLinear, type QuantizedLinear } from '../../kernels/quant/index.js';
+import { quantizeLinear, storedLinearRows, type QuantizedLinear, type StoredLinears } from '../../kernels/quant/index.js';
+import { storedSlice, type OnnxDataType } from '../../kernels/onnx.js';
 import { lmHeadQuantOptions, type ModelQuant } from './linear.js';
 import { dequantizedOnTape, dequantizedWeight, gradients, quantizedLinearOp, stopGradient } from '../../kernels/autodiff.js';
 import type { ModelSpec, WeightSource } from './spec.js';
@@ -56,12 +57,28 @@ interface Ctx {
   params: { module: string; a: Value; b: Value }[];
   /** train_mode input (bool scalar): dropout is active only while training, not for eval. */
   trainMode: Value | null;
+  stored: StoredLinears | null;
+}
+
+/** Where a linear's rows lie in the served graph: its own tensors, or a range of a packed group's (q/k/v, gate/up). */
+interface ServedRows {
+  prefix: string;
+  rowStart: number;
+  totalRows: number;
+}
+
+/** The frozen weight: the served graph's bytes where they can be referred to, else quantized here from the model. */
+function frozenWeight(c: Ctx, l: LinearWeight, at: ServedRows): QuantizedLinear {
+  const [N, K] = l.shape;
+  const q = c.stored && storedLinearRows(c.stored, c.opts.quant, at.prefix, at.totalRows, K, at.rowStart, N, l.module);
+  return q || quantizeLinear(l.weight().data, N, K, c.opts.quant, l.module);
 }
 
 /** base(x) through the frozen quantized weight, plus scaling * (x A^T) B^T when the module is trained. */
-function linear(c: Ctx, x: Value, { module, weight: w, bias }: LinearWeight): Value {
-  const [N, K] = w.shape as [number, number];
-  let y = quantizedLinearOp(c.g, x, quantizeLinear(w.data, N, K, c.opts.quant, module), undefined, { dequantized: c.opts.dequantizedForward !== false });
+function linear(c: Ctx, x: Value, l: LinearWeight, at: ServedRows = { prefix: l.module, rowStart: 0, totalRows: l.shape[0] }): Value {
+  const { module, bias } = l;
+  const [N, K] = l.shape;
+  let y = quantizedLinearOp(c.g, x, frozenWeight(c, l, at), undefined, { dequantized: c.opts.dequantizedForward !== false });
   if (bias) y = add(c.g, y, c.g.constant(`${module}.bias`, 'float32', [N], bias.data), `${module}.biased`);
   const m = c.trained.get(module);
   if (!m) return y;
@@ -139,8 +156,19 @@ function headLoss(g: Graph, hidden: Value, labels: Value, lmHead: QuantizedLinea
   return { loss, dHidden };
 }
 
-function float16Table(g: Graph, t: { shape: readonly number[]; data: Float32Array }): Value {
-  return g.constant('embed_table', 'float16', t.shape as number[], f32ArrayToF16Bits(t.data));
+/**
+ * The embedding table as served: float16 for a quantized base (half the memory; the same numbers), the served
+ * graph's own tensor when there is one of that type and shape.
+ */
+function embeddingTable(g: Graph, weights: WeightSource, name: string, opts: TrainGraphOptions, stored: StoredLinears | null): Value {
+  const dataType: OnnxDataType = opts.quant.kind === 'none' ? 'float32' : 'float16';
+  const dims = weights.shape(name);
+  const served = stored?.tensor('embed_table');
+  if (served && served.dataType === dataType && served.dims.join(',') === dims.join(',')) {
+    return g.addInitializer(storedSlice(served, 0, { name: 'embed_table', dataType, dims }, stored!.location));
+  }
+  const t = weights.get(name);
+  return dataType === 'float32' ? constantOf(g, 'embed_table', t) : g.constant('embed_table', 'float16', dims, f32ArrayToF16Bits(t.data));
 }
 
 export interface TrainGraph {
@@ -148,12 +176,17 @@ export interface TrainGraph {
   params: { module: string; a: string; b: string; gradA: string; gradB: string }[];
 }
 
-export function buildTrainingGraph(spec: ModelSpec, weights: WeightSource, opts: TrainGraphOptions): TrainGraph {
+/**
+ * `stored`: the served graph's tensors (compile.ts's cache entry). The frozen linears, the embedding and the head
+ * then refer to the served bytes instead of quantizing the model again; the model's files give only the small
+ * tensors (norms, biases). The quantization must be the one the served graph was made with.
+ */
+export function buildTrainingGraph(spec: ModelSpec, weights: WeightSource, opts: TrainGraphOptions, stored: StoredLinears | null = null): TrainGraph {
   const g = new Graph(`loraplex_${spec.modelType}_train`);
   const ids = g.input('input_ids', 'int64', ['batch', 'seq']);
   const labels = g.input('labels', 'int64', ['batch', 'seq']);
   const trainMode = (opts.dropout ?? 0) > 0 ? g.input('train_mode', 'bool', []) : null;
-  const c: Ctx = { g, opts, trained: new Map(opts.modules.map((m) => [m.module, m])), params: [], trainMode };
+  const c: Ctx = { g, opts, trained: new Map(opts.modules.map((m) => [m.module, m])), params: [], trainMode, stored };
   const layerInputs: Value[] = [];
   const causal = causalMask(g, ids);
   const family = familyOf(spec);
@@ -165,18 +198,27 @@ export function buildTrainingGraph(spec: ModelSpec, weights: WeightSource, opts:
       // Packed training sequences always start at position 0.  [1, seq]
       positions: reshape(g, range(g, dimOf(g, ids, 1, 'seq_len'), 'positions'), [1, -1], 'positions_row'),
       // As served: a quantized base keeps its embedding in float16 (half the memory; the same numbers).
-      embeddingTable: (name) => (opts.quant.kind === 'none' ? constantOf(g, 'embed_table', weights.get(name)) : float16Table(g, weights.get(name))),
+      embeddingTable: (name) => embeddingTable(g, weights, name, opts, stored),
       linear: (x, l) => linear(c, x, l),
       // Training has no packed kernels: each part is its own quantized linear (the same rows, the same bytes).
-      packedLinear: (x, _packedName, parts) => parts.map((l) => linear(c, x, l)),
+      packedLinear: (x, packedName, parts) => {
+        const totalRows = parts.reduce((n, l) => n + l.shape[0], 0);
+        let rowStart = 0;
+        return parts.map((l) => {
+          const y = linear(c, x, l, { prefix: packedName, rowStart, totalRows });
+          rowStart += l.shape[0];
+          return y;
+        });
+      },
       attention: (_layer, q, k, v, heads) => causalAttention(g, heads, q, k, v, causal),
       layerInput: (_layer, h) => void layerInputs.push(h),
     },
     ids,
   );
-  const headWeight = weights.get(family.lmHeadWeight(spec, weights));
-  const [V, H] = headWeight.shape as [number, number];
-  const lmHead = quantizeLinear(headWeight.data, V, H, lmHeadQuantOptions(opts.quant), 'lm_head');
+  const headName = family.lmHeadWeight(spec, weights);
+  const [V, H] = weights.shape(headName) as [number, number];
+  const headQuant = lmHeadQuantOptions(opts.quant);
+  const lmHead = (stored && storedLinearRows(stored, headQuant, 'lm_head', V, H, 0, V, 'lm_head')) || quantizeLinear(weights.get(headName).data, V, H, headQuant, 'lm_head');
   const head = headLoss(g, hidden, labels, lmHead, Math.ceil((opts.maxSeqLength ?? spec.maxPositions) / HEAD_CHUNK_TOKENS));
   g.output(head.loss, 'loss', []);
   // The backward starts from the head's gradient: sum(hidden * dHidden) has d/d hidden = dHidden.

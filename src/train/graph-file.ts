@@ -1,21 +1,27 @@
 import { fork } from 'node:child_process';
 import { fileURLToPath } from 'node:url';
 import type { TrainGraphOptions } from '../models/train-graph.js';
+import type { BaseSource } from './served-base.js';
 
 /**
  * Builds the training graph and writes it to `dir` (train.onnx + external data) in a child process, returning
- * the model's path. The graph holds every quantized weight in JS memory (about 0.9 GB on a 1.1B model): a
- * process of its own gives all of it back to the system when it exits, before onnxruntime loads its own copy
- * (a worker thread's freed memory partly stays in this process's malloc arenas).
+ * the model's path. With a served graph (the server's cache entry) the frozen weights are that graph's bytes (see
+ * served-base.ts); without one, or when it was quantized otherwise, the child quantizes the model itself and holds
+ * every quantized weight in JS memory (about 0.9 GB on a 1.1B model): a process of its own gives all of it back to
+ * the system when it exits (a worker thread's freed memory partly stays in this process's malloc arenas).
  */
 export interface GraphFileJob {
   modelDir: string;
   options: TrainGraphOptions;
   dir: string;
+  /** The serving graph (a cache entry's model.onnx) whose quantized weights the training graph refers to. */
+  servedModelPath?: string;
 }
 
 export interface GraphFile {
   modelPath: string;
+  /** Where the frozen weights came from: the served graph's file (linked or copied), or quantized here. */
+  base: BaseSource;
   /** The child's peak resident memory, in bytes. */
   peakRssBytes: number;
 }

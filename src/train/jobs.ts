@@ -21,7 +21,8 @@ import type { RunEvent, RunHandle, RunOutcome, TrainRunner } from './runner.js';
  *
  *   <jobRoot>/<jobId>/job.json     the record (tenant, adapter id, config, state, timestamps, latest figures)
  *   <jobRoot>/<jobId>/data.json    the validated examples (a copy: the data file may change meanwhile)
- *   <jobRoot>/<jobId>/checkpoint-N the trainer's checkpoints, graph/ its compiled graph
+ *   <jobRoot>/<jobId>/checkpoint-N the trainer's checkpoints, graph/ its compiled graph (and a hard link to the
+ *                                  served graph's data file, whose quantized weights it refers to)
  *
  * Only job.json is kept once a job has ended. Events fan out to any number of watchers; a watcher that
  * goes away changes nothing for the job. Jobs are tenant-scoped: another tenant's job is NOT_FOUND with the
@@ -477,7 +478,8 @@ export class JobManager {
   }
 
   /**
-   * Everything but job.json: the graph holds a copy of the quantized base, checkpoints a copy of the adapter.
+   * Everything but job.json: the graph holds a link to (or a copy of) the quantized base, checkpoints a copy of the
+   * adapter.
    * A retryable job keeps what a resume needs (its data and checkpoints).
    */
   private cleanup(job: Job): void {
@@ -590,6 +592,8 @@ export class JobManager {
       this.opts.onStep?.(p.loss, p.tokensPerSecond);
       this.persist(job, false);
       this.emit(job, { type: 'progress', ...p });
+    } else if (e.type === 'graph') {
+      this.opts.log.info({ jobId: rec.jobId, base: e.base, seconds: +e.seconds.toFixed(2) }, 'training graph ready');
     } else if (e.type === 'eval') {
       rec.eval = { step: e.step, evalLoss: e.evalLoss, perplexity: e.perplexity };
       this.persist(job, true);

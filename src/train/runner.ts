@@ -51,6 +51,7 @@ export interface TrainRunner {
 
 export interface WorkerInput {
   modelDir: string;
+  servedModelPath?: string;
   quant: ModelQuant;
   config: TrainConfig;
   jobDir: string;
@@ -70,6 +71,8 @@ export type WorkerReply =
 
 export interface WorkerRunnerOptions {
   modelDir: string;
+  /** The serving graph (compile.ts's cache entry) whose quantized weights jobs train on instead of their own. */
+  servedModelPath?: string;
   /** The served quantization; training computes the 4-bit matmuls in float32 (accuracy level 0). */
   quant: ModelQuant;
   /** onnxruntime intra-op threads of the training session. */
@@ -89,6 +92,7 @@ export class WorkerRunner implements TrainRunner {
   start(spec: RunSpec, handlers: RunHandlers): RunHandle {
     const input: WorkerInput = {
       modelDir: this.opts.modelDir,
+      ...(this.opts.servedModelPath ? { servedModelPath: this.opts.servedModelPath } : {}),
       quant: trainingQuant(this.opts.quant),
       config: spec.config,
       jobDir: spec.jobDir,

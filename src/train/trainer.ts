@@ -13,6 +13,7 @@ import { initLora, loraParams } from './init.js';
 import { AdamW, clipGradNorm } from './optimizer.js';
 import { lrAt, warmupStepsFor } from './schedule.js';
 import { writeTrainingGraphFile } from './graph-file.js';
+import type { BaseSource } from './served-base.js';
 import { latestCheckpoint, readCheckpoint, writeCheckpoint, type MetricsRecord } from './checkpoint.js';
 
 /**
@@ -33,11 +34,15 @@ export interface TrainRunOptions {
   threads: number;
   /** Written into adapter_config.json. */
   baseModelNameOrPath: string | null;
+  /** The serving graph whose quantized weights the training graph refers to (graph-file.ts); none: quantize here. */
+  servedModelPath?: string;
   onEvent?: (e: TrainEvent) => void;
   signal?: AbortSignal;
 }
 
 export type TrainEvent =
+  /** The training graph is written: its frozen weights are the served graph's (linked or copied) or were quantized. */
+  | { type: 'graph'; base: BaseSource; seconds: number }
   | { type: 'progress'; step: number; totalSteps: number; epoch: number; loss: number; learningRate: number; gradNorm: number; tokensPerSecond: number; etaSeconds: number }
   | { type: 'eval'; step: number; evalLoss: number; perplexity: number }
   | { type: 'checkpoint'; step: number; dir: string };
@@ -88,9 +93,11 @@ export async function runTraining(o: TrainRunOptions): Promise<TrainResult> {
   const optimizer = new AdamW(loraParams(adapter), { lr: config.learningRate, betas: config.betas, eps: config.eps, weightDecay: config.weightDecay });
   if (resumed) optimizer.loadState(resumed.optimizer);
 
-  const { modelPath } = await writeTrainingGraphFile({
+  const graphStart = performance.now();
+  const { modelPath, base } = await writeTrainingGraphFile({
     modelDir: o.modelDir,
     dir: join(o.jobDir, 'graph'),
+    ...(o.servedModelPath ? { servedModelPath: o.servedModelPath } : {}),
     options: {
       quant: o.quant,
       modules: adapter.modules.map((m) => ({ module: m.module, inFeatures: m.inFeatures, outFeatures: m.outFeatures })),
@@ -103,6 +110,7 @@ export async function runTraining(o: TrainRunOptions): Promise<TrainResult> {
       maxSeqLength: config.maxSeqLength,
     },
   });
+  o.onEvent?.({ type: 'graph', base, seconds: (performance.now() - graphStart) / 1000 });
   const rt = await TrainRuntime.create(modelPath, o.threads);
   try {
     const initialEvalLoss = startStep === 0 ? await evalLoss(rt, ds, adapter) : (metrics.find((m) => m['initialEvalLoss'] !== undefined)?.['initialEvalLoss'] as number | null) ?? null;

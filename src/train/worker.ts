@@ -41,6 +41,7 @@ async function main(): Promise<void> {
     jobDir: input.jobDir,
     threads: input.threads,
     baseModelNameOrPath: input.baseModelNameOrPath,
+    ...(input.servedModelPath ? { servedModelPath: input.servedModelPath } : {}),
     // The checkpoint's directory is a server path: it stays here.
     onEvent: (e) => post({ type: 'event', event: e.type === 'checkpoint' ? { type: 'checkpoint', step: e.step } : e }),
     signal: controller.signal,

@@ -32,6 +32,8 @@ export interface TestServerOptions {
   channelOptions?: grpc.ChannelOptions;
   /** Also serve the OpenAI-compatible HTTP API (on a free port: TestServer.httpUrl). */
   httpApi?: boolean;
+  /** Collects the server's log lines (info and up), parsed; without it the server logs nothing. */
+  logLines?: Record<string, unknown>[];
 }
 
 /**
@@ -85,7 +87,9 @@ export async function startTestServer(
     prefixCacheBytes: 0,
     ...overrides,
   };
-  const server = await startServer(cfg, pino({ level: 'silent' }), options.httpApi ? { httpPort: 0 } : {});
+  const lines = options.logLines;
+  const log = lines ? pino({ level: 'info' }, { write: (line: string) => void lines.push(JSON.parse(line) as Record<string, unknown>) }) : pino({ level: 'silent' });
+  const server = await startServer(cfg, log, options.httpApi ? { httpPort: 0 } : {});
   const address = `127.0.0.1:${server.port}`;
   const clientOptions = { ...(options.credentials ? { credentials: options.credentials } : {}), ...(options.channelOptions ? { channelOptions: options.channelOptions } : {}) };
   const inference = makeClient(InferenceService, address, clientOptions);

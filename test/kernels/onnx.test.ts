@@ -10,7 +10,7 @@ import * as path from 'node:path';
 import * as ort from 'onnxruntime-node';
 import { fromBinary } from '@bufbuild/protobuf';
 import { ModelProtoSchema, TensorProto_DataLocation } from 'onnx-buf';
-import { serializeModel, writeOnnxModel, type OnnxGraphDef, type OnnxTensor } from '../../kernels/onnx.js';
+import { readInitializers, serializeModel, storedBytes, storedSlice, writeOnnxModel, type OnnxGraphDef, type OnnxTensor } from '../../kernels/onnx.js';
 
 const SESSION_OPTS: ort.InferenceSession.SessionOptions = {
   intraOpNumThreads: 1,
@@ -277,6 +277,52 @@ test('writeOnnxModel leaves no files behind when serialization fails', () => {
     g.nodes[0].attributes = { bad: 0.5 };
     assert.throws(() => writeOnnxModel(g, dir, 'm'), /not an integer/);
     assert.deepEqual(fs.readdirSync(dir), []);
+  } finally {
+    fs.rmSync(dir, { recursive: true, force: true });
+  }
+});
+
+test('external references: another model reads stored tensors (whole, a row range, inline bytes) where they lie', async () => {
+  const dir = tmpDir();
+  try {
+    const [K, N] = [64, 48];
+    const w = randn(K * N, 30);
+    const b = randn(N, 31); // 192 B: stays inline
+    writeOnnxModel(matmulAddGraph(K, N, 'batch', w, b), dir, 'src');
+    const stored = readInitializers(path.join(dir, 'src.onnx'));
+    assert.deepEqual([...stored.keys()].sort(), ['b', 'w']);
+    assert.equal(stored.get('b')!.external, null);
+    assert.deepEqual(stored.get('w')!.external, { location: 'src.onnx.data', offset: 0, length: K * N * 4 });
+    // The data file under the name the new model gives it (here a hard link, as a training job does).
+    fs.linkSync(path.join(dir, 'src.onnx.data'), path.join(dir, 'base.data'));
+    // Rows 16..47 of w [K, N] seen as [32, N], and the last 8 entries of b, by reference / copy.
+    const rows = storedSlice(stored.get('w')!, 16 * N * 4, { name: 'w_rows', dataType: 'float32', dims: [32, N] }, 'base.data');
+    assert.deepEqual(rows.external, { location: 'base.data', offset: 16 * N * 4, length: 32 * N * 4 });
+    assert.equal(rows.data.length, 0);
+    const tail = storedSlice(stored.get('b')!, 40 * 4, { name: 'b_tail', dataType: 'float32', dims: [8] }, 'base.data');
+    assert.deepEqual(tail.data, b.slice(40));
+    assert.deepEqual(storedBytes(stored.get('w')!, 4, 8, path.join(dir, 'base.data')), new Uint8Array(w.buffer, 4, 8));
+    assert.throws(() => storedSlice(stored.get('b')!, 44 * 4, { name: 'x', dataType: 'float32', dims: [8] }, 'base.data'), /outside its 192 bytes/);
+
+    const g: OnnxGraphDef = {
+      name: 'rows', opsets: [{ domain: '', version: 17 }],
+      inputs: [{ name: 'x', dataType: 'float32', dims: [1, 32] }],
+      outputs: [{ name: 'y', dataType: 'float32', dims: [1, N] }, { name: 't', dataType: 'float32', dims: [8] }],
+      nodes: [{ opType: 'MatMul', inputs: ['x', 'w_rows'], outputs: ['y'] }, { opType: 'Identity', inputs: ['b_tail'], outputs: ['t'] }],
+      initializers: [rows, tail],
+    };
+    const { dataPath } = writeOnnxModel(g, dir, 'user');
+    assert.equal(fs.statSync(dataPath).size, 0, 'nothing copied');
+    const x = randn(32, 32);
+    const out = await run(path.join(dir, 'user.onnx'), { x: new ort.Tensor('float32', x, [1, 32]) });
+    assertClose(out.y.data as Float32Array, matmulAdd(x, w.slice(16 * N, 48 * N), null, 1, 32, N), 1e-5, 'y');
+    assert.deepEqual(out.t.data, b.slice(40));
+
+    // A reference must be a file name in the model's directory, of the tensor's size; it cannot be inlined.
+    const bad = (ref: { location: string; offset: number; length: number }) => ({ ...g, initializers: [{ ...rows, external: ref }, tail] });
+    assert.throws(() => writeOnnxModel(bad({ location: '../base.data', offset: 0, length: 32 * N * 4 }), dir, 'bad'), /must be a file name in the model's directory/);
+    assert.throws(() => writeOnnxModel(bad({ location: 'base.data', offset: 0, length: 4 }), dir, 'bad'), /needs 6144 bytes/);
+    assert.throws(() => serializeModel(g), /must be written with writeOnnxModel/);
   } finally {
     fs.rmSync(dir, { recursive: true, force: true });
   }

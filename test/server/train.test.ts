@@ -66,8 +66,9 @@ async function until<T>(what: string, get: () => Promise<T>, ok: (v: T) => boole
 }
 
 let s: TestServer;
+const logLines: Record<string, unknown>[] = [];
 before(async () => {
-  s = await startTestServer();
+  s = await startTestServer({}, undefined, { logLines });
 });
 after(async () => {
   await s.close();
@@ -96,6 +97,9 @@ test('Train streams accepted -> progress -> eval -> checkpoint -> completed; the
   assert.equal(m.steps, 30);
   assert.ok(m.initialEvalLoss !== undefined && m.evalLoss !== undefined);
   assert.ok(m.evalLoss! < m.initialEvalLoss!, `eval loss ${m.evalLoss} should drop below ${m.initialEvalLoss}`);
+  // The job trained on the served graph's weights (its data file hard-linked), not on a base it quantized again.
+  const graphLine = logLines.find((l) => l['msg'] === 'training graph ready' && l['jobId'] === accepted.jobId);
+  assert.equal(graphLine?.['base'], 'linked');
   console.log(`# train: 30 steps in ${seconds.toFixed(2)} s (${(30 / m.seconds).toFixed(1)} steps/s in the worker, ${m.tokensPerSecond.toFixed(0)} tokens/s); eval loss ${m.initialEvalLoss!.toFixed(3)} -> ${m.evalLoss!.toFixed(3)}`);
 
   // Servable at once, and different from the base.

@@ -55,7 +55,10 @@ export interface ExpectedWeight {
 export interface LinearWeight {
   /** HF module path, e.g. 'model.layers.0.self_attn.q_proj'. */
   module: string;
-  weight: HostTensor;
+  /** [out, in], known without reading the weight. */
+  shape: [number, number];
+  /** Reads the float weight [out, in]. A graph that refers to stored quantized bytes never calls it. */
+  weight(): HostTensor;
   bias: HostTensor | null;
 }
 

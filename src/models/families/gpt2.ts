@@ -43,7 +43,10 @@ function body(c: BodyContext, ids: Value): Value {
   const pos = gather(g, constantOf(g, 'wpe', w.get('wpe.weight')), c.positions, 0, 'pos_embed');
   let h = add(g, tok, pos, 'embed_sum');
   const ln = (name: string, x: Value) => layerNorm(g, x, constantOf(g, `${name}_w`, w.get(`${name}.weight`)), constantOf(g, `${name}_b`, w.get(`${name}.bias`)), spec.normEps);
-  const conv = (module: string, x: Value) => c.linear(x, { module, weight: transposed(w.get(`${module}.weight`)), bias: w.get(`${module}.bias`) });
+  const conv = (module: string, x: Value) => {
+    const [inF, out] = w.shape(`${module}.weight`) as [number, number];
+    return c.linear(x, { module, shape: [out, inF], weight: () => transposed(w.get(`${module}.weight`)), bias: w.get(`${module}.bias`) });
+  };
   for (let l = 0; l < spec.numLayers; l++) {
     const p = `h.${l}`;
     c.layerInput?.(l, h);

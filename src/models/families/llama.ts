@@ -64,7 +64,8 @@ function body(c: BodyContext, ids: Value): Value {
     g.scope = `l${l}.`;
     const part = (block: string, proj: string): LinearWeight => {
       const module = `${p}.${block}.${proj}`;
-      return { module, weight: w.get(`${module}.weight`), bias: hasBias(spec, proj) && w.has(`${module}.bias`) ? w.get(`${module}.bias`) : null };
+      const [out, inF] = w.shape(`${module}.weight`) as [number, number];
+      return { module, shape: [out, inF], weight: () => w.get(`${module}.weight`), bias: hasBias(spec, proj) && w.has(`${module}.bias`) ? w.get(`${module}.bias`) : null };
     };
     const x = rmsNorm(g, h, constantOf(g, 'input_norm', w.get(`${p}.input_layernorm.weight`)), spec.normEps);
     const [q, k, v] = c.packedLinear(x, `${p}.self_attn.qkv_proj`, [part('self_attn', 'q_proj'), part('self_attn', 'k_proj'), part('self_attn', 'v_proj')]) as [Value, Value, Value];
