@@ -46,6 +46,7 @@ export const TRAIN_FIELD_HELP: Readonly<Record<string, string>> = {
   checkpoint_every: 'checkpoint every N optimizer steps into --job-dir (0: never); a rerun with the same --job-dir resumes',
   keep_checkpoints: 'checkpoints kept on disk, in [1, 100]',
   gradient_checkpointing: 'turn off recomputing each decoder layer in backward (faster steps, much more memory)',
+  prepacked_forward: "the 4-bit base's forward through onnxruntime's prepacked MatMulNBits kernel (about 1.3x faster steps, +0.55 GB on a 1.1B model; exact gradients)",
   text_split:
     "how a .txt file is read [stream]: stream = the whole text as one token stream, newlines kept, BOS once, packed into --max-seq-length rows (as datasets' text loader + group_texts); paragraph = one BOS...EOS document per blank-line-separated paragraph; document = the whole file as one BOS...EOS document; line = one document per line",
 };

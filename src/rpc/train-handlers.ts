@@ -53,6 +53,7 @@ export function trainConfigInput(req: TrainRequest): TrainConfigInput {
     checkpointEvery: req.checkpointEvery,
     keepCheckpoints: req.keepCheckpoints,
     gradientCheckpointing: req.gradientCheckpointing,
+    prepackedForward: req.prepackedForward,
   };
 }
 

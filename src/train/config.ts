@@ -49,6 +49,8 @@ export interface TrainConfigInput {
   keepCheckpoints?: number | null;
   /** Recompute each decoder layer in the backward pass instead of keeping its activations (default on). */
   gradientCheckpointing?: boolean | null;
+  /** The frozen base's forward through the prepacked MatMulNBits kernel (faster, a prepacked copy in memory). */
+  prepackedForward?: boolean | null;
 }
 
 export interface LoraSettings {
@@ -82,6 +84,7 @@ export interface TrainConfig {
   keepCheckpoints: number;
   /** Absent in job records written before the setting existed: read as on. */
   gradientCheckpointing: boolean;
+  prepackedForward: boolean;
 }
 
 export interface TrainLimits {
@@ -124,6 +127,7 @@ export const TRAIN_DEFAULTS = {
   checkpointEvery: 0,
   keepCheckpoints: 2,
   gradientCheckpointing: true, // as QLoRA recipes (transformers' own default is off)
+  prepackedForward: false, // memory first: the prepacked copy is +0.5 GB on the 1.1B shape
 };
 
 type Interval = { lo: number; hi: number; loOpen?: boolean; hiOpen?: boolean };
@@ -255,5 +259,6 @@ export function validateTrainConfig(input: TrainConfigInput, limits: TrainLimits
     checkpointEvery,
     keepCheckpoints: num('keep_checkpoints', input.keepCheckpoints, d.keepCheckpoints, { lo: 1, hi: 100 }, true),
     gradientCheckpointing: bool('gradient_checkpointing', input.gradientCheckpointing, d.gradientCheckpointing),
+    prepackedForward: bool('prepacked_forward', input.prepackedForward, d.prepackedForward),
   };
 }

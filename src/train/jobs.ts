@@ -593,7 +593,7 @@ export class JobManager {
       this.persist(job, false);
       this.emit(job, { type: 'progress', ...p });
     } else if (e.type === 'graph') {
-      this.opts.log.info({ jobId: rec.jobId, base: e.base, seconds: +e.seconds.toFixed(2) }, 'training graph ready');
+      this.opts.log.info({ jobId: rec.jobId, base: e.base, prepackedForward: e.prepackedForward, seconds: +e.seconds.toFixed(2) }, 'training graph ready');
     } else if (e.type === 'eval') {
       rec.eval = { step: e.step, evalLoss: e.evalLoss, perplexity: e.perplexity };
       this.persist(job, true);

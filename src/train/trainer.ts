@@ -42,7 +42,7 @@ export interface TrainRunOptions {
 
 export type TrainEvent =
   /** The training graph is written: its frozen weights are the served graph's (linked or copied) or were quantized. */
-  | { type: 'graph'; base: BaseSource; seconds: number }
+  | { type: 'graph'; base: BaseSource; prepackedForward: boolean; seconds: number }
   | { type: 'progress'; step: number; totalSteps: number; epoch: number; loss: number; learningRate: number; gradNorm: number; tokensPerSecond: number; etaSeconds: number }
   | { type: 'eval'; step: number; evalLoss: number; perplexity: number }
   | { type: 'checkpoint'; step: number; dir: string };
@@ -107,10 +107,11 @@ export async function runTraining(o: TrainRunOptions): Promise<TrainResult> {
       seed: config.seed,
       // Job records written before the setting existed lack it: on.
       checkpointing: config.gradientCheckpointing !== false,
+      dequantizedForward: config.prepackedForward !== true,
       maxSeqLength: config.maxSeqLength,
     },
   });
-  o.onEvent?.({ type: 'graph', base, seconds: (performance.now() - graphStart) / 1000 });
+  o.onEvent?.({ type: 'graph', base, prepackedForward: config.prepackedForward === true, seconds: (performance.now() - graphStart) / 1000 });
   const rt = await TrainRuntime.create(modelPath, o.threads);
   try {
     const initialEvalLoss = startStep === 0 ? await evalLoss(rt, ds, adapter) : (metrics.find((m) => m['initialEvalLoss'] !== undefined)?.['initialEvalLoss'] as number | null) ?? null;

@@ -1,6 +1,7 @@
 /**
  * Training figures for `npm run bench`: tokens/s and peak RSS of one LoRA step (seq 512, r 16) on the `1b` shape
- * with the int4 base, for q_proj+v_proj and all-linear (and q_proj+v_proj without gradient checkpointing), each in
+ * with the int4 base, for q_proj+v_proj and all-linear (and q_proj+v_proj without gradient checkpointing, and with
+ * the prepacked MatMulNBits forward), each in
  * its own process; next to the same step in PyTorch on the CPU with a dense float32 base when Debian's
  * python3-torch is installed (measured in the same run).
  */
@@ -25,10 +26,11 @@ export interface TrainingFigures {
 export async function trainingBench(modelDir: string, threads: number, log: (m: string) => void): Promise<TrainingFigures> {
   const here = new URL('.', import.meta.url).pathname;
   const loraplex: Record<string, unknown>[] = [];
-  // The last row: the speed that gradient checkpointing costs, and the memory it saves.
-  for (const [targets, checkpointing] of [['q_proj,v_proj', 'on'], ['all-linear', 'on'], ['q_proj,v_proj', 'off']] as const) {
-    log(`training step, ${targets}, r ${R}, seq ${SEQ}, checkpointing ${checkpointing}`);
-    const { stdout } = await run(process.execPath, [join(here, 'train-step.js'), modelDir, targets, String(R), String(SEQ), String(STEPS), String(threads), checkpointing], { maxBuffer: 1 << 20 });
+  // The last rows: the speed that gradient checkpointing costs and the memory it saves; the same for prepacked_forward.
+  const rows = [['q_proj,v_proj', 'on', 'dq'], ['all-linear', 'on', 'dq'], ['q_proj,v_proj', 'off', 'dq'], ['q_proj,v_proj', 'on', 'nbits0']] as const;
+  for (const [targets, checkpointing, forward] of rows) {
+    log(`training step, ${targets}, r ${R}, seq ${SEQ}, checkpointing ${checkpointing}, forward ${forward}`);
+    const { stdout } = await run(process.execPath, [join(here, 'train-step.js'), modelDir, targets, String(R), String(SEQ), String(STEPS), String(threads), checkpointing, forward], { maxBuffer: 1 << 20 });
     const r = JSON.parse(stdout) as Record<string, unknown>;
     log(`  ${r['tokensPerSecond']} tok/s, peak RSS ${r['peakRssMiB']} MiB`);
     loraplex.push(r);
@@ -54,8 +56,9 @@ export async function trainingBench(modelDir: string, threads: number, log: (m: 
     const py = pytorch;
     const ratio = (key: string, i: number, p = i) => +((loraplex[i]![key] as number) / (py[p]![key] as number)).toFixed(2);
     const noCheckpointing = 'q_proj,v_proj without checkpointing';
-    figures.loraplexVsPytorchTokensPerSecond = { ...Object.fromEntries(names.map((n, i) => [n, ratio('tokensPerSecond', i)])), [noCheckpointing]: ratio('tokensPerSecond', 2, 0) };
-    figures.loraplexVsPytorchPeakRss = { ...Object.fromEntries(names.map((n, i) => [n, ratio('peakRssMiB', i)])), [noCheckpointing]: ratio('peakRssMiB', 2, 0) };
+    const prepacked = 'q_proj,v_proj with prepacked_forward';
+    figures.loraplexVsPytorchTokensPerSecond = { ...Object.fromEntries(names.map((n, i) => [n, ratio('tokensPerSecond', i)])), [noCheckpointing]: ratio('tokensPerSecond', 2, 0), [prepacked]: ratio('tokensPerSecond', 3, 0) };
+    figures.loraplexVsPytorchPeakRss = { ...Object.fromEntries(names.map((n, i) => [n, ratio('peakRssMiB', i)])), [noCheckpointing]: ratio('peakRssMiB', 2, 0), [prepacked]: ratio('peakRssMiB', 3, 0) };
   }
   return figures;
 }

@@ -83,4 +83,5 @@ test('a boolean train option that defaults to on is turned off by --no-...', () 
   assert.equal(trainRequestFromFlags({ 'no-gradient-checkpointing': true }).gradientCheckpointing, false);
   assert.equal(trainRequestFromFlags({}).gradientCheckpointing, undefined, 'unset: the RPC default (on) applies');
   assert.equal(trainRequestFromFlags({ 'use-rslora': true }).useRslora, true);
+  assert.equal(trainRequestFromFlags({ 'prepacked-forward': true }).prepackedForward, true);
 });

@@ -99,7 +99,7 @@ test('Train streams accepted -> progress -> eval -> checkpoint -> completed; the
   assert.ok(m.evalLoss! < m.initialEvalLoss!, `eval loss ${m.evalLoss} should drop below ${m.initialEvalLoss}`);
   // The job trained on the served graph's weights (its data file hard-linked), not on a base it quantized again.
   const graphLine = logLines.find((l) => l['msg'] === 'training graph ready' && l['jobId'] === accepted.jobId);
-  assert.equal(graphLine?.['base'], 'linked');
+  assert.deepEqual([graphLine?.['base'], graphLine?.['prepackedForward']], ['linked', false]);
   console.log(`# train: 30 steps in ${seconds.toFixed(2)} s (${(30 / m.seconds).toFixed(1)} steps/s in the worker, ${m.tokensPerSecond.toFixed(0)} tokens/s); eval loss ${m.initialEvalLoss!.toFixed(3)} -> ${m.evalLoss!.toFixed(3)}`);
 
   // Servable at once, and different from the base.
@@ -135,8 +135,12 @@ test('Train streams accepted -> progress -> eval -> checkpoint -> completed; the
 test('a data file under the data root; prompt/completion examples', async () => {
   const lines = Array.from({ length: 24 }, (_, i) => JSON.stringify({ prompt: `Q: what did ${NAMES[i % 6]} find?\nA:`, completion: ` a ${THINGS[i % 5]}.` }));
   writeFileSync(join(s.dataRoot, 'qa.jsonl'), `${lines.join('\n')}\n`);
-  const evs = await events(s.train.train({ adapterId: 'qa', path: 'qa.jsonl', maxSeqLength: 32, microBatchSize: 4, maxSteps: 5, targetModules: ['all-linear'] }));
+  // With the prepacked forward (MatMulNBits), on the served base all the same.
+  const evs = await events(s.train.train({ adapterId: 'qa', path: 'qa.jsonl', maxSeqLength: 32, microBatchSize: 4, maxSteps: 5, targetModules: ['all-linear'], prepackedForward: true }));
   assert.equal(evs.at(-1)?.case, 'completed', JSON.stringify(evs.at(-1)));
+  const jobId = (evs[0]!.value as Extract<Ev, { case: 'accepted' }>['value']).jobId;
+  const graphLine = logLines.find((l) => l['msg'] === 'training graph ready' && l['jobId'] === jobId);
+  assert.deepEqual([graphLine?.['base'], graphLine?.['prepackedForward']], ['linked', true]);
   const info = (await s.adapters.listAdapters({})).adapters.find((a) => a.adapterId === 'qa');
   assert.deepEqual(info?.targetModules, ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']);
 });

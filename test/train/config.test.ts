@@ -21,6 +21,7 @@ test('defaults: PEFT LoRA (r 8, alpha 8, q_proj + v_proj), transformers-like hyp
   assert.equal(c.maxSteps, 0);
   assert.equal(c.numEpochs, 1);
   assert.equal(c.gradientCheckpointing, true); // as QLoRA recipes
+  assert.equal(c.prepackedForward, false); // memory first
   // null (an unset proto optional) is a default too.
   assert.deepEqual(validateTrainConfig({ r: null, learningRate: null, targetModules: [] }, limits), c);
   assert.deepEqual(validateTrainConfig({}, { spec: gpt2Spec, maxLoraRank: 4 }).lora.targetModules, ['c_attn']);
@@ -34,6 +35,7 @@ test('set fields are kept; all-linear expands to every linear in model order', (
       learningRate: 1e-3, adamBeta1: 0.8, adamBeta2: 0.95, adamEpsilon: 1e-6, weightDecay: 0.01, lrSchedulerType: 'cosine',
       warmupRatio: 0.1, maxGradNorm: 0, microBatchSize: 2, gradientAccumulationSteps: 4, numEpochs: 3, maxSteps: 100,
       maxSeqLength: 128, seed: 7n, evalFraction: 0.1, evalEvery: 10, checkpointEvery: 20, keepCheckpoints: 3, gradientCheckpointing: false,
+      prepackedForward: true,
     },
     limits,
   );
@@ -43,6 +45,7 @@ test('set fields are kept; all-linear expands to every linear in model order', (
   assert.equal(c.gradientAccumulationSteps, 4);
   assert.equal(c.warmupRatio, 0.1);
   assert.equal(c.gradientCheckpointing, false);
+  assert.equal(c.prepackedForward, true);
   assert.equal(validateTrainConfig({ maxSteps: 50n as unknown as number }, limits).maxSteps, 50); // proto int64
   assert.deepEqual(validateTrainConfig({ targetModules: 'all-linear' }, limits).lora.targetModules, validTargetModules(llamaSpec));
   assert.deepEqual(validTargetModules(llamaSpec), ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']);
@@ -65,6 +68,7 @@ test('every bad field names itself and its limit', () => {
   bad({ loraDropout: 1 }, 'lora_dropout 1: must be in [0, 1)');
   bad({ useRslora: 'yes' as unknown as boolean }, 'use_rslora "yes": must be true or false');
   bad({ gradientCheckpointing: 1 as unknown as boolean }, 'gradient_checkpointing 1: must be true or false');
+  bad({ prepackedForward: 'yes' as unknown as boolean }, 'prepacked_forward "yes": must be true or false');
   bad({ adamBeta1: 1 }, 'adam_beta1 1: must be in [0, 1)');
   bad({ adamBeta2: -0.1 }, 'adam_beta2 -0.1: must be in [0, 1)');
   bad({ adamEpsilon: 0 }, 'adam_epsilon 0: must be in (0, 1]');

@@ -124,6 +124,17 @@ test('the same seed gives the same loss curve; a resumed run ends with the same 
   }
 });
 
+test('the prepacked forward (MatMulNBits) follows the dequantized forward\'s loss curve: only summation order differs', async () => {
+  const curve = async (prepackedForward: boolean) => {
+    const events: TrainEvent[] = [];
+    await runTraining(options({ maxSteps: 5, prepackedForward }, tempDir('prepacked'), events));
+    return events.filter((e) => e.type === 'progress').map((e) => (e as { loss: number }).loss);
+  };
+  const [dequantized, prepacked] = [await curve(false), await curve(true)];
+  assert.equal(prepacked.length, 5);
+  prepacked.forEach((l, i) => assert.ok(Math.abs(l - dequantized[i]!) < 1e-4, `step ${i + 1}: ${l} vs ${dequantized[i]}`));
+});
+
 test('loraplex train --json prints the final metrics; the adapter names the model as PEFT does', async () => {
   const dataDir = tempDir('cli-data');
   mkdirSync(dataDir, { recursive: true });
