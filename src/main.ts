@@ -1,3 +1,4 @@
+import { join } from 'node:path';
 import { mkdirSync } from 'node:fs';
 import { AdapterManager } from './adapters/manager.js';
 import { AdapterStore } from './adapters/store.js';
@@ -129,7 +130,7 @@ export async function startServer(input: ServerConfigInput, log: Logger, hooks: 
   // the engine worker and the event loop. The job root is created on the first job, not here.
   const jobs = new JobManager({
     jobRoot: cfg.jobRoot,
-    runner: new WorkerRunner({ modelDir: cfg.modelDir, servedModelPath: compiled.modelPath, quant: cfg.quant, threads: cfg.trainThreads, baseModelNameOrPath: modelName(cfg.modelDir) }),
+    runner: new WorkerRunner({ modelDir: cfg.modelDir, servedModelPath: compiled.modelPath, graphRoot: join(cfg.cacheDir, 'train-graphs'), quant: cfg.quant, threads: cfg.trainThreads, baseModelNameOrPath: modelName(cfg.modelDir) }),
     writeAdapter: (key, adapter) => adapters.create(key, adapter),
     maxQueued: cfg.maxQueuedTrainJobs,
     log,

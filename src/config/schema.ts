@@ -78,7 +78,7 @@ export const SETTINGS: readonly Setting[] = [
   setting({ name: 'asymmetric', type: 'bool', default: false, description: 'asymmetric int4/int8 quantization (with zero points)' }),
   setting({ name: 'executionProvider', type: 'enum', values: EXECUTION_PROVIDERS, default: 'cpu', description: 'onnxruntime execution provider; cuda needs onnxruntime-node installed with its CUDA 12 libraries (ONNXRUNTIME_NODE_INSTALL=cuda12)' }),
   setting({ name: 'threads', type: 'int', min: 1, max: 256, default: () => Math.min(2, availableParallelism()), defaultText: 'min(2, CPUs)', description: 'onnxruntime intra-op threads' }),
-  setting({ name: 'cacheDir', type: 'path', default: cacheDirDefault, defaultText: '$XDG_CACHE_HOME/loraplex or ~/.cache/loraplex', description: 'quantized graph cache' }),
+  setting({ name: 'cacheDir', type: 'path', default: cacheDirDefault, defaultText: '$XDG_CACHE_HOME/loraplex or ~/.cache/loraplex', description: 'quantized graph cache; training jobs link the served weights from it (train-graphs/)' }),
   setting({ name: 'maxModelLen', type: 'int', min: 2, max: 1 << 20, default: null, defaultText: "the model's", description: 'tokens per sequence (prompt + generated)' }),
   setting({ name: 'maxNumSeqs', type: 'int', min: 1, max: 1024, default: 16, description: 'sequences decoding at once (KV cache rows; their K/V memory is bounded by kvCacheBytes)' }),
   setting({ name: 'prefillChunk', type: 'int', min: 1, max: 1 << 16, default: 64, description: 'prompt tokens per prefill step' }),

@@ -21,8 +21,10 @@ import type { RunEvent, RunHandle, RunOutcome, TrainRunner } from './runner.js';
  *
  *   <jobRoot>/<jobId>/job.json     the record (tenant, adapter id, config, state, timestamps, latest figures)
  *   <jobRoot>/<jobId>/data.json    the validated examples (a copy: the data file may change meanwhile)
- *   <jobRoot>/<jobId>/checkpoint-N the trainer's checkpoints, graph/ its compiled graph (and a hard link to the
- *                                  served graph's data file, whose quantized weights it refers to)
+ *   <jobRoot>/<jobId>/checkpoint-N the trainer's checkpoints
+ *
+ * A run's training graph is written under the runner's graph root (<cacheDir>/train-graphs in a server, beside the
+ * served graph whose data file it hard-links) and removed as soon as its session has loaded it.
  *
  * Only job.json is kept once a job has ended. Events fan out to any number of watchers; a watcher that
  * goes away changes nothing for the job. Jobs are tenant-scoped: another tenant's job is NOT_FOUND with the
@@ -478,8 +480,7 @@ export class JobManager {
   }
 
   /**
-   * Everything but job.json: the graph holds a link to (or a copy of) the quantized base, checkpoints a copy of the
-   * adapter.
+   * Everything but job.json: checkpoints hold copies of the adapter.
    * A retryable job keeps what a resume needs (its data and checkpoints).
    */
   private cleanup(job: Job): void {

@@ -1,4 +1,6 @@
 import { Worker } from 'node:worker_threads';
+import { hostname } from 'node:os';
+import { join } from 'node:path';
 import type { ModelQuant } from '../models/linear.js';
 import type { PeftAdapter } from '../adapters/peft.js';
 import type { ErrorCode } from '../errors.js';
@@ -52,6 +54,7 @@ export interface TrainRunner {
 export interface WorkerInput {
   modelDir: string;
   servedModelPath?: string;
+  graphDir?: string;
   quant: ModelQuant;
   config: TrainConfig;
   jobDir: string;
@@ -73,6 +76,11 @@ export interface WorkerRunnerOptions {
   modelDir: string;
   /** The serving graph (compile.ts's cache entry) whose quantized weights jobs train on instead of their own. */
   servedModelPath?: string;
+  /**
+   * Where runs write their training graphs (one folder per run, gone once its session has loaded): on the served
+   * graph's file system, so that its data file can be hard-linked rather than copied. Default: the job's folder.
+   */
+  graphRoot?: string;
   /** The served quantization; training computes the 4-bit matmuls in float32 (accuracy level 0). */
   quant: ModelQuant;
   /** onnxruntime intra-op threads of the training session. */
@@ -93,6 +101,8 @@ export class WorkerRunner implements TrainRunner {
     const input: WorkerInput = {
       modelDir: this.opts.modelDir,
       ...(this.opts.servedModelPath ? { servedModelPath: this.opts.servedModelPath } : {}),
+      // The job id and this process: replicas sharing one cache never write the same folder.
+      ...(this.opts.graphRoot ? { graphDir: join(this.opts.graphRoot, `${spec.jobId}-${hostname().replace(/[^A-Za-z0-9.-]/g, '_')}-${process.pid}`) } : {}),
       quant: trainingQuant(this.opts.quant),
       config: spec.config,
       jobDir: spec.jobDir,

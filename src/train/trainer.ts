@@ -1,4 +1,4 @@
-import { mkdirSync } from 'node:fs';
+import { mkdirSync, rmSync } from 'node:fs';
 import { join } from 'node:path';
 import type { ModelQuant } from '../models/linear.js';
 import { TrainRuntime } from '../engine/train-runtime.js';
@@ -36,6 +36,11 @@ export interface TrainRunOptions {
   baseModelNameOrPath: string | null;
   /** The serving graph whose quantized weights the training graph refers to (graph-file.ts); none: quantize here. */
   servedModelPath?: string;
+  /**
+   * Where the training graph is written [jobDir/graph]. Next to the served graph's file when there is one: the
+   * graph hard-links that file, which only works on the same file system. Removed once the session has loaded it.
+   */
+  graphDir?: string;
   onEvent?: (e: TrainEvent) => void;
   signal?: AbortSignal;
 }
@@ -94,9 +99,10 @@ export async function runTraining(o: TrainRunOptions): Promise<TrainResult> {
   if (resumed) optimizer.loadState(resumed.optimizer);
 
   const graphStart = performance.now();
+  const graphDir = o.graphDir ?? join(o.jobDir, 'graph');
   const { modelPath, base } = await writeTrainingGraphFile({
     modelDir: o.modelDir,
-    dir: join(o.jobDir, 'graph'),
+    dir: graphDir,
     ...(o.servedModelPath ? { servedModelPath: o.servedModelPath } : {}),
     options: {
       quant: o.quant,
@@ -112,7 +118,13 @@ export async function runTraining(o: TrainRunOptions): Promise<TrainResult> {
     },
   });
   o.onEvent?.({ type: 'graph', base, prepackedForward: config.prepackedForward === true, seconds: (performance.now() - graphStart) / 1000 });
-  const rt = await TrainRuntime.create(modelPath, o.threads);
+  let rt: TrainRuntime;
+  try {
+    rt = await TrainRuntime.create(modelPath, o.threads);
+  } finally {
+    // onnxruntime has read or mapped every initializer; mapped pages outlive the files' names. A run rebuilds it.
+    rmSync(graphDir, { recursive: true, force: true });
+  }
   try {
     const initialEvalLoss = startStep === 0 ? await evalLoss(rt, ds, adapter) : (metrics.find((m) => m['initialEvalLoss'] !== undefined)?.['initialEvalLoss'] as number | null) ?? null;
     if (startStep === 0 && initialEvalLoss !== null) metrics.push({ step: 0, evalLoss: initialEvalLoss, initialEvalLoss });

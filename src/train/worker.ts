@@ -42,6 +42,7 @@ async function main(): Promise<void> {
     threads: input.threads,
     baseModelNameOrPath: input.baseModelNameOrPath,
     ...(input.servedModelPath ? { servedModelPath: input.servedModelPath } : {}),
+    ...(input.graphDir ? { graphDir: input.graphDir } : {}),
     // The checkpoint's directory is a server path: it stays here.
     onEvent: (e) => post({ type: 'event', event: e.type === 'checkpoint' ? { type: 'checkpoint', step: e.step } : e }),
     signal: controller.signal,

@@ -22,6 +22,8 @@ export interface TestServer {
   /** The training roots (temporary unless overridden). */
   dataRoot: string;
   jobRoot: string;
+  /** The quantized graph cache (temporary unless overridden). */
+  cacheDir: string;
   close(): Promise<void>;
 }
 
@@ -105,6 +107,7 @@ export async function startTestServer(
     httpUrl: server.httpPort === null ? null : `http://127.0.0.1:${server.httpPort}/v1`,
     dataRoot: cfg.dataRoot,
     jobRoot: cfg.jobRoot,
+    cacheDir: cfg.cacheDir,
     async close() {
       inference.close();
       adapters.close();

@@ -100,6 +100,8 @@ test('Train streams accepted -> progress -> eval -> checkpoint -> completed; the
   // The job trained on the served graph's weights (its data file hard-linked), not on a base it quantized again.
   const graphLine = logLines.find((l) => l['msg'] === 'training graph ready' && l['jobId'] === accepted.jobId);
   assert.deepEqual([graphLine?.['base'], graphLine?.['prepackedForward']], ['linked', false]);
+  // Its graph was written beside the cache (hard links need one file system) and removed once loaded.
+  assert.deepEqual(readdirSync(join(s.cacheDir, 'train-graphs')), []);
   console.log(`# train: 30 steps in ${seconds.toFixed(2)} s (${(30 / m.seconds).toFixed(1)} steps/s in the worker, ${m.tokensPerSecond.toFixed(0)} tokens/s); eval loss ${m.initialEvalLoss!.toFixed(3)} -> ${m.evalLoss!.toFixed(3)}`);
 
   // Servable at once, and different from the base.
