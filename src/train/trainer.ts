@@ -99,10 +99,9 @@ export async function runTraining(o: TrainRunOptions): Promise<TrainResult> {
   if (resumed) optimizer.loadState(resumed.optimizer);
 
   const graphStart = performance.now();
-  const graphDir = o.graphDir ?? join(o.jobDir, 'graph');
-  const { modelPath, base } = await writeTrainingGraphFile({
+  const graphJob = (dir: string) => writeTrainingGraphFile({
     modelDir: o.modelDir,
-    dir: graphDir,
+    dir,
     ...(o.servedModelPath ? { servedModelPath: o.servedModelPath } : {}),
     options: {
       quant: o.quant,
@@ -117,6 +116,18 @@ export async function runTraining(o: TrainRunOptions): Promise<TrainResult> {
       maxSeqLength: config.maxSeqLength,
     },
   });
+  const jobGraphDir = join(o.jobDir, 'graph');
+  let graphDir = o.graphDir ?? jobGraphDir;
+  let graph: Awaited<ReturnType<typeof writeTrainingGraphFile>>;
+  try {
+    graph = await graphJob(graphDir);
+  } catch (e) {
+    // A cache the server may read but not write (mounted read-only): the job's own folder, with a copy of the base.
+    if (graphDir === jobGraphDir || !['EACCES', 'EPERM', 'EROFS'].includes((e as NodeJS.ErrnoException).code ?? '')) throw e;
+    graphDir = jobGraphDir;
+    graph = await graphJob(graphDir);
+  }
+  const { modelPath, base } = graph;
   o.onEvent?.({ type: 'graph', base, prepackedForward: config.prepackedForward === true, seconds: (performance.now() - graphStart) / 1000 });
   let rt: TrainRuntime;
   try {

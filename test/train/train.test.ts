@@ -2,7 +2,7 @@ import { test } from 'node:test';
 import assert from 'node:assert/strict';
 import { execFile } from 'node:child_process';
 import { promisify } from 'node:util';
-import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import { existsSync, mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import { join } from 'node:path';
 import { readPeftAdapter } from '../../src/adapters/peft.js';
 import { loadModelDir } from '../../src/models/load.js';
@@ -133,6 +133,26 @@ test('the prepacked forward (MatMulNBits) follows the dequantized forward\'s los
   const [dequantized, prepacked] = [await curve(false), await curve(true)];
   assert.equal(prepacked.length, 5);
   prepacked.forEach((l, i) => assert.ok(Math.abs(l - dequantized[i]!) < 1e-4, `step ${i + 1}: ${l} vs ${dequantized[i]}`));
+});
+
+/** A folder this process may not create (sysfs refuses it), or null where the system allows it. */
+function unwritableDir(): string | null {
+  const dir = '/sys/loraplex-unwritable/graph';
+  try {
+    mkdirSync(dir, { recursive: true });
+  } catch (e) {
+    return ['EACCES', 'EPERM', 'EROFS'].includes((e as NodeJS.ErrnoException).code ?? '') ? dir : null;
+  }
+  return null;
+}
+
+test('a graph folder that cannot be written (a read-only cache) falls back to the job\'s own folder', { skip: unwritableDir() === null && 'this system lets the test write under /sys' }, async () => {
+  const events: TrainEvent[] = [];
+  const jobDir = tempDir('readonly-cache');
+  const result = await runTraining({ ...options({ maxSteps: 2 }, jobDir, events), graphDir: unwritableDir()! });
+  assert.equal(result.steps, 2);
+  assert.deepEqual(events.filter((e) => e.type === 'graph').map((e) => (e as { base: string }).base), ['quantized']);
+  assert.equal(existsSync(join(jobDir, 'graph')), false, 'removed once loaded');
 });
 
 test('loraplex train --json prints the final metrics; the adapter names the model as PEFT does', async () => {
