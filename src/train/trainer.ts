@@ -5,7 +5,7 @@ import { TrainRuntime } from '../engine/train-runtime.js';
 import type { LoraLayerWeights } from '../models/lora.js';
 import type { ModelSpec } from '../models/spec.js';
 import type { PeftAdapter } from '../adapters/peft.js';
-import { LoraplexError } from '../errors.js';
+import { diskFullAs, LoraplexError } from '../errors.js';
 import { buildDataset, microBatchesOfStep, planSteps, type CollateTokenizer, type MicroBatch, type PackedDataset } from './collate.js';
 import type { TrainConfig } from './config.js';
 import type { TrainData } from './data.js';
@@ -122,8 +122,14 @@ export async function runTraining(o: TrainRunOptions): Promise<TrainResult> {
   try {
     graph = await graphJob(graphDir);
   } catch (e) {
+    // Whatever the failed build left (a partial copy of the base) goes now.
+    rmSync(graphDir, { recursive: true, force: true });
+    if (graphDir === jobGraphDir) throw e;
+    // The graph root is the server's cache dir: a full disk there is named as such, not as the job root.
+    const full = diskFullAs(e, 'cache dir (training graphs)');
+    if (full !== e) throw full;
     // A cache the server may read but not write (mounted read-only): the job's own folder, with a copy of the base.
-    if (graphDir === jobGraphDir || !['EACCES', 'EPERM', 'EROFS'].includes((e as NodeJS.ErrnoException).code ?? '')) throw e;
+    if (!['EACCES', 'EPERM', 'EROFS'].includes((e as NodeJS.ErrnoException).code ?? '')) throw e;
     graphDir = jobGraphDir;
     graph = await graphJob(graphDir);
   }

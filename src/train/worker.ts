@@ -55,8 +55,8 @@ async function main(): Promise<void> {
 }
 
 main().catch((caught: unknown) => {
-  // Checkpoints go to the job root.
-  const err = diskFullAs(caught, 'job root');
+  // Checkpoints go to the job root; an error already naming its root keeps it.
+  const err = caught instanceof LoraplexError ? caught : diskFullAs(caught, 'job root');
   if (controller.signal.aborted) post({ type: 'stopped' });
   // A request problem found only now (e.g. the data packs into nothing): the client gets its message.
   else if (err instanceof LoraplexError && err.code !== 'INTERNAL') post({ type: 'error', code: err.code, message: err.message });

@@ -6,7 +6,7 @@
 import assert from 'node:assert/strict';
 import { after, before, test } from 'node:test';
 import { execFileSync } from 'node:child_process';
-import { closeSync, openSync, readdirSync, rmSync, writeSync } from 'node:fs';
+import { closeSync, mkdirSync, openSync, readdirSync, rmSync, writeSync } from 'node:fs';
 import { join } from 'node:path';
 import * as grpc from '@grpc/grpc-js';
 import type { TrainEvent } from '../../src/gen/loraplex/v1/train_pb.js';
@@ -98,4 +98,24 @@ test('MergeAdapters into a full adapter root and ExportMergedModel into a full e
   assert.equal(exported.code, grpc.status.RESOURCE_EXHAUSTED);
   assert.equal(exported.details, 'export root: no space left on the device; free space and retry');
   assert.deepEqual(readdirSync(exportRoot), [], 'no partial export');
+});
+
+test('Train with a full graph folder under the cache: RESOURCE_EXHAUSTED naming the cache dir, not the job root', { skip: skip ?? false }, async () => {
+  const cacheDir = tempDir('full-cache');
+  const graphs = join(cacheDir, 'train-graphs');
+  mkdirSync(graphs);
+  const noMount = mountTmpfs(graphs, '4k');
+  assert.equal(noMount, null);
+  const server = await startTestServer({ cacheDir });
+  try {
+    // The served file cannot be linked across file systems, and its copy does not fit.
+    const failed = await finalEvent(server.train.train({ adapterId: 'graph-full', examples: sentences, maxSeqLength: 32, microBatchSize: 4, maxSteps: 2 }));
+    assert.equal(failed.case, 'failed');
+    assert.equal(failed.value.code, grpc.status.RESOURCE_EXHAUSTED);
+    assert.match(failed.value.message, /^cache dir \(training graphs\): no space left on the device; free space and retry/);
+    assert.deepEqual(readdirSync(graphs), [], 'the partial graph is removed');
+  } finally {
+    await server.close();
+    unmount(graphs);
+  }
 });
