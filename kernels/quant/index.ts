@@ -76,7 +76,8 @@ export const QUANT_OPSETS: { domain: string; version: number }[] = [
 
 const INT8_SUPPORTED = true; // MatMulNBits bits=8 runs on ORT 1.30's CPU kernel (test/kernels/quant.test.ts)
 
-function checkOptions(opts: QuantOptions): Required<QuantOptions> {
+/** The options with every default filled in; throws on a bad one. */
+export function resolvedQuantOptions(opts: QuantOptions): Required<QuantOptions> {
   if (!QUANT_KINDS.includes(opts.kind)) {
     throw new Error(`quant kind ${JSON.stringify(opts.kind)}: must be one of ${QUANT_KINDS.join(', ')}`);
   }
@@ -106,7 +107,7 @@ function checkOptions(opts: QuantOptions): Required<QuantOptions> {
 
 /** Quantizes W float32 [N, K] (row-major, nn.Linear layout). Tensor names start with `${namePrefix}.`. */
 export function quantizeLinear(w: Float32Array, N: number, K: number, opts: QuantOptions, namePrefix: string): QuantizedLinear {
-  const o = checkOptions(opts);
+  const o = resolvedQuantOptions(opts);
   if (!Number.isInteger(N) || !Number.isInteger(K) || N <= 0 || K <= 0) throw new Error(`quantizeLinear ${namePrefix}: N=${N}, K=${K} must be positive integers`);
   if (w.length !== N * K) throw new Error(`quantizeLinear ${namePrefix}: weight has ${w.length} elements, expected N*K = ${N}*${K} = ${N * K}`);
 
@@ -166,7 +167,7 @@ export interface StoredLinears {
 export function storedLinearRows(
   stored: StoredLinears, opts: QuantOptions, storedPrefix: string, totalN: number, K: number, rowStart: number, rows: number, namePrefix: string,
 ): QuantizedLinear | null {
-  const o = checkOptions(opts);
+  const o = resolvedQuantOptions(opts);
   const need = (suffix: string, dims: number[]): StoredTensor => {
     const t = stored.tensor(`${storedPrefix}.${suffix}`);
     if (!t) throw new Error(`stored linear ${storedPrefix}: no tensor ${storedPrefix}.${suffix}`);

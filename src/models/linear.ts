@@ -1,4 +1,4 @@
-import { emitLinear, quantizeLinear, type QuantOptions } from '../../kernels/quant/index.js';
+import { emitLinear, quantizeLinear, resolvedQuantOptions, type QuantOptions } from '../../kernels/quant/index.js';
 import { add } from '../../kernels/ops/basic.js';
 import type { LinearEmitter } from './graph.js';
 
@@ -48,15 +48,10 @@ export function lmHeadQuantOptions(q: ModelQuant): QuantOptions {
  * MatMulNBits computes, so a training graph at level 0 can refer to a served graph's weights at level 4.
  */
 export function sameStoredWeights(a: ModelQuant, b: ModelQuant): boolean {
+  // The head's other settings follow the body's.
   const bytes = (q: ModelQuant) => {
-    const blockInt = q.kind === 'int4' || q.kind === 'int8';
-    return JSON.stringify({
-      kind: q.kind,
-      blockSize: q.kind === 'none' ? null : (q.blockSize ?? (q.kind === 'nf4' ? 64 : 32)),
-      symmetric: blockInt ? (q.symmetric ?? true) : true,
-      head: lmHeadQuantOptions(q).kind,
-      headBlock: lmHeadQuantOptions(q).blockSize ?? null,
-    });
+    const { kind, blockSize, symmetric } = resolvedQuantOptions(q);
+    return JSON.stringify({ kind, blockSize, symmetric, head: lmHeadQuantOptions(q).kind });
   };
   return bytes(a) === bytes(b);
 }

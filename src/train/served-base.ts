@@ -1,4 +1,4 @@
-import { copyFileSync, existsSync, linkSync, readFileSync, renameSync, statSync, unlinkSync } from 'node:fs';
+import { copyFileSync, linkSync, readFileSync, renameSync, rmSync, statSync } from 'node:fs';
 import { dirname, join } from 'node:path';
 import { readInitializers, storedBytes } from '../../kernels/onnx.js';
 import type { StoredLinears } from '../../kernels/quant/index.js';
@@ -8,7 +8,7 @@ import { sameStoredWeights, type ModelQuant } from '../models/linear.js';
  * A training graph on the served base: the serving graph's cache entry (compile.ts) already holds every quantized
  * weight, so a job refers to those bytes instead of quantizing the model again and writing a second copy.
  * onnxruntime reads external data only from the model's own directory (a symbolic link out of it is refused), so the
- * entry's data file is hard-linked into the job's graph directory: one file on disk, whatever the job count.
+ * entry's data file is hard-linked into the run's graph directory: one file on disk, whatever the job count.
  * Where a hard link cannot be made (another file system), the file is copied once (a reflink where the file
  * system has them).
  */
@@ -38,7 +38,7 @@ export function servedBase(servedModelPath: string, graphDir: string, quant: Mod
   const meta = JSON.parse(readFileSync(join(dirname(servedModelPath), 'meta.json'), 'utf8')) as EntryMeta;
   if ((quant.kind !== 'int4' && quant.kind !== 'int8') || !sameStoredWeights(meta.quant, quant)) {
     // A link left by an earlier run would keep a replaced entry's file alive for nothing.
-    if (existsSync(join(graphDir, BASE_DATA_FILE))) unlinkSync(join(graphDir, BASE_DATA_FILE));
+    rmSync(join(graphDir, BASE_DATA_FILE), { force: true });
     return null;
   }
   const tensors = readInitializers(servedModelPath);
@@ -49,10 +49,11 @@ export function servedBase(servedModelPath: string, graphDir: string, quant: Mod
     if (t.external.location !== dataName) throw new Error(`${servedModelPath}: tensor ${t.name} refers to ${t.external.location}, not ${dataName}`);
     end = Math.max(end, t.external.offset + t.external.length);
   }
-  const source = placeDataFile(join(dirname(servedModelPath), dataName), join(graphDir, BASE_DATA_FILE));
   const path = join(graphDir, BASE_DATA_FILE);
+  const source = placeDataFile(join(dirname(servedModelPath), dataName), path);
   // The entry is replaced only as a whole; a file shorter than its description names would be a torn copy.
-  if (statSync(path).size < end) throw new Error(`${path}: ${statSync(path).size} bytes, but the served graph's tensors reach byte ${end}`);
+  const size = statSync(path).size;
+  if (size < end) throw new Error(`${path}: ${size} bytes, but the served graph's tensors reach byte ${end}`);
   return {
     source,
     stored: { tensor: (name) => tensors.get(name), bytes: (t, start, length) => storedBytes(t, start, length, path), location: BASE_DATA_FILE },
@@ -60,7 +61,7 @@ export function servedBase(servedModelPath: string, graphDir: string, quant: Mod
 }
 
 function placeDataFile(from: string, to: string): ServedBase['source'] {
-  if (existsSync(to)) unlinkSync(to);
+  rmSync(to, { force: true });
   try {
     linkSync(from, to);
     return 'linked';
